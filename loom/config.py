@@ -1,0 +1,250 @@
+"""Typed configuration: dataclasses, a YAML file, and dotted overrides from the command line.
+
+    loom train model=pangu-mini model.n_layer=4 train.steps=200
+
+``model=NAME`` selects a preset from :mod:`loom.models.presets`; the preset fills every model field
+that the file or the command line does not set. Parsing and type checks are OmegaConf's; the checks
+that need the field's meaning (shapes that cannot work, values out of range) are ours. Every problem
+is raised as :class:`ConfigError` with one line naming the key, the value, and what would be valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from loom.presets import DEFAULT_PRESET, PRESETS
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line meant for the user."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = DEFAULT_PRESET
+    arch: str = "gpt"  # gpt | pangu
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 192
+    ffn_hidden: Optional[int] = None  # None: 4 * n_embd
+    vocab_size: int = 4096
+    block_size: int = 256
+    dropout: float = 0.0
+    bias: bool = True
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden if self.ffn_hidden is not None else 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # None: the Python standard library's source files
+    tokenizer: str = "auto"  # auto | bpe | jieba-sp
+    val_fraction: float = 0.01
+    jsonl_field: str = "text"
+    cache_dir: Optional[str] = None  # None: $LOOM_CACHE or ~/.cache/loom
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 16  # sequences per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size / grad_accum each)
+    optimizer: str = "adamw"  # adamw | lamb
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 10
+    ckpt_every: int = 200  # 0: only at the end
+    keep_checkpoints: int = 2
+    run_dir: Optional[str] = None  # None: runs/<time>-<preset>
+    progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | none
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("gpt", "pangu"),
+    "data.tokenizer": ("auto", "bpe", "jieba-sp"),
+    "train.optimizer": ("adamw", "lamb"),
+    "train.schedule": ("cosine", "constant"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.progress": ("auto", "bar", "log", "none"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file and ``key=value`` overrides."""
+    file_cfg = _read_yaml(path) if path else OmegaConf.create({})
+    cli_cfg = _parse_overrides(overrides or [])
+    preset = _preset_name(file_cfg, cli_cfg)
+    base = OmegaConf.structured(Config)
+    try:
+        base.model = OmegaConf.merge(base.model, {"preset": preset, **PRESETS[preset]})
+        merged = OmegaConf.merge(base, file_cfg, cli_cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e)) from None
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _read_yaml(path: str | Path) -> DictConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        loaded = OmegaConf.load(p)
+    except Exception as e:  # yaml.YAMLError and friends
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (model, data, train)")
+    if isinstance(loaded.get("model"), str):  # `model: gpt-mini` selects a preset
+        loaded.model = {"preset": loaded.model}
+    return loaded
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    items = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=200)")
+        key, value = item.split("=", 1)
+        if key == "model":  # model=NAME selects a preset
+            key = "model.preset"
+        items.append(f"{key}={value}")
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {e.msg}") from None
+
+
+def _preset_name(*cfgs: DictConfig) -> str:
+    name = DEFAULT_PRESET
+    for c in cfgs:
+        model = c.get("model")
+        if isinstance(model, DictConfig) and model.get("preset") is not None:
+            name = str(model.preset)
+    if name not in PRESETS:
+        raise ConfigError(f"model={name!r} is not a known preset; valid: {', '.join(PRESETS)}"
+                          + _did_you_mean(name, PRESETS))
+    return name
+
+
+def _explain(e: OmegaConfBaseException) -> str:
+    key = e.full_key or "?"
+    if isinstance(e, ConfigKeyError):
+        section, _, leaf = key.rpartition(".")
+        valid = _valid_keys(section)
+        where = f"under {section!r}" if section else "at the top level"
+        return f"unknown key {key!r}; valid keys {where}: {', '.join(valid)}" + _did_you_mean(leaf, valid)
+    if isinstance(e, ValidationError):
+        return f"{key}: {e.msg.splitlines()[0]}"
+    return f"{key}: {str(e).splitlines()[0]}"
+
+
+def _valid_keys(section: str) -> list[str]:
+    node: Any = Config
+    for part in filter(None, section.split(".")):
+        node = {f.name: f for f in fields(node)}[part].default_factory  # type: ignore[misc]
+    return [f.name for f in fields(node)]
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: what the types cannot say
+# --------------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config) -> None:
+    """Raise :class:`ConfigError` on the first value that cannot work."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}"
+                              + _did_you_mean(str(value), allowed))
+    _validate_model(cfg.model)
+    _validate_train(cfg.train)
+    if not 0.0 < cfg.data.val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 0.5)")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}={value} must be > 0")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.ffn_hidden is not None:
+        _positive("model.ffn_hidden", m.ffn_hidden)
+    if m.n_embd % m.n_head:
+        divisors = [h for h in range(1, m.n_head * 2 + 1) if m.n_embd % h == 0][-4:]
+        raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
+                          f"heads that divide it: {', '.join(map(str, divisors))}")
+    if m.arch == "pangu" and m.n_layer < 2:
+        raise ConfigError(f"model.n_layer={m.n_layer}: PanGu-α needs at least 2 layers "
+                          "(decoder blocks plus the top query layer)")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    for name in ("steps", "batch_size", "grad_accum", "lr", "log_every", "eval_every", "eval_batches"):
+        _positive(f"train.{name}", getattr(t, name))
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
+                          f"train.grad_accum={t.grad_accum}; each micro-batch must hold whole sequences")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
+    for name in ("warmup_steps", "ckpt_every", "grad_clip", "weight_decay", "keep_checkpoints"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be in [0, 1)")
+    if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
+        raise ConfigError(f"train.device={t.device!r} is not valid; choose auto, cpu, cuda or cuda:N")

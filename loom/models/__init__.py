@@ -1,0 +1,56 @@
+"""Models, written once for a single device. Nothing here imports ``torch.distributed``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loom.config import ModelConfig
+from loom.models.gpt import GPT
+from loom.models.pangu import PanGuAlpha
+from loom.presets import PRESETS, PUBLISHED_PARAMS
+
+ARCHS: dict[str, type[GPT]] = {"gpt": GPT, "pangu": PanGuAlpha}
+
+__all__ = ["GPT", "PanGuAlpha", "PRESETS", "PUBLISHED_PARAMS", "build_model", "materialize",
+           "count_params", "flops_per_token"]
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> GPT:
+    """Construct the model without allocating or initializing weights (on the meta device by
+    default), so that any size can be described, planned and parallelized before it exists."""
+    with torch.device(device):
+        return ARCHS[cfg.arch](cfg)
+
+
+def materialize(model: GPT, device: torch.device | str, seed: int) -> GPT:
+    """Allocate a meta-device model's storage on ``device`` and initialize it from ``seed``."""
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
+def count_params(model: nn.Module, exclude_position_embeddings: bool = False) -> int:
+    """Number of distinct parameters (tied weights counted once); works on the meta device."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters():  # named_parameters() already skips repeats
+        if id(p) in seen or (exclude_position_embeddings and name in ("pos_emb.weight", "top_query_emb.weight")):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in a matrix multiply per token: every attention and MLP matrix,
+    and the output projection (the input embedding is a lookup and costs no FLOPs)."""
+    per_layer = 4 * cfg.n_embd * cfg.n_embd + 2 * cfg.n_embd * cfg.ffn
+    return cfg.n_layer * per_layer + cfg.n_embd * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token as PaLM defines them (Chowdhery et al. 2022, appendix B):
+    6 N for the matrix multiplies forward and backward, plus 12 L H Q T for attention scores,
+    where H·Q = n_embd and T the sequence length. Recomputation is not counted (model FLOPs)."""
+    t = seq_len or cfg.block_size
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.n_embd * t

@@ -1,0 +1,78 @@
+"""GPT (Radford et al. 2018, 2019; Brown et al. 2020): a decoder-only Transformer language model.
+
+Learned position embeddings, pre-LayerNorm blocks, GELU MLP, causal self-attention through
+``F.scaled_dot_product_attention``, input and output embeddings tied, residual projections scaled
+at initialization. Blocks live in a ``ModuleDict`` keyed by their index so that their names stay the
+same when a pipeline split keeps only some of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loom.config import ModelConfig
+from loom.models.layers import Block, KVCache, init_gpt_weights
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(self.n_blocks)})
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied (Press & Wolf 2017)
+
+    # -- shape ------------------------------------------------------------------------------
+
+    @property
+    def n_blocks(self) -> int:
+        """Decoder blocks (PanGu-α spends one of its layers on the top query layer)."""
+        return self.cfg.n_layer
+
+    @property
+    def n_attention_layers(self) -> int:
+        """Attention layers that hold a KV cache."""
+        return self.cfg.n_layer
+
+    # -- initialization ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Initialize every parameter from ``seed``; usable after ``to_empty`` from the meta device."""
+        self.lm_head.weight = self.tok_emb.weight  # re-tie: to_empty() replaces parameters one by one
+        gen = torch.Generator(device=self.tok_emb.weight.device).manual_seed(seed)
+        init_gpt_weights(self, self.cfg.n_layer, gen)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, vocab).
+
+        With ``cache`` the tokens continue the cached sequence: their positions start at
+        ``cache.length`` and their keys and values are appended to it.
+        """
+        past = cache.length if cache is not None else 0
+        t = idx.size(1)
+        if past + t > self.cfg.block_size:
+            raise ValueError(f"sequence of {past + t} tokens exceeds block_size={self.cfg.block_size}")
+        pos = torch.arange(past, past + t, device=idx.device)  # (T,)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for i, block in enumerate(self.layers.values()):
+            x = block(x, cache.layers[i] if cache is not None else None)
+        x = self.ln_f(x)
+        x = self.head_layer(x, pos, cache)
+        return self.lm_head(x)  # (B, T, vocab)
+
+    def head_layer(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """What runs between the final LayerNorm and the output projection: nothing, for GPT."""
+        return x
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.cfg, self.n_attention_layers, batch, max_len or self.cfg.block_size,
+                       p.device, p.dtype)

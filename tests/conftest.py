@@ -1,0 +1,50 @@
+"""Shared fixtures: a small real corpus (a slice of the standard library) and a private cache."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from loom.config import load_config
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Keep tokenizers, token files and the CPU peak probe out of the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LOOM_CACHE", str(tmp_path_factory.mktemp("loom-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """About 1 MB of real Python: four standard-library packages."""
+    root = tmp_path_factory.mktemp("corpus")
+    for pkg in ("json", "email", "logging", "asyncio"):
+        for f in sorted((STDLIB / pkg).glob("*.py")):
+            shutil.copy(f, root / f"{pkg}_{f.name}")
+    return root
+
+
+TINY_OVERRIDES = [
+    "model=gpt-tiny", "train.steps=8", "train.batch_size=4", "train.log_every=1", "train.eval_every=4",
+    "train.eval_batches=2", "train.ckpt_every=4", "train.warmup_steps=2", "train.progress=none",
+]
+
+
+@pytest.fixture
+def tiny_config(tiny_corpus, tmp_path):
+    """``tiny_config(*overrides)``: gpt-tiny on the tiny corpus in a fresh run directory,
+    small enough for several steps a second on a CPU."""
+
+    def make(*overrides: str, run_dir: Path | None = None):
+        run = run_dir or tmp_path / "run"
+        return load_config(None, [*TINY_OVERRIDES, f"data.path={tiny_corpus}", f"train.run_dir={run}", *overrides])
+
+    return make
