@@ -1,0 +1,100 @@
+"""Throughput and model FLOPs utilization (MFU), and the metrics file of a run.
+
+MFU follows PaLM (Chowdhery et al. 2022, appendix B): model FLOPs per token × tokens per second ÷
+the device's peak FLOP/s. The peak comes from a table of known accelerators; on a CPU, where no
+datasheet figure applies, it is the rate of a large matrix multiply measured once and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from loom.data.dataset import cache_root
+
+# Dense peak FLOP/s from vendor datasheets, by a substring of torch.cuda.get_device_name().
+# Order matters: the first match wins ("H100 PCIe" before "H100").
+GPU_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494.5e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494.5e12}),  # SXM; fp32 means TF32
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
+    ("V100", {"bf16": 125e12, "fp16": 125e12, "fp32": 15.7e12}),  # no bf16 units: fp16 figure
+    ("4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
+]
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """Peak dense FLOP/s of ``device`` for ``precision`` (fp32 | bf16 | fp16)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAK_FLOPS:
+            if key in name:
+                return peaks[precision]
+        return measure_matmul_flops(device, precision)
+    return cpu_peak_flops(precision)
+
+
+def cpu_peak_flops(precision: str) -> float:
+    """The CPU's achieved matmul rate for ``precision``, measured once per machine and thread count."""
+    key = f"{platform.machine()}|{platform.processor() or platform.node()}|threads={torch.get_num_threads()}|{precision}"
+    path = cache_root(None) / "peak_flops.json"
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in table:
+        table[key] = measure_matmul_flops(torch.device("cpu"), precision)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+    return table[key]
+
+
+def measure_matmul_flops(device: torch.device, precision: str, n: int = 1024, seconds: float = 0.5) -> float:
+    """Best FLOP/s of an n×n by n×n matrix multiply over about ``seconds`` of repetitions."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end or best == 0.0:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+class MetricsFile:
+    """``metrics.jsonl``: one JSON object per logged step, appended and flushed as it comes."""
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None):
+        self.path = path
+        if truncate_after_step is not None and path.is_file():
+            # a resumed run repeats the steps after its checkpoint: drop their old records
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._f = path.open("a")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

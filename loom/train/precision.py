@@ -1,0 +1,68 @@
+"""Mixed precision: bf16 or fp16 autocast with fp32 master weights, and dynamic loss scaling.
+
+fp16's narrow range makes small gradients underflow, so the loss is multiplied by a scale before
+the backward pass (Micikevicius et al. 2018). ``torch.amp.GradScaler`` does the scaling: when a
+step's gradients hold inf or NaN the optimizer step is skipped and the scale halved; after a run of
+good steps the scale grows again. bf16 has fp32's range and needs no scaling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+log = logging.getLogger("loom.train")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward-pass context for ``precision``: a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16; a transparent pass-through for fp32 and bf16."""
+
+    def __init__(self, device: torch.device, precision: str, init_scale: float = 2.0**16):
+        self.enabled = precision == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=self.enabled)
+        self.skipped_steps = 0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss)
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, step: int) -> bool:
+        """Step unless the unscaled gradients hold inf/NaN (seen in ``grad_norm``); returns
+        whether the step was applied. A skipped step is logged with the new loss scale."""
+        if not self.enabled:
+            optimizer.step()
+            return True
+        self.scaler.step(optimizer)
+        old = self.scaler.get_scale()
+        self.scaler.update()
+        applied = bool(torch.isfinite(grad_norm))
+        if not applied:
+            self.skipped_steps += 1
+            log.warning("step %d: fp16 gradients hold inf/NaN; optimizer step skipped, "
+                        "loss scale %g -> %g", step, old, self.scaler.get_scale())
+        return applied
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.get_scale() if self.enabled else 1.0
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))

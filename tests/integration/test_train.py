@@ -1,0 +1,106 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+import loom.train.checkpoint as ckpt_mod
+from loom.runs import RunError, load_for_inference
+from loom.train.checkpoint import checkpoint_dirs, latest_checkpoint
+from loom.train.loop import train
+from loom.train.metrics import read_metrics
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def final_params(run_dir):
+    _, model, _, _ = load_for_inference(run_dir, "cpu")
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# dropout makes the RNG state part of what a resume must restore; grad_accum and clipping too
+RESUME_SETTINGS = ["model.dropout=0.1", "train.grad_accum=2", "train.grad_clip=0.5"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["model=gpt-tiny", "train.optimizer=adamw"],
+    ["model=pangu-tiny", "train.optimizer=lamb"],
+])
+def test_resume_equals_an_uninterrupted_run_step_for_step(tiny_config, tmp_path, extra):
+    whole = tmp_path / "whole"
+    train(tiny_config(*RESUME_SETTINGS, *extra, run_dir=whole), whole)
+
+    cut = tmp_path / "cut"
+    train(tiny_config(*RESUME_SETTINGS, *extra, run_dir=cut), cut)
+    # crash after the step-4 checkpoint: what came later is lost
+    shutil.rmtree(cut / "checkpoints" / "step_0000008")
+    assert latest_checkpoint(cut).name == "step_0000004"
+    train(tiny_config(*RESUME_SETTINGS, *extra, run_dir=cut), cut, resume=True)
+
+    a, b = losses(whole), losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert all(a[s] == b[s] for s in a), (a, b)  # exact, not approximate
+    pa, pb = final_params(whole), final_params(cut)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_a_crash_mid_save_never_leaves_a_checkpoint_that_looks_valid(tiny_config, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_save = ckpt_mod.dcp.save
+
+    def crash_on_second_save(state, checkpoint_id):
+        if "step_0000008" in str(checkpoint_id):
+            real_save(state, checkpoint_id=checkpoint_id)  # the files are written ...
+            raise KeyboardInterrupt  # ... but the process dies before the rename
+        return real_save(state, checkpoint_id=checkpoint_id)
+
+    monkeypatch.setattr(ckpt_mod.dcp, "save", crash_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(run_dir=run), run)
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_0000004"]
+    assert list((run / "checkpoints").glob("step_0000008.tmp-*"))  # the partial save is there ...
+
+    monkeypatch.setattr(ckpt_mod.dcp, "save", real_save)
+    train(tiny_config(run_dir=run), run, resume=True)
+    assert not list((run / "checkpoints").glob("*.tmp-*"))  # ... and cleared on resume
+    assert latest_checkpoint(run).name == "step_0000008"
+
+
+def test_a_run_writes_what_a_user_reads(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_config("train.steps=12", run_dir=run), run)
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for r in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(r)
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8, 12]
+    assert (run / "loss.png").stat().st_size > 1000
+    assert (run / "config.yaml").is_file() and (run / "tokenizer").is_dir()
+    assert json.loads((run / "summary.json").read_text())["val_loss"] == summary["val_loss"]
+    assert summary["unigram_entropy_nats"] > 0
+
+
+def test_training_twice_into_one_run_dir_is_refused(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config("train.steps=4", run_dir=run), run)
+    with pytest.raises(RunError, match="--resume"):
+        train(tiny_config("train.steps=4", run_dir=run), run)
+
+
+def test_fp16_training_on_cpu_runs_and_logs_the_loss_scale(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config("train.precision=fp16", "train.steps=2", "train.eval_every=2", run_dir=run), run)
+    records = read_metrics(run / "metrics.jsonl")
+    assert all("loss_scale" in r and r["loss_scale"] > 0 for r in records if "loss" in r)
+
+
+@pytest.mark.slow
+def test_training_learns_well_below_the_unigram_entropy(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_config("train.steps=300", "train.batch_size=16", "train.lr=3e-3", "train.eval_every=300",
+                                "train.eval_batches=8", "train.log_every=50", "train.ckpt_every=0",
+                                run_dir=run), run)
+    assert summary["val_loss"] < summary["unigram_entropy_nats"] - 0.5
