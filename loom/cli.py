@@ -1,0 +1,205 @@
+"""``loom`` on the command line: train | generate | eval | plot | describe.
+
+Configuration errors are one line on stderr and exit code 2, before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from loom.config import ConfigError
+from loom.data import DataError
+from loom.runs import RunError
+
+USER_ERRORS = (ConfigError, DataError, RunError)
+log = logging.getLogger("loom")
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not tear through a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loom", description="Train Transformer language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (defaults: gpt-mini on the Python standard library)")
+    t.add_argument("overrides", nargs="*", help="key=value settings, e.g. model=pangu-mini train.steps=200")
+    t.add_argument("--config", help="a YAML file of settings (overrides still apply on top)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    t.add_argument("--data", metavar="PATH", help="your corpus: .txt/.jsonl/.md/.py files or folders "
+                   "(same as data.path=PATH; default: the Python standard library)")
+
+    g = sub.add_parser("generate", help="sample text from a trained run")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
+    g.add_argument("--device", default="auto")
+
+    e = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
+    e.add_argument("run_dir")
+    e.add_argument("--batches", type=int, default=None, help="validation batches (default: train.eval_batches)")
+    e.add_argument("--device", default="auto")
+
+    pl = sub.add_parser("plot", help="draw the loss curve of a run to RUN_DIR/loss.png")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", help="where to write the PNG")
+
+    d = sub.add_parser("describe", help="parameters, FLOPs and memory of a model, without allocating it")
+    d.add_argument("model", nargs="?", default=None, help="a preset name (see `loom describe --list`)")
+    d.add_argument("overrides", nargs="*", help="model.key=value settings")
+    d.add_argument("--list", action="store_true", help="list the presets")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args, extra = p.parse_known_args(argv)  # key=value settings may come after --options too
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    _setup_logging()
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        print(f"loom: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loom: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args) -> int:
+    from loom.config import load_config
+    from loom.runs import load_run_config
+    from loom.train.loop import train
+
+    overrides = [*args.overrides, *([f"data.path={args.data}"] if args.data else [])]
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume takes the run's own config.yaml; pass changes as key=value overrides")
+        cfg = load_run_config(Path(args.resume), overrides)
+        train(cfg, Path(args.resume), resume=True)
+    else:
+        cfg = load_config(args.config, overrides)
+        train(cfg)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from loom.infer.generate import generate
+    from loom.runs import load_for_inference
+
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise ConfigError("--max-new-tokens and --num-samples must be >= 1")
+    cfg, model, tok, _ = load_for_inference(Path(args.run_dir), args.device)
+    device = next(model.parameters()).device
+    ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
+    room = cfg.model.block_size - args.max_new_tokens
+    if room < 1:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} leaves no room for a prompt in "
+                          f"block_size={cfg.model.block_size}")
+    if len(ids) > room:
+        log.warning("prompt cut to its last %d tokens to leave room for %d new ones", room, args.max_new_tokens)
+        ids = ids[-room:]
+    idx = torch.tensor([ids] * args.num_samples, device=device)
+    out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                   seed=args.seed, use_cache=not args.no_cache)
+    for i, row in enumerate(out.tolist()):
+        new = row[len(ids):]
+        if tok.eos_id in new:  # the end of a document ends the sample
+            new = new[: new.index(tok.eos_id)]
+        if args.num_samples > 1:
+            print(f"--- sample {i}")
+        print(tok.decode((ids if args.prompt else []) + new))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from loom.data import prepare_data
+    from loom.runs import load_for_inference
+    from loom.train.evaluate import evaluate
+
+    cfg, model, _, step = load_for_inference(Path(args.run_dir), args.device)
+    data = prepare_data(cfg.data.path, cfg.model.vocab_size, cfg.data.tokenizer, cfg.data.val_fraction,
+                        cfg.data.cache_dir, cfg.data.jsonl_field)
+    device = next(model.parameters()).device
+    result = evaluate(model, data.val, cfg.model.block_size, cfg.train.batch_size,
+                      args.batches or cfg.train.eval_batches, device)
+    print(json.dumps({"step": step, **result, "unigram_entropy_nats": data.meta.get("unigram_entropy_nats")}))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from loom.plot import plot_run
+    from loom.runs import check_run_dir
+
+    out = plot_run(check_run_dir(Path(args.run_dir)), Path(args.out) if args.out else None)
+    print(out)
+    return 0
+
+
+def cmd_describe(args) -> int:
+    from loom.config import load_config
+    from loom.models import PRESETS, PUBLISHED_PARAMS, build_model, count_params, flops_per_token
+
+    if args.list or args.model is None:
+        for name, shape in PRESETS.items():
+            print(f"{name:12s} " + " ".join(f"{k}={v}" for k, v in shape.items()))
+        return 0
+    cfg = load_config(None, [f"model={args.model}", *args.overrides]).model
+    model = build_model(cfg)  # meta device: nothing allocated
+    n = count_params(model)
+    rows = [
+        ("preset", cfg.preset),
+        ("shape", f"{cfg.arch}: {cfg.n_layer} layers, d={cfg.n_embd}, ffn={cfg.ffn}, {cfg.n_head} heads, "
+                  f"vocab {cfg.vocab_size}, seq {cfg.block_size}"),
+        ("parameters", f"{n:,} ({n / 1e9:.3f} B)"),
+    ]
+    if cfg.preset in PUBLISHED_PARAMS:
+        pub = PUBLISHED_PARAMS[cfg.preset]
+        rows.append(("published", f"{pub / 1e9:.3f} B ({100 * (n / pub - 1):+.2f}%)"))
+    rows += [
+        ("FLOPs/token", f"{flops_per_token(cfg):.4g} (training, PaLM's 6N + 12LHQT)"),
+        ("weights", f"{n * 2 / 2**30:,.1f} GiB in bf16, {n * 4 / 2**30:,.1f} GiB in fp32"),
+        ("train state", f"{n * 16 / 2**30:,.1f} GiB (bf16 weights+grads, fp32 master+Adam moments)"),
+    ]
+    for k, v in rows:
+        print(f"{k:12s} {v}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot,
+            "describe": cmd_describe}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
