@@ -45,7 +45,7 @@ def peak_flops(device: torch.device, precision: str) -> float:
 
 def cpu_peak_flops(precision: str) -> float:
     """The CPU's achieved matmul rate for ``precision``, measured once per machine and thread count."""
-    key = f"{platform.machine()}|{platform.processor() or platform.node()}|threads={torch.get_num_threads()}|{precision}"
+    key = f"{platform.machine()}|{_cpu_model()}|threads={torch.get_num_threads()}|{precision}"
     path = cache_root(None) / "peak_flops.json"
     table = json.loads(path.read_text()) if path.is_file() else {}
     if key not in table:
@@ -55,6 +55,16 @@ def cpu_peak_flops(precision: str) -> float:
         tmp.write_text(json.dumps(table, indent=1))
         os.replace(tmp, path)
     return table[key]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def measure_matmul_flops(device: torch.device, precision: str, n: int = 1024, seconds: float = 0.5) -> float:
