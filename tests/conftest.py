@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import sysconfig
 from pathlib import Path
@@ -48,3 +49,23 @@ def tiny_config(tiny_corpus, tmp_path):
         return load_config(None, [*TINY_OVERRIDES, f"data.path={tiny_corpus}", f"train.run_dir={run}", *overrides])
 
     return make
+
+
+ZH_SUBJECTS = ["我们", "他们", "小明", "老师", "学生们", "这家公司", "政府", "科学家", "我的朋友"]
+ZH_TIMES = ["今天", "昨天", "明年", "每天早上", "在北京", "在学校里", "非常认真地", "经常"]
+ZH_VERBS = ["喜欢", "研究", "讨论", "发展", "学习", "建设", "介绍", "关心", "支持"]
+ZH_OBJECTS = ["人工智能", "中国文化", "经济问题", "自然语言处理", "历史", "数学", "音乐", "环境保护"]
+ZH_ENDS = ["。", "！", "？", "，而且很有意思。", "，但是还不够。"]
+
+
+def _chinese_lines(n: int, seed: int = 0) -> list[str]:
+    """Return ``n`` varied Chinese sentences."""
+    rng = random.Random(seed)
+    parts = (ZH_SUBJECTS, ZH_TIMES, ZH_VERBS, ZH_OBJECTS, ZH_ENDS)
+    return ["".join(rng.choice(p) for p in parts) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def chinese_lines():
+    """``chinese_lines(n, seed=0)``: ``n`` varied Chinese sentences, for PanGu-α's tokenizer."""
+    return _chinese_lines

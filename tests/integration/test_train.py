@@ -104,3 +104,23 @@ def test_training_learns_well_below_the_unigram_entropy(tiny_config, tmp_path):
                                 "train.eval_batches=8", "train.log_every=50", "train.ckpt_every=0",
                                 run_dir=run), run)
     assert summary["val_loss"] < summary["unigram_entropy_nats"] - 0.5
+
+
+def test_pangu_trains_on_chinese_with_jieba_sentencepiece_and_generates_chinese(tiny_config, tmp_path, chinese_lines):
+    from loom.infer.generate import generate
+
+    corpus = tmp_path / "zh.jsonl"
+    docs = ["".join(chinese_lines(20, seed=i)) for i in range(150)]
+    corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+    run = tmp_path / "run"
+    summary = train(tiny_config("model=pangu-tiny", f"data.path={corpus}", "train.steps=30", "train.eval_every=30",
+                                "train.lr=3e-3", "train.precision=bf16", "train.ckpt_every=0", run_dir=run), run)
+    assert json.loads((run / "data.json").read_text())["kind"] == "jieba-sp"  # chosen by auto
+    assert summary["val_loss"] < summary["unigram_entropy_nats"]
+
+    _, model, tok, _ = load_for_inference(run, "cpu")
+    prompt = tok.encode("我们今天")
+    out = generate(model, torch.tensor([prompt]), 12, temperature=0.5, seed=0)
+    text = tok.decode(out[0].tolist())
+    assert text.startswith("我们今天")
+    assert sum("\u4e00" <= ch <= "\u9fff" for ch in text) > len(text) // 2

@@ -29,11 +29,7 @@ WORDS = (
     "alpha beta gamma delta epsilon model token batch layer attention vector "
     "matrix gradient optimizer learning rate python function return value"
 ).split()
-ZH_SUBJECTS = ["我们", "他们", "小明", "老师", "学生们", "这家公司", "政府", "科学家", "我的朋友"]
-ZH_TIMES = ["今天", "昨天", "明年", "每天早上", "在北京", "在学校里", "非常认真地", "经常"]
-ZH_VERBS = ["喜欢", "研究", "讨论", "发展", "学习", "建设", "介绍", "关心", "支持"]
-ZH_OBJECTS = ["人工智能", "中国文化", "经济问题", "自然语言处理", "历史", "数学", "音乐", "环境保护"]
-ZH_ENDS = ["。", "！", "？", "，而且很有意思。", "，但是还不够。"]
+
 
 
 def english_docs(n: int, seed: int = 0) -> list[str]:
@@ -44,13 +40,6 @@ def english_docs(n: int, seed: int = 0) -> list[str]:
         lines = [" ".join(rng.choices(WORDS, k=8)) for _ in range(3)]
         docs.append(f"document {i}: " + "\n".join(lines) + "\n")
     return docs
-
-
-def chinese_lines(n: int, seed: int = 0) -> list[str]:
-    """Return ``n`` varied Chinese sentences."""
-    rng = random.Random(seed)
-    parts = (ZH_SUBJECTS, ZH_TIMES, ZH_VERBS, ZH_OBJECTS, ZH_ENDS)
-    return ["".join(rng.choice(p) for p in parts) for _ in range(n)]
 
 
 def write_jsonl(path: Path, docs: list[str]) -> Path:
@@ -142,7 +131,7 @@ def test_bpe_round_trip(tmp_path: Path) -> None:
     assert (loaded.vocab_size, loaded.eos_id) == (tok.vocab_size, tok.eos_id)
 
 
-def test_jieba_sp_round_trip_and_word_boundaries(tmp_path: Path) -> None:
+def test_jieba_sp_round_trip_and_word_boundaries(tmp_path: Path, chinese_lines) -> None:
     jieba = pytest.importorskip("jieba")
     pytest.importorskip("sentencepiece")
     lines = chinese_lines(300)
@@ -171,7 +160,7 @@ def test_jieba_sp_missing_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
         train_tokenizer("jieba-sp", lambda: iter(["你好"]), 600)
 
 
-def test_resolve_kind() -> None:
+def test_resolve_kind(chinese_lines) -> None:
     chinese = "".join(chinese_lines(20))
     assert resolve_kind("auto", chinese) == "jieba-sp"
     assert resolve_kind("auto", "def f(x):\n    return x  # plain code") == "bpe"
@@ -259,7 +248,7 @@ def test_small_corpus_tail_split(tmp_path: Path) -> None:
     assert data.meta["source"] == str((tmp_path / "a.md").resolve())
 
 
-def test_prepare_chinese_auto(tmp_path: Path) -> None:
+def test_prepare_chinese_auto(tmp_path: Path, chinese_lines) -> None:
     pytest.importorskip("jieba")
     pytest.importorskip("sentencepiece")
     lines = chinese_lines(400, seed=1)
