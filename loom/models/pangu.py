@@ -18,16 +18,11 @@ from torch import nn
 
 from loom.config import ModelConfig
 from loom.models.gpt import GPT
-from loom.models.layers import MLP, Attention, KVCache, LayerCache
+from loom.models.layers import Block, KVCache, LayerCache
 
 
-class TopQueryLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.attn = Attention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+class TopQueryLayer(Block):
+    """A decoder block whose attention takes its query from outside (the position embedding)."""
 
     def forward(self, h: torch.Tensor, query: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """``h``: decoder output (B, T, C); ``query``: position embeddings (T, C) or (B, T, C)."""

@@ -23,7 +23,13 @@ from loom.config import Config, ConfigError, config_to_yaml
 from loom.data import BatchSampler, PreparedData, prepare_data
 from loom.models import GPT, build_model, count_params, flops_per_token, materialize
 from loom.runs import RunError, new_run_dir, resolve_device
-from loom.train.checkpoint import checkpoint_step, clear_partial_saves, latest_checkpoint, load_checkpoint, save_checkpoint
+from loom.train.checkpoint import (
+    checkpoint_step,
+    clear_partial_saves,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from loom.train.evaluate import evaluate, lm_loss
 from loom.train.metrics import MetricsFile, peak_flops
 from loom.train.optim import build_optimizer, lr_at
@@ -210,6 +216,7 @@ def _fmt(r: dict) -> str:
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
     """Train ``cfg`` in ``run_dir`` (continuing its newest checkpoint when ``resume``)."""
+    resolve_device(cfg.train.device)  # fail before any work if the device is not there
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise RunError(f"{str(run_dir)!r} already holds a run with checkpoints; continue it with "
