@@ -22,7 +22,7 @@ from tqdm import tqdm
 from loom.config import Config, ConfigError, config_to_yaml
 from loom.data import BatchSampler, PreparedData, prepare_data
 from loom.models import GPT, build_model, count_params, flops_per_token, materialize
-from loom.runs import RunError, new_run_dir, resolve_device
+from loom.runs import RunError, new_run_dir, read_json, resolve_device
 from loom.train.checkpoint import (
     checkpoint_step,
     clear_partial_saves,
@@ -202,7 +202,7 @@ class Trainer:
 def _fmt(r: dict) -> str:
     parts = []
     if "loss" in r:
-        parts += [f"loss {r['loss']:.3f}", f"lr {r['lr']:.2e}", f"{r['tokens_per_s'] / 1e3:.1f}k tok/s",
+        parts += [f"loss {r['loss']:.3f}", f"lr {r['lr']:.2e}", f"{r['tokens_per_s']:,.0f} tok/s",
                   f"mfu {100 * r['mfu']:.1f}%"]
     if "val_loss" in r:
         parts.append(f"val {r['val_loss']:.3f}")
@@ -228,6 +228,10 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     handler = _log_to_file(run_dir / "train.log")
     try:
         trainer = Trainer(cfg, run_dir, data, resume=resume)
+        if trainer.start_step >= cfg.train.steps:
+            log.info("%s is already trained to step %d of train.steps=%d; to go further, resume with "
+                     "train.steps=N", run_dir, trainer.start_step, cfg.train.steps)
+            return read_json(run_dir / "summary.json")
         n = count_params(trainer.model)
         log.info("run %s: %s, %.2fM parameters, %d steps of %d tokens, %s on %s", run_dir, cfg.model.preset,
                  n / 1e6, cfg.train.steps, cfg.train.batch_size * cfg.model.block_size,

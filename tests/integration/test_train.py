@@ -90,11 +90,38 @@ def test_training_twice_into_one_run_dir_is_refused(tiny_config, tmp_path):
         train(tiny_config("train.steps=4", run_dir=run), run)
 
 
-def test_fp16_training_on_cpu_runs_and_logs_the_loss_scale(tiny_config, tmp_path):
+def test_resuming_a_finished_run_changes_nothing(tiny_config, tmp_path):
     run = tmp_path / "run"
-    train(tiny_config("train.precision=fp16", "train.steps=2", "train.eval_every=2", run_dir=run), run)
-    records = read_metrics(run / "metrics.jsonl")
-    assert all("loss_scale" in r and r["loss_scale"] > 0 for r in records if "loss" in r)
+    first = train(tiny_config("train.steps=4", run_dir=run), run)
+    before = (run / "metrics.jsonl").read_text()
+    assert train(tiny_config("train.steps=4", run_dir=run), run, resume=True) == first
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_fp16_run_skips_a_step_with_injected_inf_and_says_so(tiny_config, tmp_path, monkeypatch, caplog):
+    import loom.train.loop as loop
+
+    real_materialize = loop.materialize
+    calls = {"n": 0}
+
+    def poison_second_backward(grad):
+        calls["n"] += 1
+        return torch.full_like(grad, float("inf")) if calls["n"] == 2 else grad
+
+    def materialize_with_hook(model, device, seed):
+        model = real_materialize(model, device, seed)
+        model.layers["0"].mlp.fc.weight.register_hook(poison_second_backward)
+        return model
+
+    monkeypatch.setattr(loop, "materialize", materialize_with_hook)
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="loom.train"):
+        summary = train(tiny_config("train.precision=fp16", "train.steps=3", "train.eval_every=3", run_dir=run), run)
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1]
+    assert records[1]["loss_scale"] == records[0]["loss_scale"] / 2
+    assert summary["skipped_steps"] == 1
+    assert "step 1: fp16 gradients hold inf/NaN; optimizer step skipped" in caplog.text
 
 
 @pytest.mark.slow
