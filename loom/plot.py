@@ -17,8 +17,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     """Draw ``RUN_DIR/loss.png`` (or ``out``) from ``metrics.jsonl``; returns the file written."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if not train and not val:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no logged step yet")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)

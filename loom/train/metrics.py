@@ -8,6 +8,7 @@ datasheet figure applies, it is the rate of a large matrix multiply measured onc
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -99,7 +100,10 @@ class MetricsFile:
         self._f = path.open("a")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        """Append ``record``; inf and NaN (a diverged loss, a skipped fp16 step's gradient norm)
+        are written as null, since JSON has neither."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean, allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self) -> None:

@@ -119,6 +119,7 @@ def test_fp16_run_skips_a_step_with_injected_inf_and_says_so(tiny_config, tmp_pa
         summary = train(tiny_config("train.precision=fp16", "train.steps=3", "train.eval_every=3", run_dir=run), run)
     records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert [r["skipped_steps"] for r in records] == [0, 1, 1]
+    assert records[1]["grad_norm"] is None  # inf, which JSON cannot hold
     assert records[1]["loss_scale"] == records[0]["loss_scale"] / 2
     assert summary["skipped_steps"] == 1
     assert "step 1: fp16 gradients hold inf/NaN; optimizer step skipped" in caplog.text
