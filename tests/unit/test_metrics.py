@@ -1,0 +1,50 @@
+import json
+
+import pytest
+import torch
+
+import loom.train.metrics as metrics
+
+
+def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda device, precision: calls.append(precision) or 1e11)
+    assert metrics.peak_flops(torch.device("cpu"), "fp32") == 1e11
+    assert metrics.peak_flops(torch.device("cpu"), "fp32") == 1e11
+    assert metrics.peak_flops(torch.device("cpu"), "bf16") == 1e11
+    assert calls == ["fp32", "bf16"]
+    assert len(json.loads((tmp_path / "peak_flops.json").read_text())) == 2
+
+
+def test_matmul_probe_measures_a_plausible_rate():
+    rate = metrics.measure_matmul_flops(torch.device("cpu"), "fp32", n=256, seconds=0.05)
+    assert 1e8 < rate < 1e14
+
+
+def test_probe_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    metrics.measure_matmul_flops(torch.device("cpu"), "fp32", n=64, seconds=0.01)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12)])
+def test_gpu_peaks_come_from_the_datasheet_table(name, peak, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert metrics.peak_flops(torch.device("cuda"), "bf16") == peak
+
+
+def test_metrics_file_truncates_records_after_a_resumed_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    f = metrics.MetricsFile(path)
+    for step in (10, 20, 30):
+        f.write({"step": step, "loss": float(step)})
+    f.close()
+    f = metrics.MetricsFile(path, truncate_after_step=20)
+    f.write({"step": 30, "loss": float("nan")})
+    f.close()
+    assert metrics.read_metrics(path) == [{"step": 10, "loss": 10.0}, {"step": 20, "loss": 20.0},
+                                          {"step": 30, "loss": None}]
