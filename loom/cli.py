@@ -15,8 +15,9 @@ from tqdm import tqdm
 from loom.config import ConfigError
 from loom.data import DataError
 from loom.runs import RunError
+from loom.train.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, DataError, RunError)
+USER_ERRORS = (ConfigError, DataError, RunError, CheckpointError)
 log = logging.getLogger("loom")
 
 
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"loom: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that cannot be read or written: the user's to fix, not a bug
+        print(f"loom: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("loom: interrupted", file=sys.stderr)
         return 130
@@ -95,19 +99,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args) -> int:
     from loom.config import load_config
-    from loom.runs import load_run_config
+    from loom.runs import load_resume_config
     from loom.train.loop import train
 
     overrides = [*args.overrides, *([f"data.path={args.data}"] if args.data else [])]
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run's own config.yaml; pass changes as key=value overrides")
-        cfg = load_run_config(Path(args.resume), overrides)
-        train(cfg, Path(args.resume), resume=True)
+        cfg = load_resume_config(Path(args.resume), overrides)
+        summary = train(cfg, Path(args.resume), resume=True)
     else:
         cfg = load_config(args.config, overrides)
-        train(cfg)
-    return 0
+        summary = train(cfg)
+    return 0 if summary.get("finished", True) else 130  # 130: stopped by Ctrl-C, checkpoint saved
 
 
 def cmd_generate(args) -> int:
@@ -116,8 +120,7 @@ def cmd_generate(args) -> int:
     from loom.infer.generate import generate
     from loom.runs import load_for_inference
 
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        raise ConfigError("--max-new-tokens and --num-samples must be >= 1")
+    _check_sampling(args)
     cfg, model, tok, _ = load_for_inference(Path(args.run_dir), args.device)
     device = next(model.parameters()).device
     ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
@@ -130,7 +133,7 @@ def cmd_generate(args) -> int:
         ids = ids[-room:]
     idx = torch.tensor([ids] * args.num_samples, device=device)
     out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   seed=args.seed, use_cache=not args.no_cache)
+                   seed=args.seed, use_cache=not args.no_cache, stop_token=tok.eos_id)
     for i, row in enumerate(out.tolist()):
         new = row[len(ids):]
         if tok.eos_id in new:  # the end of a document ends the sample
@@ -141,19 +144,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _check_sampling(args) -> None:
+    for flag, ok, valid in [("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
+                            ("--num-samples", args.num_samples >= 1, ">= 1"),
+                            ("--temperature", args.temperature >= 0, ">= 0 (0: greedy)"),
+                            ("--top-k", args.top_k >= 0, ">= 0 (0: no top-k filter)"),
+                            ("--top-p", 0 < args.top_p <= 1, "in (0, 1] (1: no nucleus filter)")]:
+        if not ok:
+            raise ConfigError(f"{flag}={getattr(args, flag[2:].replace('-', '_'))} must be {valid}")
+
+
 def cmd_eval(args) -> int:
     import json
 
-    from loom.data import prepare_data
-    from loom.runs import load_for_inference
+    from loom.runs import load_for_inference, prepare_run_data
     from loom.train.evaluate import evaluate
 
-    cfg, model, _, step = load_for_inference(Path(args.run_dir), args.device)
-    data = prepare_data(cfg.data.path, cfg.model.vocab_size, cfg.data.tokenizer, cfg.data.val_fraction,
-                        cfg.data.cache_dir, cfg.data.jsonl_field)
+    if args.batches is not None and args.batches < 1:
+        raise ConfigError(f"--batches={args.batches} must be >= 1")
+    run_dir = Path(args.run_dir)
+    cfg, model, _, step = load_for_inference(run_dir, args.device)
+    data = prepare_run_data(cfg, run_dir / "tokenizer")  # the tokens this model was trained on
     device = next(model.parameters()).device
     result = evaluate(model, data.val, cfg.model.block_size, cfg.train.batch_size,
-                      args.batches or cfg.train.eval_batches, device)
+                      args.batches or cfg.train.eval_batches, device, cfg.train.precision)
     print(json.dumps({"step": step, **result, "unigram_entropy_nats": data.meta.get("unigram_entropy_nats")}))
     return 0
 
@@ -175,6 +189,8 @@ def cmd_describe(args) -> int:
         for name, shape in PRESETS.items():
             print(f"{name:12s} " + " ".join(f"{k}={v}" for k, v in shape.items()))
         return 0
+    if any(not o.startswith("model.") for o in args.overrides):
+        raise ConfigError(f"describe takes model.key=value settings only, not {args.overrides}")
     cfg = load_config(None, [f"model={args.model}", *args.overrides]).model
     model = build_model(cfg)  # meta device: nothing allocated
     n = count_params(model)

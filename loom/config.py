@@ -2,7 +2,7 @@
 
     loom train model=pangu-mini model.n_layer=4 train.steps=200
 
-``model=NAME`` selects a preset from :mod:`loom.models.presets`; the preset fills every model field
+``model=NAME`` selects a preset from :mod:`loom.presets`; the preset fills every model field
 that the file or the command line does not set. Parsing and type checks are OmegaConf's; the checks
 that need the field's meaning (shapes that cannot work, values out of range) are ours. Every problem
 is raised as :class:`ConfigError` with one line naming the key, the value, and what would be valid.
@@ -11,12 +11,14 @@ is raised as :class:`ConfigError` with one line naming the key, the value, and w
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from loom.presets import DEFAULT_PRESET, PRESETS
 
@@ -90,6 +92,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+
+MIN_VOCAB_SIZE = 257  # a byte-level tokenizer's 256 bytes plus end-of-text
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("gpt", "pangu"),
@@ -175,9 +179,13 @@ def _explain(e: OmegaConfBaseException) -> str:
         valid = _valid_keys(section)
         where = f"under {section!r}" if section else "at the top level"
         return f"unknown key {key!r}; valid keys {where}: {', '.join(valid)}" + _did_you_mean(leaf, valid)
-    if isinstance(e, ValidationError):
-        return f"{key}: {e.msg.splitlines()[0]}"
-    return f"{key}: {str(e).splitlines()[0]}"
+    first_line = (e.msg or str(e) or type(e).__name__).splitlines()[0]
+    section = re.search(r"subclass of (ModelConfig|DataConfig|TrainConfig)", first_line)
+    if not e.full_key and section:  # `train=3` or `train: 5` in a file
+        name = section.group(1).removesuffix("Config").lower()
+        return (f"{name!r} is a section of settings, not a value; set its keys instead "
+                f"(e.g. {name}.{_valid_keys(name)[0]}=...)")
+    return f"{key}: {first_line}"
 
 
 def _valid_keys(section: str) -> list[str]:
@@ -211,16 +219,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 0.5)")
 
 
-def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key}={value} must be > 0")
+def _check(key: str, value: float, low: float = -math.inf, high: float = math.inf,
+           low_open: bool = False, high_open: bool = False) -> None:
+    """``value`` must be finite and inside the interval; the message shows the interval."""
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if not math.isfinite(value) or below or above:
+        lo = f"{'(' if low_open else '['}{_num(low)}" if math.isfinite(low) else "(-inf"
+        hi = f"{_num(high)}{')' if high_open else ']'}" if math.isfinite(high) else "inf)"
+        raise ConfigError(f"{key}={value} must be a finite number in {lo}, {hi}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def _validate_model(m: ModelConfig) -> None:
-    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
-        _positive(f"model.{name}", getattr(m, name))
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        _check(f"model.{name}", getattr(m, name), low=1)
+    _check("model.vocab_size", m.vocab_size, low=MIN_VOCAB_SIZE)  # 256 bytes + end-of-text
     if m.ffn_hidden is not None:
-        _positive("model.ffn_hidden", m.ffn_hidden)
+        _check("model.ffn_hidden", m.ffn_hidden, low=1)
     if m.n_embd % m.n_head:
         divisors = [h for h in range(1, m.n_head * 2 + 1) if m.n_embd % h == 0][-4:]
         raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
@@ -228,23 +247,23 @@ def _validate_model(m: ModelConfig) -> None:
     if m.arch == "pangu" and m.n_layer < 2:
         raise ConfigError(f"model.n_layer={m.n_layer}: PanGu-α needs at least 2 layers "
                           "(decoder blocks plus the top query layer)")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    _check("model.dropout", m.dropout, 0.0, 1.0, high_open=True)
+    _check("model.layer_norm_eps", m.layer_norm_eps, 0.0, low_open=True)
 
 
 def _validate_train(t: TrainConfig) -> None:
-    for name in ("steps", "batch_size", "grad_accum", "lr", "log_every", "eval_every", "eval_batches"):
-        _positive(f"train.{name}", getattr(t, name))
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):
+        _check(f"train.{name}", getattr(t, name), low=1)
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
                           f"train.grad_accum={t.grad_accum}; each micro-batch must hold whole sequences")
-    if not 0 <= t.min_lr <= t.lr:
-        raise ConfigError(f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
+    _check("train.lr", t.lr, 0.0, low_open=True)
+    _check("train.min_lr", t.min_lr, 0.0, t.lr)
+    _check("train.eps", t.eps, 0.0, low_open=True)
     for name in ("warmup_steps", "ckpt_every", "grad_clip", "weight_decay", "keep_checkpoints"):
-        if getattr(t, name) < 0:
-            raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0")
+        _check(f"train.{name}", getattr(t, name), low=0)
     for name in ("beta1", "beta2"):
-        if not 0.0 <= getattr(t, name) < 1.0:
-            raise ConfigError(f"train.{name}={getattr(t, name)} must be in [0, 1)")
-    if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
+        _check(f"train.{name}", getattr(t, name), 0.0, 1.0, high_open=True)
+    _check("train.seed", t.seed, 0, 2**32 - 1)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device={t.device!r} is not valid; choose auto, cpu, cuda or cuda:N")

@@ -9,18 +9,20 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from loom.runs import read_json  # noqa: E402
+from loom.runs import RunError, read_json  # noqa: E402
 from loom.train.metrics import read_metrics  # noqa: E402
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     """Draw ``RUN_DIR/loss.png`` (or ``out``) from ``metrics.jsonl``; returns the file written."""
     run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise RunError(f"{str(run_dir)!r} has no metrics.jsonl yet: nothing to plot")
     records = read_metrics(run_dir / "metrics.jsonl")
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if not train and not val:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no logged step yet")
+        raise RunError(f"{run_dir / 'metrics.jsonl'} holds no finite loss yet: nothing to plot")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)

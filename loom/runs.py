@@ -13,16 +13,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
 
 from loom.config import Config, ConfigError, load_config
-from loom.data import Tokenizer, load_tokenizer
+from loom.data import PreparedData, Tokenizer, load_tokenizer, prepare_data
 from loom.models import GPT, build_model, materialize
-from loom.train.checkpoint import latest_checkpoint, load_checkpoint
+from loom.train.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
 
 
 class RunError(ValueError):
@@ -30,9 +32,19 @@ class RunError(ValueError):
 
 
 def new_run_dir(cfg: Config) -> Path:
+    """``train.run_dir``, or a new ``runs/<time>-<preset>[-N]`` that no other run has taken."""
     if cfg.train.run_dir:
         return Path(cfg.train.run_dir)
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.preset}"
+    base = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.preset}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for i in itertools.count():
+        candidate = base if i == 0 else base.with_name(f"{base.name}-{i}")
+        try:
+            candidate.mkdir()  # atomic: two runs started in the same second get different dirs
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def check_run_dir(run_dir: Path) -> Path:
@@ -46,12 +58,38 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
     return load_config(check_run_dir(run_dir) / "config.yaml", overrides)
 
 
-def resolve_device(name: str) -> torch.device:
+def load_resume_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The run's config with ``overrides``, which may change how it trains (``train.*``) but not
+    what it is (``model.*``, ``data.*``): the checkpoint and the token ids depend on those."""
+    saved, cfg = load_run_config(run_dir), load_run_config(run_dir, overrides)
+    for section in ("model", "data"):
+        old, new = vars(getattr(saved, section)), vars(getattr(cfg, section))
+        for key in old:
+            if old[key] != new[key]:
+                raise ConfigError(f"--resume keeps the run's {section}: {section}.{key}={new[key]!r} differs "
+                                  f"from the run's {old[key]!r}; start a new run to change it")
+    return cfg
+
+
+def prepare_run_data(cfg: Config, tokenizer_dir: Path | None = None) -> PreparedData:
+    """The tokenized corpus of ``cfg.data``; with ``tokenizer_dir`` (a run's own tokenizer),
+    encoded with that tokenizer rather than one trained for the cache."""
+    d = cfg.data
+    return prepare_data(d.path, cfg.model.vocab_size, d.tokenizer, d.val_fraction, d.cache_dir, d.jsonl_field,
+                        tokenizer_dir=tokenizer_dir)
+
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` as a device that exists here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA device is available; use cpu or auto")
-    return torch.device(name)
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise ConfigError(f"{key}={name!r} is not valid; choose auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"{key}={name!r} but this machine has {count} CUDA device(s); use cpu or auto")
+    return device
 
 
 def load_for_inference(run_dir: Path, device: str = "auto") -> tuple[Config, GPT, Tokenizer, int]:
@@ -60,13 +98,12 @@ def load_for_inference(run_dir: Path, device: str = "auto") -> tuple[Config, GPT
     ckpt = latest_checkpoint(Path(run_dir))
     if ckpt is None:
         raise RunError(f"{str(run_dir)!r} has no complete checkpoint yet (checkpoints/step_*)")
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     model = materialize(build_model(cfg.model), dev, cfg.train.seed)
     load_checkpoint(ckpt, model)
     model.eval()
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
-    step = int(ckpt.name.split("_")[1])
-    return cfg, model, tokenizer, step
+    return cfg, model, tokenizer, checkpoint_step(ckpt)
 
 
 def read_json(path: Path) -> dict:

@@ -13,6 +13,12 @@ Cache layout (``<cache>/data/<sha1 key>/``)::
     tokenizer/     the tokenizer's files (see loom.data.tokenizer)
     meta.json      written last; its presence marks a complete cache entry
 
+An entry's tokenizer is normally trained on the corpus. A run that must keep
+its own tokenizer (resuming, evaluating) passes ``tokenizer_dir``: the normal
+entry is used when its tokenizer is identical (same
+:func:`tokenizer_fingerprint`), else the corpus is encoded with the given
+tokenizer into a separate entry keyed by that fingerprint too.
+
 Everything is built in a temporary sibling folder that is renamed into place
 at the end, so an interrupted run never leaves an entry that looks valid
 (it may leave a ``.tmp-*`` folder, which is safe to delete).
@@ -37,9 +43,17 @@ import numpy as np
 
 from loom.data.corpus import DataError, corpus_files, iter_documents
 from loom.data.sampler import BatchSampler, eval_batches
+from loom.data.tokenizer import META_FILE as TOKENIZER_META_FILE
 from loom.data.tokenizer import Tokenizer, load_tokenizer, resolve_kind, train_tokenizer
 
-__all__ = ["BatchSampler", "PreparedData", "eval_batches", "prepare_data", "token_dtype"]
+__all__ = [
+    "BatchSampler",
+    "PreparedData",
+    "eval_batches",
+    "prepare_data",
+    "token_dtype",
+    "tokenizer_fingerprint",
+]
 
 _LOG = logging.getLogger("loom.data")
 
@@ -65,7 +79,9 @@ class PreparedData:
         val: validation tokens (read-only memmap), from documents unseen in
             ``train`` unless the corpus was too small (``meta["split"]``).
         meta: facts about the data, including ``kind``, ``vocab_size``,
-            ``n_train_tokens``, ``n_val_tokens``, ``n_files``, ``source`` and
+            ``n_train_tokens``, ``n_val_tokens``, ``n_files``, ``source``,
+            ``tokenizer_fingerprint`` (see :func:`tokenizer_fingerprint`;
+            absent from entries made before it existed) and
             ``unigram_entropy_nats`` (the loss of the best model that ignores
             context: a trained model must get below it).
     """
@@ -107,6 +123,52 @@ def cache_key(
         stats.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
     settings = [FORMAT_VERSION, kind, vocab_size, val_fraction, jsonl_field, sorted(stats)]
     return hashlib.sha1(json.dumps(settings).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(dir: str | Path) -> str:
+    """Return the sha1 hex digest of the model file of the tokenizer saved in ``dir``.
+
+    Two tokenizer folders with the same fingerprint encode text identically.
+
+    Raises:
+        DataError: ``dir`` is not a folder written by :meth:`Tokenizer.save`.
+    """
+    dir = Path(dir).expanduser()
+    if not dir.is_dir():
+        raise DataError(f"tokenizer folder {str(dir)!r} does not exist")
+    try:
+        meta = json.loads((dir / TOKENIZER_META_FILE).read_text())
+        model = (dir / meta["model_file"]).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{str(dir)!r} is not a tokenizer folder ({detail})") from None
+    return hashlib.sha1(model).hexdigest()
+
+
+def _load_given_tokenizer(dir: Path) -> tuple[Tokenizer, str]:
+    """Load the tokenizer in ``dir`` and return it with its fingerprint.
+
+    Raises:
+        DataError: ``dir`` is missing or holds no loadable tokenizer (one line).
+    """
+    fingerprint = tokenizer_fingerprint(dir)
+    try:
+        tokenizer = load_tokenizer(dir)
+    except DataError as e:
+        raise DataError(f"cannot load the tokenizer in {str(dir)!r}: {e}") from None
+    except Exception as e:  # a corrupt model file: the libraries raise various errors
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"cannot load the tokenizer in {str(dir)!r}: {detail}") from None
+    return tokenizer, fingerprint
+
+
+def _entry_fingerprint(dir: Path) -> str:
+    """Return the tokenizer fingerprint of the complete cache entry ``dir``.
+
+    Entries made before fingerprints were recorded get it computed here.
+    """
+    meta = json.loads((dir / META_FILE).read_text())
+    return meta.get("tokenizer_fingerprint") or tokenizer_fingerprint(dir / "tokenizer")
 
 
 def _sample_text(files: list[Path], jsonl_field: str) -> str:
@@ -247,9 +309,17 @@ def _tokenize_and_split(
 
 
 def _build(
-    dir: Path, files: list[Path], vocab_size: int, settings: dict[str, Any]
+    dir: Path,
+    files: list[Path],
+    vocab_size: int,
+    settings: dict[str, Any],
+    tokenizer: Tokenizer | None = None,
 ) -> dict[str, Any]:
-    """Train the tokenizer and write the token and tokenizer files into ``dir``.
+    """Write the token and tokenizer files into ``dir``.
+
+    Args:
+        tokenizer: encode with this tokenizer; None to train one of
+            ``settings["kind"]`` with ``vocab_size`` tokens on the corpus.
 
     Returns:
         Facts about the result, for meta.json.
@@ -258,11 +328,15 @@ def _build(
         settings["kind"], settings["val_fraction"], settings["jsonl_field"]
     )
     start = time.perf_counter()
-    tokenizer = train_tokenizer(kind, lambda: iter_documents(files, jsonl_field), vocab_size)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(kind, lambda: iter_documents(files, jsonl_field), vocab_size)
+        _LOG.info(
+            "trained %s tokenizer (vocab %d) in %.1fs",
+            kind,
+            tokenizer.vocab_size,
+            time.perf_counter() - start,
+        )
     trained = time.perf_counter()
-    _LOG.info(
-        "trained %s tokenizer (vocab %d) in %.1fs", kind, tokenizer.vocab_size, trained - start
-    )
     facts = _tokenize_and_split(tokenizer, iter_documents(files, jsonl_field), dir, val_fraction)
     encoded = time.perf_counter()
     _LOG.info(
@@ -278,6 +352,7 @@ def _build(
     del train
     tokenizer.save(dir / "tokenizer")
     facts.update(vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id)
+    facts["tokenizer_fingerprint"] = tokenizer_fingerprint(dir / "tokenizer")
     facts["tokenizer_seconds"] = round(trained - start, 3)
     facts["prepare_seconds"] = round(time.perf_counter() - start, 3)
     return facts
@@ -296,13 +371,20 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def _create_entry(
-    final: Path, files: list[Path], vocab_size: int, settings: dict[str, Any]
+    final: Path,
+    files: list[Path],
+    vocab_size: int,
+    settings: dict[str, Any],
+    tokenizer: Tokenizer | None = None,
 ) -> None:
-    """Build a cache entry in a temporary folder, then move it to ``final``."""
+    """Build a cache entry in a temporary folder, then move it to ``final``.
+
+    ``tokenizer`` is passed to :func:`_build` (None: train one).
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name[:12]}-"))
     try:
-        facts = _build(tmp, files, vocab_size, settings)
+        facts = _build(tmp, files, vocab_size, settings, tokenizer)
         meta = {"format_version": FORMAT_VERSION, **settings, **facts}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks complete
         _publish(tmp, final)
@@ -318,6 +400,8 @@ def prepare_data(
     val_fraction: float = 0.01,
     cache_dir: str | None = None,
     jsonl_field: str = "text",
+    *,
+    tokenizer_dir: str | Path | None = None,
 ) -> PreparedData:
     """Tokenize the corpus at ``path`` once and return it memory-mapped.
 
@@ -326,32 +410,77 @@ def prepare_data(
             None for the Python standard library's source code.
         vocab_size: requested vocabulary size (the actual one is in meta).
         tokenizer: ``"bpe"``, ``"jieba-sp"``, or ``"auto"`` (jieba-sp for
-            mostly-Chinese corpora, else bpe).
+            mostly-Chinese corpora, else bpe). Ignored for the kind when
+            ``tokenizer_dir`` is given.
         val_fraction: share of tokens held out for validation, as whole
             documents (every k-th) when the corpus is large enough.
         cache_dir: cache root; default ``$LOOM_CACHE`` or ``~/.cache/loom``.
         jsonl_field: the text field of ``.jsonl`` records.
+        tokenizer_dir: a folder written by :meth:`Tokenizer.save` (e.g. a
+            run's ``tokenizer/``) whose tokenizer must be used instead of
+            training one. The normal cache entry is returned when its
+            tokenizer is identical; otherwise the corpus is encoded with the
+            given tokenizer into (or loaded from) an entry of its own.
 
     Raises:
-        DataError: bad path, settings or data.
+        DataError: bad path, settings, data or ``tokenizer_dir``.
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    given: Tokenizer | None = None
+    if tokenizer_dir is not None:
+        tokenizer_dir = Path(tokenizer_dir).expanduser().resolve()
+        given, fingerprint = _load_given_tokenizer(tokenizer_dir)
+        resolve_kind(tokenizer, "")  # still reject an unknown setting
+        if tokenizer not in ("auto", given.kind):
+            _LOG.warning(
+                "tokenizer=%s ignored: the tokenizer in %s is %s",
+                tokenizer,
+                tokenizer_dir,
+                given.kind,
+            )
     files = corpus_files(path)
-    kind = resolve_kind(tokenizer, _sample_text(files, jsonl_field) if tokenizer == "auto" else "")
+    if given is not None:
+        kind = given.kind
+    else:
+        sample = _sample_text(files, jsonl_field) if tokenizer == "auto" else ""
+        kind = resolve_kind(tokenizer, sample)
     root = cache_root(cache_dir) / "data"
-    final = root / cache_key(kind, vocab_size, val_fraction, jsonl_field, files)
-    if (final / META_FILE).is_file():
-        _LOG.info("using cached data in %s", final)
-        return _load(final)
+    key = cache_key(kind, vocab_size, val_fraction, jsonl_field, files)
+    final = root / key
+    if given is None:
+        if (final / META_FILE).is_file():
+            _LOG.info("using cached data in %s", final)
+            return _load(final)
+    else:
+        own = root / hashlib.sha1((key + fingerprint).encode()).hexdigest()
+        if (final / META_FILE).is_file():
+            if _entry_fingerprint(final) == fingerprint:
+                _LOG.info("using cached data in %s (same tokenizer as %s)", final, tokenizer_dir)
+                return _load(final)
+            _LOG.info(
+                "the cached data in %s was tokenized differently from this run's tokenizer; "
+                "%s (tokenizer %s)",
+                final,
+                "using the copy encoded with it" if (own / META_FILE).is_file()
+                else "re-encoding with it",
+                tokenizer_dir,
+            )
+        final = own
+        if (final / META_FILE).is_file():
+            _LOG.info("using cached data encoded with the tokenizer of %s: %s", tokenizer_dir, final)
+            return _load(final)
     source = "python-stdlib" if path is None else str(Path(path).expanduser().resolve())
-    _LOG.info("preparing %s (%d files, tokenizer %s) into %s", source, len(files), kind, final)
-    settings = {
+    how = f"tokenizer {kind}" if given is None else f"the {kind} tokenizer of {tokenizer_dir}"
+    _LOG.info("preparing %s (%d files, %s) into %s", source, len(files), how, final)
+    settings: dict[str, Any] = {
         "kind": kind,
         "source": source,
         "n_files": len(files),
         "val_fraction": val_fraction,
         "jsonl_field": jsonl_field,
     }
-    _create_entry(final, files, vocab_size, settings)
+    if given is not None:
+        settings["tokenizer_dir"] = str(tokenizer_dir)
+    _create_entry(final, files, vocab_size, settings, given)
     return _load(final)

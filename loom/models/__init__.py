@@ -30,15 +30,9 @@ def materialize(model: GPT, device: torch.device | str, seed: int) -> GPT:
     return model
 
 
-def count_params(model: nn.Module, exclude_position_embeddings: bool = False) -> int:
+def count_params(model: nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once); works on the meta device."""
-    seen, total = set(), 0
-    for name, p in model.named_parameters():  # named_parameters() already skips repeats
-        if id(p) in seen or (exclude_position_embeddings and name in ("pos_emb.weight", "top_query_emb.weight")):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a shared one once
 
 
 def matmul_params(cfg: ModelConfig) -> int:

@@ -44,7 +44,6 @@ class KVCache:
         shape = (batch, cfg.n_head, max_len, cfg.head_dim)
         self.layers = [LayerCache(torch.zeros(shape, device=device, dtype=dtype),
                                   torch.zeros(shape, device=device, dtype=dtype)) for _ in range(n_layers)]
-        self.max_len = max_len
 
     @property
     def length(self) -> int:

@@ -21,6 +21,11 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read into the model; the message is one line for the user."""
+
+
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
 _SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
@@ -78,18 +83,22 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load ``path`` into ``model`` (and ``optimizer``, and then return the saved trainer state)."""
-    if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "trainer": b""}
+    try:
+        if optimizer is not None:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd, "trainer": b""}
+            with _single_process_is_intended():
+                dcp.load(state, checkpoint_id=path)
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            return torch.load(io.BytesIO(state["trainer"]), weights_only=True)
+        state = {"model": model.state_dict()}
         with _single_process_is_intended():
             dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        return torch.load(io.BytesIO(state["trainer"]), weights_only=True)
-    state = {"model": model.state_dict()}
-    with _single_process_is_intended():
-        dcp.load(state, checkpoint_id=path)
-    model.load_state_dict(state["model"])
-    return {}
+        model.load_state_dict(state["model"])
+        return {}
+    except Exception as e:  # DCP reports shape mismatches and damage with many exception types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} cannot be loaded into this model: {first}") from e
 
 
 def clear_partial_saves(run_dir: Path) -> None:

@@ -32,5 +32,7 @@ def evaluate(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size: 
         total += lm_loss(logits, y).item() * y.numel()
         count += y.numel()
     model.train(was_training)
-    loss = total / max(count, 1)
+    if count == 0:
+        raise ValueError("evaluation saw no tokens: the validation split is shorter than one sequence")
+    loss = total / count
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}

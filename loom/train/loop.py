@@ -1,17 +1,22 @@
 """The training loop on one device: config → data → build on meta → initialize or resume → train.
 
 Every source of randomness is a function of the seed and the step (the data sampler, the schedule)
-or is saved in the checkpoint (the RNG state, the optimizer moments, the loss scale), so a resumed
-run repeats the losses of an uninterrupted one exactly.
+or is saved in the checkpoint (the RNG state, the optimizer moments, the loss scale, the losses not
+yet logged), so a resumed run repeats the losses of an uninterrupted one exactly (on a CPU; CUDA
+kernels such as attention's backward are not bitwise deterministic).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +25,10 @@ import torch
 from tqdm import tqdm
 
 from loom.config import Config, ConfigError, config_to_yaml
-from loom.data import BatchSampler, PreparedData, prepare_data
+from loom.data import BatchSampler, PreparedData
+from loom.data.corpus import corpus_files
 from loom.models import GPT, build_model, count_params, flops_per_token, materialize
-from loom.runs import RunError, new_run_dir, read_json, resolve_device
+from loom.runs import RunError, new_run_dir, prepare_run_data, read_json, resolve_device
 from loom.train.checkpoint import (
     checkpoint_step,
     clear_partial_saves,
@@ -31,6 +37,7 @@ from loom.train.checkpoint import (
     save_checkpoint,
 )
 from loom.train.evaluate import evaluate, lm_loss
+from loom.train.memory import check_training_state_fits
 from loom.train.metrics import MetricsFile, peak_flops
 from loom.train.optim import build_optimizer, lr_at
 from loom.train.precision import LossScaler, autocast
@@ -40,7 +47,7 @@ log = logging.getLogger("loom.train")
 
 @dataclass
 class Interval:
-    """Accumulates what happens between two log lines."""
+    """What happened since the last log line."""
 
     steps: int = 0
     seconds: float = 0.0
@@ -50,20 +57,49 @@ class Interval:
         self.steps, self.seconds, self.losses = 0, 0.0, []
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) asks the loop to stop after the current step and save a checkpoint; a
+    second Ctrl-C aborts at once. Interrupting mid-step could save half-updated weights."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, data: PreparedData, resume: bool = False):
         self.cfg, self.run_dir, self.data = cfg, run_dir, data
         t = cfg.train
         self.device = resolve_device(t.device)
+        if self.device.type == "cuda" and t.precision == "fp32":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls, the fp32 peak in the MFU table
         self.peak = peak_flops(self.device, t.precision)
         torch.manual_seed(t.seed)
         self.model: GPT = materialize(build_model(cfg.model), self.device, t.seed)
         self.optimizer = build_optimizer(self.model, t)
         self.scaler = LossScaler(self.device, t.precision)
         self.sampler = BatchSampler(data.train, cfg.model.block_size, t.batch_size, t.seed)
+        self.interval = Interval()
         self.start_step = self._resume() if resume else 0
         self.flops_per_token = flops_per_token(cfg.model, cfg.model.block_size)
-        self.metrics = MetricsFile(run_dir / "metrics.jsonl", truncate_after_step=self.start_step if resume else -1)
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl", truncate_after_step=self.start_step)
+        mode = t.progress
+        self.progress_mode = ("bar" if sys.stderr.isatty() else "log") if mode == "auto" else mode
 
     # -- one optimizer step --------------------------------------------------------------
 
@@ -95,47 +131,55 @@ class Trainer:
 
     def run(self) -> dict:
         t = self.cfg.train
-        bar = self._progress()
-        tokens_per_step = t.batch_size * self.cfg.model.block_size
-        interval, last_eval, started = Interval(), {}, time.perf_counter()
+        bar = tqdm(total=t.steps, initial=self.start_step, unit="step", dynamic_ncols=True) \
+            if self.progress_mode == "bar" else None
+        last_eval, started, done = {}, time.perf_counter(), self.start_step
         self.model.train()
-        for step in range(self.start_step, t.steps):
-            t0 = time.perf_counter()
-            loss, grad_norm = self.train_step(step)
-            if self.device.type == "cuda" and (step + 1) % t.log_every == 0:
-                torch.cuda.synchronize(self.device)
-            interval.seconds += time.perf_counter() - t0
-            interval.steps += 1
-            interval.losses.append(loss)
-            done = step + 1
-            record = None
-            if done % t.log_every == 0 or done == t.steps:
-                record = self._log_record(done, interval, grad_norm, tokens_per_step, started)
-                interval.reset()
-            if done % t.eval_every == 0 or done == t.steps:
-                last_eval = evaluate(self.model, self.data.val, self.cfg.model.block_size, t.batch_size,
-                                     t.eval_batches, self.device, t.precision)
-                record = {**(record or {"step": done}), **last_eval}
-            if record is not None:
-                self.metrics.write(record)
-                self._show(bar, record)
-            if bar is not None:
-                bar.update(1)
-            if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
-                self.save(done)
+        with StopRequest() as stop:
+            for step in range(self.start_step, t.steps):
+                self._timed_step(step)
+                done = step + 1
+                record = self._log_record(done, started) if done % t.log_every == 0 or done == t.steps else None
+                if done % t.eval_every == 0 or done == t.steps:
+                    last_eval = evaluate(self.model, self.data.val, self.cfg.model.block_size, t.batch_size,
+                                         t.eval_batches, self.device, t.precision)
+                    record = {**(record or {"step": done}), **last_eval}
+                if record is not None:
+                    self.metrics.write(record)
+                    self._show(bar, record)
+                if bar is not None:
+                    bar.update(1)
+                if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps or stop.requested:
+                    self.save(done)
+                if stop.requested:
+                    log.warning("stopped at step %d; continue with: loom train --resume %s", done, self.run_dir)
+                    break
         if bar is not None:
             bar.close()
         self.metrics.close()
-        return self._summary(last_eval, time.perf_counter() - started)
+        return self._summary(last_eval, time.perf_counter() - started, done)
 
-    def _log_record(self, step: int, interval: Interval, grad_norm: torch.Tensor,
-                    tokens_per_step: int, started: float) -> dict:
-        tokens_per_s = interval.steps * tokens_per_step / max(interval.seconds, 1e-9)
+    def _timed_step(self, step: int) -> None:
+        t0 = time.perf_counter()
+        loss, self._grad_norm = self.train_step(step)
+        if self.device.type == "cuda" and (step + 1) % self.cfg.train.log_every == 0:
+            torch.cuda.synchronize(self.device)
+        self.interval.seconds += time.perf_counter() - t0
+        self.interval.steps += 1
+        self.interval.losses.append(loss)
+
+    def _log_record(self, step: int, started: float) -> dict:
+        iv, t = self.interval, self.cfg.train
+        tokens_per_s = iv.steps * t.batch_size * self.cfg.model.block_size / max(iv.seconds, 1e-9)
+        loss = torch.stack(iv.losses).mean().item()
+        if not math.isfinite(loss) and not self.scaler.enabled:
+            raise RunError(f"training diverged: the loss is {loss} at step {step}; lower train.lr "
+                           f"(now {t.lr:g}) or set train.grad_clip, and resume from the last checkpoint")
         record = {
             "step": step,
-            "loss": torch.stack(interval.losses).mean().item(),
-            "lr": lr_at(step - 1, self.cfg.train),
-            "grad_norm": grad_norm.item(),
+            "loss": loss,
+            "lr": lr_at(step - 1, t),
+            "grad_norm": self._grad_norm.item(),
             "tokens_per_s": tokens_per_s,
             "mfu": self.flops_per_token * tokens_per_s / self.peak,
             "elapsed_s": time.perf_counter() - started,
@@ -143,17 +187,22 @@ class Trainer:
         if self.scaler.enabled:
             record["loss_scale"] = self.scaler.loss_scale
             record["skipped_steps"] = self.scaler.skipped_steps
+        iv.reset()
         return record
 
     # -- checkpoints ---------------------------------------------------------------------
 
     def save(self, step: int) -> Path:
-        state = {"step": step, "rng_cpu": torch.get_rng_state(), "scaler": self.scaler.state_dict()}
+        state = {
+            "step": step,
+            "rng_cpu": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict(),
+            # losses of steps not yet logged, so the first record after a resume averages the same steps
+            "pending_losses": torch.stack(self.interval.losses) if self.interval.losses else torch.zeros(0),
+        }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        path = save_checkpoint(self.run_dir, step, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints)
-        log.debug("saved %s", path)
-        return path
+        return save_checkpoint(self.run_dir, step, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints)
 
     def _resume(self) -> int:
         clear_partial_saves(self.run_dir)
@@ -166,36 +215,29 @@ class Trainer:
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         self.scaler.load_state_dict(state["scaler"])
+        self.interval.losses = [x.to(self.device) for x in state.get("pending_losses", torch.zeros(0))]
         log.info("resumed from %s (step %d)", ckpt, checkpoint_step(ckpt))
         return int(state["step"])
 
     # -- what the user sees --------------------------------------------------------------
 
-    def _progress(self):
-        mode = self.cfg.train.progress
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "log"
-        self._mode = mode
-        if mode != "bar":
-            return None
-        return tqdm(total=self.cfg.train.steps, initial=self.start_step, unit="step", dynamic_ncols=True)
-
     def _show(self, bar, record: dict) -> None:
-        if self._mode == "bar":
+        if self.progress_mode == "bar":
             bar.set_postfix_str(_fmt(record), refresh=False)
-        elif self._mode == "log":
+        elif self.progress_mode == "log":
             log.info("step %d/%d | %s", record["step"], self.cfg.train.steps, _fmt(record))
 
-    def _summary(self, last_eval: dict, seconds: float) -> dict:
+    def _summary(self, last_eval: dict, seconds: float, done: int) -> dict:
         summary = {
-            "steps": self.cfg.train.steps,
+            "steps": done,
+            "finished": done >= self.cfg.train.steps,
             "params": count_params(self.model),
             "unigram_entropy_nats": self.data.meta.get("unigram_entropy_nats"),
             "train_seconds": seconds,
             "skipped_steps": self.scaler.skipped_steps,
             **last_eval,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 
@@ -216,35 +258,32 @@ def _fmt(r: dict) -> str:
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
     """Train ``cfg`` in ``run_dir`` (continuing its newest checkpoint when ``resume``)."""
-    resolve_device(cfg.train.device)  # fail before any work if the device is not there
+    device = resolve_device(cfg.train.device)  # fail before any work if the device is not there
+    check_training_state_fits(cfg, device)
+    corpus_files(cfg.data.path)  # a wrong data.path fails before a run directory is made
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise RunError(f"{str(run_dir)!r} already holds a run with checkpoints; continue it with "
                        f"`loom train --resume {run_dir}` or choose another train.run_dir")
-    data = prepare_data(cfg.data.path, cfg.model.vocab_size, cfg.data.tokenizer, cfg.data.val_fraction,
-                        cfg.data.cache_dir, cfg.data.jsonl_field)
-    check_data_fits(cfg, data)
-    _write_run_files(cfg, run_dir, data)
-    handler = _log_to_file(run_dir / "train.log")
-    try:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _log_to_file(run_dir / "train.log"):
+        data = prepare_run_data(cfg, run_dir / "tokenizer" if resume else None)
+        check_data_fits(cfg, data)
         trainer = Trainer(cfg, run_dir, data, resume=resume)
+        _write_run_files(cfg, run_dir, data, with_tokenizer=not resume)  # only once the checkpoint loaded
         if trainer.start_step >= cfg.train.steps:
             log.info("%s is already trained to step %d of train.steps=%d; to go further, resume with "
                      "train.steps=N", run_dir, trainer.start_step, cfg.train.steps)
             return read_json(run_dir / "summary.json")
-        n = count_params(trainer.model)
         log.info("run %s: %s, %.2fM parameters, %d steps of %d tokens, %s on %s", run_dir, cfg.model.preset,
-                 n / 1e6, cfg.train.steps, cfg.train.batch_size * cfg.model.block_size,
+                 count_params(trainer.model) / 1e6, cfg.train.steps, cfg.train.batch_size * cfg.model.block_size,
                  cfg.train.precision, trainer.device)
         summary = trainer.run()
-        log.info("done: val loss %.3f (perplexity %.1f) against a unigram entropy of %.3f nats; %s",
-                 summary.get("val_loss", float("nan")), summary.get("val_ppl", float("nan")),
-                 summary.get("unigram_entropy_nats") or float("nan"), run_dir)
+        if summary["finished"]:
+            log.info("done: val loss %.3f (perplexity %.1f) against a unigram entropy of %.3f nats; %s",
+                     summary["val_loss"], summary["val_ppl"], summary["unigram_entropy_nats"] or math.nan, run_dir)
         _plot(run_dir)
         return summary
-    finally:
-        logging.getLogger("loom").removeHandler(handler)
-        handler.close()
 
 
 def check_data_fits(cfg: Config, data: PreparedData) -> None:
@@ -258,21 +297,33 @@ def check_data_fits(cfg: Config, data: PreparedData) -> None:
                               f"model.block_size+1={need}; use more data or a smaller model.block_size")
 
 
-def _write_run_files(cfg: Config, run_dir: Path, data: PreparedData) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    (run_dir / "data.json").write_text(json.dumps({**data.meta, "cache": str(data.dir)}, indent=2) + "\n")
-    tok_dir = run_dir / "tokenizer"
-    if tok_dir.exists():
-        shutil.rmtree(tok_dir)
-    data.tokenizer.save(tok_dir)
+def _write_run_files(cfg: Config, run_dir: Path, data: PreparedData, with_tokenizer: bool) -> None:
+    _write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
+    _write_text_atomic(run_dir / "data.json", json.dumps({**data.meta, "cache": str(data.dir)}, indent=2) + "\n")
+    if with_tokenizer:
+        tok_dir = run_dir / "tokenizer"
+        if tok_dir.exists():
+            shutil.rmtree(tok_dir)
+        data.tokenizer.save(tok_dir)
 
 
-def _log_to_file(path: Path) -> logging.Handler:
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _log_to_file(path: Path):
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("loom").addHandler(handler)
-    return handler
+    logger = logging.getLogger("loom")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def _plot(run_dir: Path) -> None:

@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from loom.data.dataset import cache_root
+from loom.train.precision import autocast
 
 # Dense peak FLOP/s from vendor datasheets, by a substring of torch.cuda.get_device_name().
 # Order matters: the first match wins ("H100 PCIe" before "H100").
@@ -68,22 +70,24 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def measure_matmul_flops(device: torch.device, precision: str, n: int = 1024, seconds: float = 0.5) -> float:
-    """Best FLOP/s of an n×n by n×n matrix multiply over about ``seconds`` of repetitions."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+def measure_matmul_flops(device: torch.device, precision: str, n: int | None = None, seconds: float = 0.5) -> float:
+    """Best FLOP/s of an n×n by n×n ``F.linear`` on fp32 inputs under the autocast that training
+    uses for ``precision``: the rate the model's own matrix multiplies can reach."""
+    n = n or (4096 if device.type == "cuda" else 1024)
     gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    a = torch.randn(n, n, device=device, generator=gen)
+    b = torch.randn(n, n, device=device, generator=gen)
     best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end or best == 0.0:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    with autocast(device, precision):
+        while time.perf_counter() < end or best == 0.0:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(4):
+                F.linear(a, b)  # the op of nn.Linear; CPU fp16 `mm` alone is ~50x slower
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
     return best
 
 
@@ -94,9 +98,10 @@ class MetricsFile:
         self.path = path
         if truncate_after_step is not None and path.is_file():
             # a resumed run repeats the steps after its checkpoint: drop their old records
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_metrics(path) if r.get("step", 0) <= truncate_after_step]
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, path)
         self._f = path.open("a")
 
     def write(self, record: dict) -> None:
@@ -111,4 +116,11 @@ class MetricsFile:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of ``metrics.jsonl``; a line torn by a crash mid-write is skipped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

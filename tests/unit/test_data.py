@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from loom.data import (
     prepare_data,
 )
 from loom.data.corpus import corpus_files, iter_documents, stdlib_files
-from loom.data.dataset import token_dtype
+from loom.data.dataset import token_dtype, tokenizer_fingerprint
 from loom.data.tokenizer import EOS_TOKEN, resolve_kind, train_tokenizer
 
 WORDS = (
@@ -285,6 +287,139 @@ def test_prepare_errors(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "b.jsonl", ["x"])
     with pytest.raises(DataError, match=r"b\.jsonl:1: .*'body'"):
         prepare_data(str(tmp_path / "b.jsonl"), 300, jsonl_field="body", cache_dir=str(tmp_path))
+
+
+def _no_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any tokenizer training or entry building fail the test."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("built a cache entry")
+
+    monkeypatch.setattr(dataset_module, "_build", fail)
+    monkeypatch.setattr(dataset_module, "train_tokenizer", fail)
+
+
+def _first_doc(data: PreparedData) -> list[int]:
+    """Return the tokens of the first training document (without eos)."""
+    tokens = np.asarray(data.train).tolist()
+    return tokens[: tokens.index(data.tokenizer.eos_id)]
+
+
+@pytest.fixture()
+def two_corpora(tmp_path: Path) -> tuple[Path, list[str], Path]:
+    """A corpus with its documents, and a tokenizer folder trained on another corpus."""
+    docs = english_docs(60)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    other_docs = [f"record {i}: " + "qu zy xw vo " * (i % 7 + 1) + "\n" for i in range(200)]
+    other_corpus = write_jsonl(tmp_path / "other.jsonl", other_docs)
+    other = prepare_data(str(other_corpus), 300, cache_dir=str(tmp_path / "other-cache"))
+    run_tokenizer = tmp_path / "run" / "tokenizer"
+    other.tokenizer.save(run_tokenizer)  # what a run keeps of its data
+    return corpus, docs, run_tokenizer
+
+
+def test_tokenizer_dir_same_tokenizer_uses_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    docs = english_docs(60)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    cache = str(tmp_path / "cache")
+    first = prepare_data(str(corpus), 300, cache_dir=cache)
+    assert first.meta["tokenizer_fingerprint"] == tokenizer_fingerprint(first.dir / "tokenizer")
+    run_tokenizer = tmp_path / "run" / "tokenizer"
+    first.tokenizer.save(run_tokenizer)
+    stamp = (first.dir / "train.bin").stat().st_mtime_ns
+    _no_build(monkeypatch)
+    for given in (first.dir / "tokenizer", run_tokenizer, str(run_tokenizer)):
+        with caplog.at_level(logging.INFO, logger="loom.data"):
+            data = prepare_data(str(corpus), 300, cache_dir=cache, tokenizer_dir=given)
+        assert data.dir == first.dir and data.meta == first.meta
+        assert "same tokenizer" in caplog.text
+        caplog.clear()
+    assert (first.dir / "train.bin").stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "cache" / "data").iterdir()] == [first.dir.name]
+    # an entry from before fingerprints were recorded: computed on the fly
+    meta = json.loads((first.dir / "meta.json").read_text())
+    del meta["tokenizer_fingerprint"]
+    (first.dir / "meta.json").write_text(json.dumps(meta))
+    data = prepare_data(str(corpus), 300, cache_dir=cache, tokenizer_dir=run_tokenizer)
+    assert data.dir == first.dir
+    assert _first_doc(data) == first.tokenizer.encode(docs[0])
+
+
+def test_tokenizer_dir_other_tokenizer_reencodes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    two_corpora: tuple[Path, list[str], Path],
+) -> None:
+    corpus, docs, run_tokenizer = two_corpora
+    other = load_tokenizer(run_tokenizer)
+    cache = str(tmp_path / "cache")
+    own = prepare_data(str(corpus), 300, cache_dir=cache)
+    assert tokenizer_fingerprint(run_tokenizer) != own.meta["tokenizer_fingerprint"]
+    assert own.tokenizer.encode(docs[0]) != other.encode(docs[0])
+    with caplog.at_level(logging.INFO, logger="loom.data"):
+        data = prepare_data(
+            str(corpus), 300, tokenizer="auto", cache_dir=cache, tokenizer_dir=run_tokenizer
+        )
+    assert "tokenized differently from this run's tokenizer; re-encoding with it" in caplog.text
+    assert data.dir != own.dir and data.dir.parent == own.dir.parent
+    assert data.meta["tokenizer_fingerprint"] == tokenizer_fingerprint(run_tokenizer)
+    assert data.meta["tokenizer_dir"] == str(run_tokenizer.resolve())
+    assert data.meta["vocab_size"] == other.vocab_size == data.tokenizer.vocab_size
+    assert all(data.tokenizer.encode(d) == other.encode(d) for d in docs[:10])
+    assert _first_doc(data) == other.encode(docs[0])
+    assert data.tokenizer.decode(_first_doc(data)) == docs[0]
+    n_tokens = sum(len(other.encode(d)) + 1 for d in docs)
+    assert data.meta["n_train_tokens"] + data.meta["n_val_tokens"] == n_tokens
+    # the second call finds the re-encoded entry; the normal one is untouched
+    stamp = (data.dir / "train.bin").stat().st_mtime_ns
+    _no_build(monkeypatch)
+    again = prepare_data(str(corpus), 300, cache_dir=cache, tokenizer_dir=run_tokenizer)
+    assert again.dir == data.dir and again.meta == data.meta
+    assert (again.dir / "train.bin").stat().st_mtime_ns == stamp
+    assert prepare_data(str(corpus), 300, cache_dir=cache).dir == own.dir
+    names = sorted(p.name for p in (tmp_path / "cache" / "data").iterdir())
+    assert names == sorted([own.dir.name, data.dir.name])
+
+
+def test_tokenizer_dir_without_cache_encodes_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, two_corpora: tuple[Path, list[str], Path]
+) -> None:
+    corpus, docs, run_tokenizer = two_corpora
+    other = load_tokenizer(run_tokenizer)
+    cache = tmp_path / "cache"
+    first = prepare_data(str(corpus), 300, cache_dir=str(cache), tokenizer_dir=run_tokenizer)
+    shutil.rmtree(cache)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("retrained a tokenizer")
+
+    monkeypatch.setattr(dataset_module, "train_tokenizer", fail)
+    data = prepare_data(str(corpus), 300, cache_dir=str(cache), tokenizer_dir=run_tokenizer)
+    assert data.dir == first.dir and (data.dir / "train.bin").is_file()
+    assert data.meta["tokenizer_fingerprint"] == tokenizer_fingerprint(run_tokenizer)
+    assert _first_doc(data) == other.encode(docs[0])
+    assert np.array_equal(data.train, first.train) and np.array_equal(data.val, first.val)
+
+
+def test_tokenizer_dir_errors(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text(" ".join(WORDS * 50))
+    missing = tmp_path / "run" / "tokenizer"
+    for folder in (missing, tmp_path):  # absent, and a folder holding no tokenizer
+        with pytest.raises(DataError) as e:
+            prepare_data(str(tmp_path / "a.txt"), 300, cache_dir=str(tmp_path), tokenizer_dir=folder)
+        assert str(folder) in str(e.value) and "\n" not in str(e.value)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer_meta.json").write_text('{"kind": "bpe", "model_file": "tokenizer.json"}')
+    (broken / "tokenizer.json").write_text("not json")
+    with pytest.raises(DataError, match="cannot load the tokenizer") as e:
+        prepare_data(str(tmp_path / "a.txt"), 300, cache_dir=str(tmp_path), tokenizer_dir=broken)
+    assert str(broken) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DataError, match="does not exist"):
+        tokenizer_fingerprint(missing)
 
 
 def test_token_dtype() -> None:

@@ -106,9 +106,10 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_schedule_warms_up_then_follows_cosine_to_min_lr():
-    cfg = load_config(None, ["train.steps=110", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr=0.1"]).train
+    cfg = load_config(None, ["train.steps=111", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr=0.1"]).train
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(110, cfg) == pytest.approx(0.1)  # the last step run (steps - 1) ends at min_lr
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))

@@ -1,0 +1,43 @@
+"""Will it fit? The memory a training state needs, against what the device has free.
+
+Checked before any data is read or weight allocated, so a model too large for the machine is one
+clear line instead of an out-of-memory kill minutes later. Activations are not counted here: they
+depend on the batch and are what `train.batch_size` / `train.grad_accum` trade against.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loom.config import Config, ConfigError
+from loom.models import build_model, count_params
+
+# fp32 weights (4) + fp32 gradients (4) + two fp32 optimizer moments (8), for AdamW and LAMB alike
+BYTES_PER_PARAM = 16
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device`` in bytes, or None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_training_state_fits(cfg: Config, device: torch.device) -> None:
+    """Raise :class:`ConfigError` when weights, gradients and optimizer state alone exceed the
+    device's free memory."""
+    n = count_params(build_model(cfg.model))  # on the meta device: nothing allocated
+    need, free = n * BYTES_PER_PARAM, available_bytes(device)
+    if free is not None and need > free:
+        raise ConfigError(
+            f"model={cfg.model.preset} has {n / 1e9:.2f}B parameters: its weights, gradients and "
+            f"optimizer state need {need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB free on "
+            f"{device}; choose a smaller model (loom describe --list)")
