@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -26,6 +27,12 @@ def loom(*args, cwd=None, check=True):
     (["train", "data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["generate", "/tmp"], "not a loom run directory"),
     (["describe", "gpt-7"], "not a known preset"),
+    (["describe", "gpt-tiny", "train.steps=3"], "model.key=value settings only"),
+    (["train", "model=gpt3-175b"], "more than the"),  # 2.8 TB of training state: refused up front
+    (["train", "train=3"], "'train' is a section of settings"),
+    (["train", "train.lr=nan"], "train.lr=nan must be a finite number"),
+    (["train", "train.device=cuda:7"], "CUDA device"),
+    (["plot", "/tmp"], "not a loom run directory"),
 ])
 def test_config_errors_are_one_line_and_exit_code_2(args, fragment, tmp_path):
     proc = loom(*args, cwd=tmp_path, check=False)
@@ -35,6 +42,52 @@ def test_config_errors_are_one_line_and_exit_code_2(args, fragment, tmp_path):
     assert lines[0].startswith("loom: error:") and fragment in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    loom("train", "model=gpt-tiny", "--data", str(tiny_corpus), "train.steps=2", "train.batch_size=2",
+         "train.eval_batches=1", f"train.run_dir={run}")
+    return run
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["generate", "RUN", "--top-p", "0"], "--top-p=0.0 must be in (0, 1]"),
+    (["generate", "RUN", "--top-k", "-5"], "--top-k=-5 must be >= 0"),
+    (["generate", "RUN", "--temperature", "-1"], "--temperature=-1.0 must be >= 0"),
+    (["generate", "RUN", "--max-new-tokens", "100000"], "leaves no room for a prompt"),
+    (["generate", "RUN", "--device", "tpu"], "--device='tpu' is not valid"),
+    (["eval", "RUN", "--batches", "-1"], "--batches=-1 must be >= 1"),
+    (["plot", "RUN", "--out", "/nonexistent/dir/x.png"], "No such file or directory"),
+    (["train", "--resume", "RUN", "model.n_embd=32"], "--resume keeps the run's model"),
+])
+def test_bad_flags_on_a_trained_run_are_one_line_and_exit_code_2(trained_run, args, fragment):
+    proc = loom(*[str(trained_run) if a == "RUN" else a for a in args], check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+
+
+def test_ctrl_c_stops_after_a_step_with_a_checkpoint_and_resume_finishes(tiny_corpus, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "loom", "train", "model=gpt-tiny", "--data", str(tiny_corpus), "train.steps=100000",
+           "train.batch_size=2", "train.log_every=1", "train.ckpt_every=0", "train.progress=log",
+           f"train.run_dir={run}"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    for line in proc.stderr:  # wait until it trains
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130
+    assert "stopped at step" in rest and "loom train --resume" in rest
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and not ckpts[0].endswith(".tmp")
+    stopped = int(ckpts[0].split("_")[1])
+    assert stopped >= 3
+    done = loom("train", "--resume", str(run), f"train.steps={stopped + 2}")
+    assert f"step {stopped + 2}/{stopped + 2}" in done.stderr
 
 
 def test_describe_a_200b_model_without_allocating_it():
