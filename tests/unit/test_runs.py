@@ -16,7 +16,9 @@ def test_explicit_run_dir_is_taken_as_given(tmp_path):
     assert new_run_dir(cfg) == tmp_path / "mine"
 
 
-@pytest.mark.parametrize("name, fragment", [("tpu", "is not valid"), ("cuda:99", "CUDA device"), ("meta", "is not valid")])
+@pytest.mark.parametrize("name, fragment", [
+    ("tpu", "is not valid"), ("cuda:99", "CUDA device"), ("meta", "is not valid"),
+])
 def test_devices_that_are_not_here_are_config_errors(name, fragment):
     with pytest.raises(ConfigError, match=fragment):
         resolve_device(name, key="--device")
