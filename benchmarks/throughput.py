@@ -1,6 +1,6 @@
 """Single-device training throughput: tokens/s and MFU of full optimizer steps.
 
-    python benchmarks/throughput.py                       # gpt2-124m at seq 1024 and gpt-mini, fp32
+    python benchmarks/throughput.py                       # gpt2-124m at seq 1024, gpt-mini and gpt-tiny, fp32
     python benchmarks/throughput.py --precision bf16 --batch-size 8 --device cuda
 
 Each step is forward + backward + AdamW on random tokens (the data pipeline is not measured).
@@ -65,7 +65,7 @@ def bench(preset: str, seq: int, batch: int, steps: int, warmup: int, device: to
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=["gpt2-124m:1024", "gpt-mini:256"],
+    p.add_argument("--cases", nargs="+", default=["gpt2-124m:1024", "gpt-mini:256", "gpt-tiny:64"],
                    help="PRESET:SEQ pairs")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 1 at seq>=1024, else 16)")
     p.add_argument("--steps", type=int, default=3)
