@@ -20,6 +20,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from loom.data.tokenizer import MIN_VOCAB_SIZE
 from loom.presets import DEFAULT_PRESET, PRESETS
 
 
@@ -92,8 +93,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-
-MIN_VOCAB_SIZE = 257  # a byte-level tokenizer's 256 bytes plus end-of-text
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("gpt", "pangu"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -104,6 +105,13 @@ def load_for_inference(run_dir: Path, device: str = "auto") -> tuple[Config, GPT
     model.eval()
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
     return cfg, model, tokenizer, checkpoint_step(ckpt)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` so that a reader (or a crash) sees the old content or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict:

@@ -42,14 +42,11 @@ from typing import Any
 import numpy as np
 
 from loom.data.corpus import DataError, corpus_files, iter_documents
-from loom.data.sampler import BatchSampler, eval_batches
 from loom.data.tokenizer import META_FILE as TOKENIZER_META_FILE
 from loom.data.tokenizer import Tokenizer, load_tokenizer, resolve_kind, train_tokenizer
 
 __all__ = [
-    "BatchSampler",
     "PreparedData",
-    "eval_batches",
     "prepare_data",
     "token_dtype",
     "tokenizer_fingerprint",

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
@@ -28,7 +27,7 @@ from loom.config import Config, ConfigError, config_to_yaml
 from loom.data import BatchSampler, PreparedData
 from loom.data.corpus import corpus_files
 from loom.models import GPT, build_model, count_params, flops_per_token, materialize
-from loom.runs import RunError, new_run_dir, prepare_run_data, read_json, resolve_device
+from loom.runs import RunError, new_run_dir, prepare_run_data, read_json, resolve_device, write_text_atomic
 from loom.train.checkpoint import (
     checkpoint_step,
     clear_partial_saves,
@@ -52,9 +51,10 @@ class Interval:
     steps: int = 0
     seconds: float = 0.0
     losses: list[torch.Tensor] = field(default_factory=list)
+    grad_norm: torch.Tensor | None = None  # of the last step
 
     def reset(self) -> None:
-        self.steps, self.seconds, self.losses = 0, 0.0, []
+        self.steps, self.seconds, self.losses, self.grad_norm = 0, 0.0, [], None
 
 
 class StopRequest:
@@ -161,7 +161,7 @@ class Trainer:
 
     def _timed_step(self, step: int) -> None:
         t0 = time.perf_counter()
-        loss, self._grad_norm = self.train_step(step)
+        loss, self.interval.grad_norm = self.train_step(step)
         if self.device.type == "cuda" and (step + 1) % self.cfg.train.log_every == 0:
             torch.cuda.synchronize(self.device)
         self.interval.seconds += time.perf_counter() - t0
@@ -179,7 +179,7 @@ class Trainer:
             "step": step,
             "loss": loss,
             "lr": lr_at(step - 1, t),
-            "grad_norm": self._grad_norm.item(),
+            "grad_norm": iv.grad_norm.item(),
             "tokens_per_s": tokens_per_s,
             "mfu": self.flops_per_token * tokens_per_s / self.peak,
             "elapsed_s": time.perf_counter() - started,
@@ -237,7 +237,7 @@ class Trainer:
             "skipped_steps": self.scaler.skipped_steps,
             **last_eval,
         }
-        _write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 
@@ -298,19 +298,13 @@ def check_data_fits(cfg: Config, data: PreparedData) -> None:
 
 
 def _write_run_files(cfg: Config, run_dir: Path, data: PreparedData, with_tokenizer: bool) -> None:
-    _write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
-    _write_text_atomic(run_dir / "data.json", json.dumps({**data.meta, "cache": str(data.dir)}, indent=2) + "\n")
+    write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
+    write_text_atomic(run_dir / "data.json", json.dumps({**data.meta, "cache": str(data.dir)}, indent=2) + "\n")
     if with_tokenizer:
         tok_dir = run_dir / "tokenizer"
         if tok_dir.exists():
             shutil.rmtree(tok_dir)
         data.tokenizer.save(tok_dir)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.data.dataset import cache_root
+from loom.runs import write_text_atomic
 from loom.train.precision import autocast
 
 # Dense peak FLOP/s from vendor datasheets, by a substring of torch.cuda.get_device_name().
@@ -54,9 +54,7 @@ def cpu_peak_flops(precision: str) -> float:
     if key not in table:
         table[key] = measure_matmul_flops(torch.device("cpu"), precision)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(table, indent=1))
     return table[key]
 
 
@@ -99,9 +97,7 @@ class MetricsFile:
         if truncate_after_step is not None and path.is_file():
             # a resumed run repeats the steps after its checkpoint: drop their old records
             kept = [r for r in read_metrics(path) if r.get("step", 0) <= truncate_after_step]
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._f = path.open("a")
 
     def write(self, record: dict) -> None:
