@@ -88,10 +88,32 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the devices are used; ``dp * tp * pp`` is the number of processes. Each field is one
+    dimension of the hybrid layout (docs/parallelism.md explains them)."""
+
+    dp: int = 1  # data-parallel replicas (each holds a slice of every batch)
+    tp: int = 1  # tensor (operator) parallel: each operator's weights split over tp devices
+    pp: int = 1  # pipeline stages
+    sp: bool = False  # sequence parallel: LayerNorm/dropout activations split along the sequence over tp
+    zero: int = 0  # 0 replicated | 1 optimizer state | 2 + gradients | 3 + parameters sharded over dp
+    shard_group: int = 0  # ZeRO shard group size; 0 = all of dp; a divisor < dp gives hybrid sharding
+    microbatches: int = 1  # pipeline micro-batches per optimizer step (per accumulation step)
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zero-bubble
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved and zero-bubble)
+    recompute: str = "none"  # none | selective | full
+    recompute_every: int = 1  # recompute every k-th block (1: all)
+    offload: str = "none"  # none | optimizer | params (host memory)
+    mesh_order: list[str] = field(default_factory=lambda: ["pp", "dp", "tp"])  # outer -> inner (fastest link)
+    strategies: dict[str, str] = field(default_factory=dict)  # module pattern -> shard strategy override
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -101,6 +123,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.progress": ("auto", "bar", "log", "none"),
+    "parallel.schedule": ("gpipe", "1f1b", "interleaved", "zero-bubble"),
+    "parallel.recompute": ("none", "selective", "full"),
+    "parallel.offload": ("none", "optimizer", "params"),
 }
 
 
@@ -179,7 +204,7 @@ def _explain(e: OmegaConfBaseException) -> str:
         where = f"under {section!r}" if section else "at the top level"
         return f"unknown key {key!r}; valid keys {where}: {', '.join(valid)}" + _did_you_mean(leaf, valid)
     first_line = (e.msg or str(e) or type(e).__name__).splitlines()[0]
-    section = re.search(r"subclass of (ModelConfig|DataConfig|TrainConfig)", first_line)
+    section = re.search(r"subclass of (ModelConfig|DataConfig|TrainConfig|ParallelConfig)", first_line)
     if not e.full_key and section:  # `train=3` or `train: 5` in a file
         name = section.group(1).removesuffix("Config").lower()
         return (f"{name!r} is a section of settings, not a value; set its keys instead "
@@ -214,6 +239,7 @@ def validate(cfg: Config) -> None:
                               + _did_you_mean(str(value), allowed))
     _validate_model(cfg.model)
     _validate_train(cfg.train)
+    _validate_parallel(cfg.parallel)
     if not 0.0 < cfg.data.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 0.5)")
 
@@ -266,3 +292,17 @@ def _validate_train(t: TrainConfig) -> None:
     _check("train.seed", t.seed, 0, 2**32 - 1)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device={t.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
+
+
+MESH_AXES = ("pp", "dp", "tp")
+
+
+def _validate_parallel(p: ParallelConfig) -> None:
+    """Ranges only; what depends on the model or the world size is checked by the plan."""
+    for name in ("dp", "tp", "pp", "microbatches", "virtual_stages", "recompute_every"):
+        _check(f"parallel.{name}", getattr(p, name), low=1)
+    _check("parallel.zero", p.zero, 0, 3)
+    _check("parallel.shard_group", p.shard_group, low=0)
+    if sorted(p.mesh_order) != sorted(MESH_AXES):
+        raise ConfigError(f"parallel.mesh_order={list(p.mesh_order)} must order each of {', '.join(MESH_AXES)} "
+                          "exactly once, outermost first (e.g. [pp, dp, tp]: tp inside a node)")

@@ -57,13 +57,25 @@ class GPT(nn.Module):
         ``cache.length`` and their keys and values are appended to it.
         """
         past = cache.length if cache is not None else 0
+        x = self.embed(idx, past)
+        for i, block in enumerate(self.layers.values()):
+            x = block(x, cache.layers[i] if cache is not None else None)
+        return self.head(x, past, cache)
+
+    # The forward pass in three parts, so that a pipeline stage can run the part it holds:
+    # embed (first stage) -> some blocks -> head (last stage).
+
+    def embed(self, idx: torch.Tensor, past: int = 0) -> torch.Tensor:
+        """Token ids (B, T) at positions ``past ..`` -> input hidden states (B, T, C)."""
         t = idx.size(1)
         if past + t > self.cfg.block_size:
             raise ValueError(f"sequence of {past + t} tokens exceeds block_size={self.cfg.block_size}")
         pos = torch.arange(past, past + t, device=idx.device)  # (T,)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        for i, block in enumerate(self.layers.values()):
-            x = block(x, cache.layers[i] if cache is not None else None)
+        return self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+
+    def head(self, x: torch.Tensor, past: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """Last hidden states (B, T, C) -> logits (B, T, vocab)."""
+        pos = torch.arange(past, past + x.size(1), device=x.device)  # (T,)
         x = self.ln_f(x)
         x = self.head_layer(x, pos, cache)
         return self.lm_head(x)  # (B, T, vocab)

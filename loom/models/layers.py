@@ -57,7 +57,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.n_embd
-        self.n_head = cfg.n_head
+        self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(d, d, bias=cfg.bias)
         self.k_proj = nn.Linear(d, d, bias=cfg.bias)
         self.v_proj = nn.Linear(d, d, bias=cfg.bias)
@@ -66,8 +66,10 @@ class Attention(nn.Module):
         self.attn_dropout = cfg.dropout
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        # The head count is read off the width, not the config: a tensor-parallel shard of the
+        # projections holds n_head / tp whole heads, and this code runs unchanged on it.
         b, t, _ = x.shape
-        return x.view(b, t, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+        return x.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """Queries from ``x_q`` (B, T, C), keys and values from ``x_kv`` (B, T, C).
@@ -75,7 +77,7 @@ class Attention(nn.Module):
         Query ``i`` attends to key positions ``<= past + i``, where ``past`` is the number of
         positions already in ``cache``.
         """
-        b, t, c = x_q.shape
+        b, t, _ = x_q.shape
         q, k, v = self._heads(self.q_proj(x_q)), self._heads(self.k_proj(x_kv)), self._heads(self.v_proj(x_kv))
         past = 0
         if cache is not None:
@@ -89,7 +91,7 @@ class Attention(nn.Module):
                 mask = torch.arange(past + t, device=q.device)[None, :] <= qpos  # (T, past + T)
         dropout = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, C)
         return self.resid_drop(self.out_proj(y))
 
 
