@@ -43,7 +43,7 @@ def bench(preset: str, seq: int, batch: int, steps: int, warmup: int, device: to
         scaler.scale(lm_loss(logits, x[:, 1:])).backward()
         scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt, norm, i)
+        scaler.step([opt], norm, i)
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

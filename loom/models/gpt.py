@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.models.layers import Block, KVCache, init_gpt_weights
+from loom.models.layers import Block, KVCache, gpt_initial_value, param_generator
 
 
 class GPT(nn.Module):
@@ -41,12 +41,18 @@ class GPT(nn.Module):
 
     # -- initialization ---------------------------------------------------------------------
 
+    def initial_value(self, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+        """The initial value of parameter ``name`` (full ``shape``, fp32, on the CPU): a function of
+        ``seed`` and ``name`` alone, so that every layout that splits the model initializes the
+        same numbers as one device does."""
+        return gpt_initial_value(self, name, shape, self.cfg.n_layer, param_generator(seed, name))
+
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Initialize every parameter from ``seed``; usable after ``to_empty`` from the meta device."""
         self.lm_head.weight = self.tok_emb.weight  # re-tie: to_empty() replaces parameters one by one
-        gen = torch.Generator(device=self.tok_emb.weight.device).manual_seed(seed)
-        init_gpt_weights(self, self.cfg.n_layer, gen)
+        for name, p in self.named_parameters():
+            p.copy_(self.initial_value(name, p.shape, seed))
 
     # -- forward ----------------------------------------------------------------------------
 

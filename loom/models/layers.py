@@ -8,6 +8,7 @@ query layer can take its query from a different input than its keys and values.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -124,18 +125,22 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def init_gpt_weights(model: nn.Module, n_layer: int, generator: torch.Generator) -> None:
-    """GPT-2 initialization: N(0, 0.02) weights, zero biases, unit LayerNorms, and the residual
-    output projections scaled by 1/sqrt(2 n_layer) (Radford et al. 2019, section 2.3)."""
-    std = 0.02
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            s = std / math.sqrt(2 * n_layer) if name.endswith(("out_proj", "mlp.proj")) else std
-            with torch.no_grad():
-                module.weight.normal_(0.0, s, generator=generator)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+def param_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator for one parameter, seeded by the run's seed and the parameter's name only:
+    the same numbers come out whatever else the model or its layout holds."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
+
+
+def gpt_initial_value(module: nn.Module, name: str, shape: torch.Size, n_layer: int,
+                      generator: torch.Generator) -> torch.Tensor:
+    """GPT-2 initialization of the parameter ``name`` of ``module``: N(0, 0.02) weights, zero biases,
+    unit LayerNorms, and the residual output projections scaled by 1/sqrt(2 n_layer) (Radford et al.
+    2019, section 2.3). Returns the full tensor (fp32, CPU)."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if isinstance(owner, nn.LayerNorm):
+        return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+    if leaf == "bias":
+        return torch.zeros(shape)
+    std = 0.02 / math.sqrt(2 * n_layer) if owner_name.endswith(("out_proj", "mlp.proj")) else 0.02
+    return torch.empty(shape).normal_(0.0, std, generator=generator)

@@ -12,6 +12,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import resource
 import shutil
 import signal
 import sys
@@ -24,9 +26,13 @@ import torch
 from tqdm import tqdm
 
 from loom.config import Config, ConfigError, config_to_yaml
-from loom.data import BatchSampler, PreparedData
+from loom.data import BatchSampler, PreparedData, eval_batches
 from loom.data.corpus import corpus_files
-from loom.models import GPT, build_model, count_params, flops_per_token, materialize
+from loom.models import build_model, count_params, flops_per_token
+from loom.parallel.launch import Process, barrier, broadcast_object, init_process
+from loom.parallel.mesh import all_reduce_sum, build_mesh, coordinates
+from loom.parallel.parallelize import ParallelModel, parallelize
+from loom.parallel.plan import check_plan, plan_from_config
 from loom.runs import RunError, new_run_dir, prepare_run_data, read_json, resolve_device, write_text_atomic
 from loom.train.checkpoint import (
     checkpoint_step,
@@ -35,11 +41,10 @@ from loom.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from loom.train.evaluate import evaluate, lm_loss
 from loom.train.memory import check_training_state_fits
 from loom.train.metrics import MetricsFile, peak_flops
 from loom.train.optim import build_optimizer, lr_at
-from loom.train.precision import LossScaler, autocast
+from loom.train.precision import LossScaler
 
 log = logging.getLogger("loom.train")
 
@@ -82,50 +87,87 @@ class StopRequest:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, data: PreparedData, resume: bool = False):
+    """One process's part of a training job: its share of the model under the plan, its slice of
+    every batch, and (on the coordinator, rank 0) the files and the progress the user sees.
+
+    ``run_dir=None`` trains in memory (no checkpoints, metrics or summary)."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None, data: PreparedData, resume: bool = False,
+                 process: Process | None = None, device: torch.device | None = None):
         self.cfg, self.run_dir, self.data = cfg, run_dir, data
         t = cfg.train
-        self.device = resolve_device(t.device)
+        self.process = process or Process()
+        self.device = device or resolve_device(t.device)
         if self.device.type == "cuda" and t.precision == "fp32":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls, the fp32 peak in the MFU table
-        self.peak = peak_flops(self.device, t.precision)
-        torch.manual_seed(t.seed)
-        self.model: GPT = materialize(build_model(cfg.model), self.device, t.seed)
-        self.optimizer = build_optimizer(self.model, t)
+        self.plan = plan_from_config(cfg.parallel)
+        self.peak = self._peak_flops()
+        mesh = build_mesh(self.plan, self.device.type) if self.process.world_size > 1 else None
+        self.coord = coordinates(mesh) if mesh is not None else None
+        torch.manual_seed(t.seed + (self.coord.dp * 7919 + self.coord.pp * 104729 if self.coord else 0))
+        self.model: ParallelModel = parallelize(build_model(cfg.model), self.plan, mesh, self.device,
+                                                t.precision, t.seed)
+        self.optimizers = [build_optimizer(m, t) for m in self.model.modules]
         self.scaler = LossScaler(self.device, t.precision)
         self.sampler = BatchSampler(data.train, cfg.model.block_size, t.batch_size, t.seed)
         self.interval = Interval()
         self.start_step = self._resume() if resume else 0
         self.flops_per_token = flops_per_token(cfg.model, cfg.model.block_size)
-        self.metrics = MetricsFile(run_dir / "metrics.jsonl", truncate_after_step=self.start_step)
-        mode = t.progress
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl", truncate_after_step=self.start_step) \
+            if run_dir is not None and self.process.is_coordinator else None
+        mode = t.progress if self.process.is_coordinator else "none"
         self.progress_mode = ("bar" if sys.stderr.isatty() else "log") if mode == "auto" else mode
+
+    def _peak_flops(self) -> float:
+        """The device's peak (measured once on a CPU, by the coordinator, then read from its cache)."""
+        if not self.process.is_coordinator:
+            barrier()
+        peak = peak_flops(self.device, self.cfg.train.precision)
+        if self.process.is_coordinator:
+            barrier()
+        return peak
 
     # -- one optimizer step --------------------------------------------------------------
 
+    def rows(self, micro_step: int) -> slice:
+        """This replica's rows of the global batch in accumulation micro-step ``micro_step``."""
+        t = self.cfg.train
+        micro = t.batch_size // t.grad_accum
+        per_replica = micro // self.plan.dp
+        first = micro_step * micro + (self.coord.dp if self.coord else 0) * per_replica
+        return slice(first, first + per_replica)
+
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over ``grad_accum`` micro-batches, then one optimizer step.
-        Returns the step's mean loss and the gradient norm before clipping (both unsynced)."""
+        Returns this rank's part of the step's mean loss (see :meth:`mean_over_replicas`) and the
+        global gradient norm before clipping."""
         t = self.cfg.train
         lr = lr_at(step, t)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        micro = t.batch_size // t.grad_accum
-        total = torch.zeros((), device=self.device)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        total = torch.zeros(2, device=self.device)  # (loss sum, 1 where this rank knows the loss)
         for i in range(t.grad_accum):
-            x, y = self.sampler.batch(step, rows=slice(i * micro, (i + 1) * micro))
+            x, y = self.sampler.batch(step, rows=self.rows(i))
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with autocast(self.device, t.precision):
-                logits = self.model(x)
-            loss = lm_loss(logits, y) / t.grad_accum
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
-        self.scaler.unscale_(self.optimizer)
-        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.scaler.step(self.optimizer, grad_norm, step)
-        self.optimizer.zero_grad(set_to_none=True)
+            loss = self.model.forward_backward(x, y, lambda v: self.scaler.scale(v / t.grad_accum),
+                                               last_micro_step=i == t.grad_accum - 1)
+            if loss is not None:
+                total += torch.stack([loss.float() / t.grad_accum, torch.ones((), device=self.device) / t.grad_accum])
+        self.model.after_backward()
+        for opt in self.optimizers:
+            self.scaler.unscale_(opt)
+        grad_norm = self.model.clip_grads_(t.grad_clip if t.grad_clip > 0 else math.inf)
+        self.scaler.step(self.optimizers, grad_norm, step)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         return total, grad_norm
+
+    def mean_over_replicas(self, parts: torch.Tensor) -> torch.Tensor:
+        """Losses as (..., 2) pairs (sum, count) from :meth:`train_step` -> the mean over the ranks
+        that know them (every replica's last pipeline stage): the global batch's mean loss."""
+        parts = all_reduce_sum(parts.clone())
+        return parts[..., 0] / parts[..., 1]
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -141,23 +183,31 @@ class Trainer:
                 done = step + 1
                 record = self._log_record(done, started) if done % t.log_every == 0 or done == t.steps else None
                 if done % t.eval_every == 0 or done == t.steps:
-                    last_eval = evaluate(self.model, self.data.val, self.cfg.model.block_size, t.batch_size,
-                                         t.eval_batches, self.device, t.precision)
+                    last_eval = self.evaluate()
                     record = {**(record or {"step": done}), **last_eval}
-                if record is not None:
+                if record is not None and self.metrics is not None:
                     self.metrics.write(record)
                     self._show(bar, record)
                 if bar is not None:
                     bar.update(1)
-                if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps or stop.requested:
+                stopping = self._agree(stop.requested)
+                if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps or stopping:
                     self.save(done)
-                if stop.requested:
-                    log.warning("stopped at step %d; continue with: loom train --resume %s", done, self.run_dir)
+                if stopping:
+                    if self.process.is_coordinator:
+                        log.warning("stopped at step %d; continue with: loom train --resume %s", done, self.run_dir)
                     break
         if bar is not None:
             bar.close()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         return self._summary(last_eval, time.perf_counter() - started, done)
+
+    def _agree(self, flag: bool) -> bool:
+        """Whether any rank asked to stop: all ranks stop after the same step."""
+        if self.process.world_size == 1:
+            return flag
+        return bool(all_reduce_sum(torch.tensor(float(flag), device=self.device)).item() > 0)
 
     def _timed_step(self, step: int) -> None:
         t0 = time.perf_counter()
@@ -171,7 +221,7 @@ class Trainer:
     def _log_record(self, step: int, started: float) -> dict:
         iv, t = self.interval, self.cfg.train
         tokens_per_s = iv.steps * t.batch_size * self.cfg.model.block_size / max(iv.seconds, 1e-9)
-        loss = torch.stack(iv.losses).mean().item()
+        loss = self.mean_over_replicas(torch.stack(iv.losses)).mean().item()
         if not math.isfinite(loss) and not self.scaler.enabled:
             raise RunError(f"training diverged: the loss is {loss} at step {step}; lower train.lr "
                            f"(now {t.lr:g}) or set train.grad_clip, and resume from the last checkpoint")
@@ -181,41 +231,101 @@ class Trainer:
             "lr": lr_at(step - 1, t),
             "grad_norm": iv.grad_norm.item(),
             "tokens_per_s": tokens_per_s,
-            "mfu": self.flops_per_token * tokens_per_s / self.peak,
+            "mfu": self.flops_per_token * tokens_per_s / (self.peak * self.process.world_size),
             "elapsed_s": time.perf_counter() - started,
+            "mem_peak_mb": self._peak_memory_mb(),
         }
+        if self.process.world_size > 1:
+            record["layout"] = self.plan.describe()
         if self.scaler.enabled:
             record["loss_scale"] = self.scaler.loss_scale
             record["skipped_steps"] = self.scaler.skipped_steps
         iv.reset()
         return record
 
+    def _peak_memory_mb(self) -> list[float]:
+        """Peak memory of every rank in MiB: allocated device memory on a GPU, the process's
+        resident set on a CPU."""
+        if self.device.type == "cuda":
+            mine = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        every = torch.zeros(self.process.world_size, device=self.device)
+        every[self.process.rank] = mine
+        return [round(v, 1) for v in all_reduce_sum(every).tolist()]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-weighted mean loss over the first ``eval_batches`` batches of the validation
+        split; each replica scores its rows of every batch."""
+        t = self.cfg.train
+        self.model.train(False)
+        parts = torch.zeros(2, device=self.device)  # (sum of losses × tokens, tokens) on ranks that know
+        split = self.plan.dp * (self.plan.microbatches if self.plan.pp > 1 else 1)
+        for x, y in eval_batches(self.data.val, self.cfg.model.block_size, t.batch_size, t.eval_batches):
+            n = x.size(0) - x.size(0) % split  # every replica needs whole (micro-)batches
+            if n == 0:
+                continue
+            per = n // self.plan.dp
+            first = (self.coord.dp if self.coord else 0) * per
+            xs, ys = x[first:first + per].to(self.device), y[first:first + per].to(self.device)
+            loss = self.model.loss(xs, ys)
+            if loss is not None:
+                parts += torch.stack([loss.float() * ys.numel(), torch.tensor(float(ys.numel()), device=self.device)])
+        self.model.train(True)
+        parts = all_reduce_sum(parts)
+        if parts[1] == 0:
+            raise ValueError("evaluation saw no tokens: the validation split is shorter than one sequence")
+        loss = (parts[0] / parts[1]).item()
+        tokens = int(parts[1].item()) // self._loss_holders()
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
+
+    def _loss_holders(self) -> int:
+        """Ranks of one replica that report a loss: its tensor-parallel ranks on the last stage."""
+        return self.plan.tp
+
     # -- checkpoints ---------------------------------------------------------------------
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> Path | None:
+        if self.run_dir is None:
+            return None
         state = {
             "step": step,
-            "rng_cpu": torch.get_rng_state(),
             "scaler": self.scaler.state_dict(),
             # losses of steps not yet logged, so the first record after a resume averages the same steps
-            "pending_losses": torch.stack(self.interval.losses) if self.interval.losses else torch.zeros(0),
+            "pending_losses": (self.mean_over_replicas(torch.stack(self.interval.losses)).cpu()
+                               if self.interval.losses else torch.zeros(0)),
         }
+        return save_checkpoint(self.run_dir, step, self.model.modules, self.optimizers, state,
+                               self.cfg.train.keep_checkpoints, rng=self._rng_state())
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        return save_checkpoint(self.run_dir, step, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints)
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
 
     def _resume(self) -> int:
-        clear_partial_saves(self.run_dir)
+        if self.run_dir is None:
+            return 0
+        if self.process.is_coordinator:
+            clear_partial_saves(self.run_dir)
+        barrier()
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             log.info("no checkpoint in %s yet: starting from step 0", self.run_dir)
             return 0
-        state = load_checkpoint(ckpt, self.model, self.optimizer)
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        state, rng = load_checkpoint(ckpt, self.model.modules, self.optimizers, rng_keys=self._rng_state().keys())
+        if rng:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        else:
+            log.info("the checkpoint was saved under another layout: random state (dropout) starts afresh")
         self.scaler.load_state_dict(state["scaler"])
-        self.interval.losses = [x.to(self.device) for x in state.get("pending_losses", torch.zeros(0))]
+        pending = state.get("pending_losses", torch.zeros(0)).to(self.device)
+        # as (sum, count) pairs from every rank, which mean_over_replicas turns back into the same values
+        self.interval.losses = [torch.stack([v, torch.ones((), device=self.device)]) for v in pending]
         log.info("resumed from %s (step %d)", ckpt, checkpoint_step(ckpt))
         return int(state["step"])
 
@@ -231,13 +341,16 @@ class Trainer:
         summary = {
             "steps": done,
             "finished": done >= self.cfg.train.steps,
-            "params": count_params(self.model),
+            "params": count_params(build_model(self.cfg.model)),
             "unigram_entropy_nats": self.data.meta.get("unigram_entropy_nats"),
             "train_seconds": seconds,
             "skipped_steps": self.scaler.skipped_steps,
             **last_eval,
         }
-        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.process.world_size > 1:
+            summary["layout"] = self.plan.describe()
+        if self.run_dir is not None and self.process.is_coordinator:
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 
@@ -257,33 +370,70 @@ def _fmt(r: dict) -> str:
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
-    """Train ``cfg`` in ``run_dir`` (continuing its newest checkpoint when ``resume``)."""
-    device = resolve_device(cfg.train.device)  # fail before any work if the device is not there
-    check_training_state_fits(cfg, device)
+    """Train ``cfg`` in ``run_dir`` (continuing its newest checkpoint when ``resume``).
+
+    Every process of a job calls this with the same config; the coordinator (rank 0) makes the
+    run directory and prepares the data first, the others follow."""
+    process, device = init_process(cfg.train.device)  # fail before any work if the device is not there
+    if not process.is_coordinator:
+        logging.getLogger("loom").setLevel(logging.WARNING)  # one voice: rank 0's
+    plan = plan_from_config(cfg.parallel)
+    check_plan(plan, cfg, process.world_size)
+    check_training_state_fits(cfg, device, plan, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     corpus_files(cfg.data.path)  # a wrong data.path fails before a run directory is made
+    run_dir = Path(_on_coordinator(process, _make_run_dir, cfg, run_dir, resume))
+    with _log_to_file(run_dir / "train.log") if process.is_coordinator else contextlib.nullcontext():
+        tok_dir = run_dir / "tokenizer" if resume else None
+        data = _on_coordinator(process, prepare_run_data, cfg, tok_dir, share=False)
+        if not process.is_coordinator:
+            data = prepare_run_data(cfg, tok_dir)  # the coordinator has filled the cache
+        check_data_fits(cfg, data)
+        trainer = Trainer(cfg, run_dir, data, resume=resume, process=process, device=device)
+        if process.is_coordinator:
+            _write_run_files(cfg, run_dir, data, with_tokenizer=not resume)  # only once the checkpoint loaded
+        if trainer.start_step >= cfg.train.steps:
+            log.info("%s is already trained to step %d of train.steps=%d; to go further, resume with "
+                     "train.steps=N", run_dir, trainer.start_step, cfg.train.steps)
+            return read_json(run_dir / "summary.json")
+        log.info("run %s: %s, %.2fM parameters, %d steps of %d tokens, %s on %s%s", run_dir, cfg.model.preset,
+                 count_params(build_model(cfg.model)) / 1e6, cfg.train.steps,
+                 cfg.train.batch_size * cfg.model.block_size, cfg.train.precision, device,
+                 f", {process.world_size} processes: {plan.describe()}" if process.world_size > 1 else "")
+        summary = trainer.run()
+        if summary["finished"]:
+            log.info("done: val loss %.3f (perplexity %.1f) against a unigram entropy of %.3f nats; %s",
+                     summary["val_loss"], summary["val_ppl"], summary["unigram_entropy_nats"] or math.nan, run_dir)
+        if process.is_coordinator:
+            _plot(run_dir)
+        barrier()
+        return summary
+
+
+def _make_run_dir(cfg: Config, run_dir: Path | None, resume: bool) -> str:
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise RunError(f"{str(run_dir)!r} already holds a run with checkpoints; continue it with "
                        f"`loom train --resume {run_dir}` or choose another train.run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _log_to_file(run_dir / "train.log"):
-        data = prepare_run_data(cfg, run_dir / "tokenizer" if resume else None)
-        check_data_fits(cfg, data)
-        trainer = Trainer(cfg, run_dir, data, resume=resume)
-        _write_run_files(cfg, run_dir, data, with_tokenizer=not resume)  # only once the checkpoint loaded
-        if trainer.start_step >= cfg.train.steps:
-            log.info("%s is already trained to step %d of train.steps=%d; to go further, resume with "
-                     "train.steps=N", run_dir, trainer.start_step, cfg.train.steps)
-            return read_json(run_dir / "summary.json")
-        log.info("run %s: %s, %.2fM parameters, %d steps of %d tokens, %s on %s", run_dir, cfg.model.preset,
-                 count_params(trainer.model) / 1e6, cfg.train.steps, cfg.train.batch_size * cfg.model.block_size,
-                 cfg.train.precision, trainer.device)
-        summary = trainer.run()
-        if summary["finished"]:
-            log.info("done: val loss %.3f (perplexity %.1f) against a unigram entropy of %.3f nats; %s",
-                     summary["val_loss"], summary["val_ppl"], summary["unigram_entropy_nats"] or math.nan, run_dir)
-        _plot(run_dir)
-        return summary
+    return str(run_dir)
+
+
+def _on_coordinator(process: Process, fn, *args, share: bool = True):
+    """``fn(*args)`` on rank 0; its result (``share``) or its error reaches every rank, so that a
+    bad run directory or corpus stops all processes with the same message instead of a hang."""
+    result, error = None, None
+    if process.is_coordinator:
+        try:
+            result = fn(*args)
+        except Exception as e:  # re-raised below on every rank
+            error = e
+    if process.world_size > 1:
+        error = broadcast_object(error)
+        if share and error is None:
+            result = broadcast_object(result)
+    if error is not None:
+        raise error
+    return result
 
 
 def check_data_fits(cfg: Config, data: PreparedData) -> None:

@@ -39,13 +39,15 @@ class LossScaler:
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, step: int) -> bool:
+    def step(self, optimizers: list[torch.optim.Optimizer], grad_norm: torch.Tensor, step: int) -> bool:
         """Step unless the unscaled gradients hold inf/NaN (seen in ``grad_norm``); returns
         whether the step was applied. A skipped step is logged with the new loss scale."""
         if not self.enabled:
-            optimizer.step()
+            for opt in optimizers:
+                opt.step()
             return True
-        self.scaler.step(optimizer)
+        for opt in optimizers:
+            self.scaler.step(opt)
         old = self.scaler.get_scale()
         self.scaler.update()
         applied = bool(torch.isfinite(grad_norm))

@@ -104,19 +104,19 @@ def test_resuming_a_finished_run_changes_nothing(tiny_config, tmp_path):
 def test_fp16_run_skips_a_step_with_injected_inf_and_says_so(tiny_config, tmp_path, monkeypatch, caplog):
     import loom.train.loop as loop
 
-    real_materialize = loop.materialize
+    real_parallelize = loop.parallelize
     calls = {"n": 0}
 
     def poison_second_backward(grad):
         calls["n"] += 1
         return torch.full_like(grad, float("inf")) if calls["n"] == 2 else grad
 
-    def materialize_with_hook(model, device, seed):
-        model = real_materialize(model, device, seed)
-        model.layers["0"].mlp.fc.weight.register_hook(poison_second_backward)
-        return model
+    def parallelize_with_hook(*args):
+        pm = real_parallelize(*args)
+        pm.modules[0].layers["0"].mlp.fc.weight.register_hook(poison_second_backward)
+        return pm
 
-    monkeypatch.setattr(loop, "materialize", materialize_with_hook)
+    monkeypatch.setattr(loop, "parallelize", parallelize_with_hook)
     run = tmp_path / "run"
     with caplog.at_level("WARNING", logger="loom.train"):
         summary = train(tiny_config("train.precision=fp16", "train.steps=3", "train.eval_every=3", run_dir=run), run)

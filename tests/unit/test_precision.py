@@ -14,7 +14,7 @@ def step_with(scaler, model, opt, grad_value, step):
         model.weight.grad.fill_(grad_value)  # inject an overflow into the gradients
     scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-    applied = scaler.step(opt, norm, step)
+    applied = scaler.step([opt], norm, step)
     opt.zero_grad(set_to_none=True)
     return applied
 

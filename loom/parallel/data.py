@@ -1,0 +1,51 @@
+"""Data parallelism and ZeRO (Rajbhandari et al. 2020) through FSDP2's ``fully_shard``.
+
+Every replica runs the whole (stage of the) model on its slice of the batch; gradients are averaged
+over the dp ranks, so the step equals one device's step on the whole batch. What each rank keeps:
+
+    zero=0  everything replicated; gradients all-reduced            (DDP)
+    zero=1  optimizer state sharded; full gradients kept over accumulation micro-steps and
+            reduce-scattered once per step; parameters all-gathered after the update
+    zero=2  gradients reduce-scattered every micro-step as well
+    zero=3  parameters sharded at rest too, gathered for each block's forward and backward
+
+All four are one mechanism: ``fully_shard`` over the 2-D mesh ``dp_replicate × dp_shard`` with
+``dp_shard = 1`` for zero=0 and ``dp_shard = shard_group`` otherwise (hybrid sharding when the
+shard group is smaller than dp). Each block is its own communication bucket, so its all-reduce or
+reduce-scatter runs while the previous block's backward computes (overlap). The embedding and the
+head stay in the root group, which keeps a tied embedding/output weight one parameter.
+
+Mixed precision (``param_dtype``): blocks compute and all-gather in bf16/fp16 while the sharded
+fp32 parameters are the master weights and gradients are reduced in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+
+def apply_data_parallel(module: nn.Module, dp_mesh: DeviceMesh, zero: int, param_dtype: torch.dtype | None,
+                        offload: bool = False) -> None:
+    """Shard (or replicate) ``module`` over ``dp_mesh`` (dims ``dp_replicate, dp_shard``), in place.
+    ``module.layers`` is a ModuleDict of blocks, each made its own group."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+    reshard = zero == 3
+    for block in module.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=policy)
+    top = getattr(module, "top_query_layer", None)
+    if top is not None:
+        fully_shard(top, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=policy)
+    fully_shard(module, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=policy)
+
+
+def set_gradient_sync(modules: list[nn.Module], zero: int, last_micro_step: bool) -> None:
+    """Before each accumulation micro-step: ZeRO-0/1 keep full local gradients and communicate
+    once, on the last micro-step; ZeRO-2/3 reduce-scatter every micro-step so that only a shard of
+    the gradient is ever kept."""
+    for m in modules:
+        if isinstance(m, FSDPModule):
+            m.set_requires_gradient_sync(last_micro_step or zero >= 2)

@@ -1,0 +1,76 @@
+"""Starting processes and joining them into one job.
+
+``loom train --nproc N`` starts N local workers through PyTorch's elastic launcher (the machinery
+behind ``torchrun``); multi-node jobs start ``torchrun ... -m loom train ...`` on every node. Either
+way each worker finds RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address in its environment
+and joins the default process group here: NCCL when it drives a GPU, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import uuid
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from loom.runs import resolve_device
+
+
+@dataclass(frozen=True)
+class Process:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_process(device_name: str) -> tuple[Process, torch.device]:
+    """Join the job described by the environment (if any) and pick this process's device."""
+    world = env_world_size()
+    if world == 1 and not dist.is_initialized():
+        return Process(), resolve_device(device_name)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
+    return Process(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (unchanged on one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def launch_local(nproc: int, entrypoint, *args) -> dict:
+    """Run ``entrypoint(*args)`` in ``nproc`` local worker processes joined by a local rendezvous;
+    returns each local rank's return value. A failed worker raises ``ChildFailedError``."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn")
+    return elastic_launch(config, entrypoint)(*args)

@@ -1,0 +1,214 @@
+"""The one place that applies a :class:`Plan` to a model, in a fixed order (as torchtitan does):
+
+    pipeline split -> tensor/sequence parallel -> recomputation -> data parallel / ZeRO
+    -> allocate on the device -> initialize each parameter (or its shard) from the seed
+
+The model arrives on the meta device, written for one device; what comes back is a
+:class:`ParallelModel`: this rank's part(s) of it, and the operations the training loop needs
+(forward+backward of a batch, the loss for evaluation, the global gradient norm) done the same way
+under every layout. Parameters are initialized by name (``model.initial_value``) after sharding,
+so every layout starts from the single-device weights without ever holding the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from loom.models import GPT
+from loom.parallel.data import apply_data_parallel, set_gradient_sync
+from loom.parallel.mesh import is_distributed
+from loom.parallel.plan import Plan
+from loom.parallel.recompute import apply_recompute
+from loom.train.evaluate import lm_loss
+from loom.train.precision import DTYPES, autocast
+
+LossScale = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ParallelModel:
+    """This rank's share of a model under a plan."""
+
+    plan: Plan
+    mesh: DeviceMesh | None
+    device: torch.device
+    precision: str
+    modules: list[nn.Module]  # one per pipeline stage held here (one when pp=1)
+    pipeline: object | None = None  # loom.parallel.pipeline.Pipeline
+    loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # names of parameters held by two ranks of the pipeline (the tied embedding): counted once in norms
+    shared_across_stages: frozenset[str] = frozenset()
+    _scale: list = field(default_factory=lambda: [lambda loss: loss])
+
+    # -- parameters ------------------------------------------------------------------------
+
+    def named_parameters(self):
+        seen = set()
+        for m in self.modules:
+            for name, p in m.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield name, p
+
+    def parameters(self):
+        return (p for _, p in self.named_parameters())
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules:
+            m.train(mode)
+
+    # -- a step ----------------------------------------------------------------------------
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: LossScale, last_micro_step: bool = True
+                         ) -> torch.Tensor | None:
+        """Forward and backward of this replica's batch ``x, y`` (B, T); gradients accumulate as
+        those of ``scale(mean loss)``. Returns the detached mean loss where it is known (every rank
+        without a pipeline, the last stage's ranks with one), else None."""
+        set_gradient_sync(self.modules, self.plan.zero, last_micro_step)
+        if self.pipeline is not None:
+            self._scale[0] = scale
+            with autocast(self.device, self.precision):
+                return self.pipeline.step(x, y)
+        with autocast(self.device, self.precision):
+            logits = self.modules[0](x)
+        with self.loss_context():
+            loss = lm_loss(logits, y)
+            scale(loss).backward()
+        return _local(loss.detach())
+
+    @torch.no_grad()
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Mean loss of ``x, y`` without gradients (evaluation), where it is known."""
+        if self.pipeline is not None:
+            with autocast(self.device, self.precision):
+                return self.pipeline.eval(x, y)
+        with autocast(self.device, self.precision):
+            logits = self.modules[0](x)
+        with self.loss_context():
+            return _local(lm_loss(logits, y))
+
+    def pipeline_loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The per-micro-batch loss the pipeline schedule differentiates."""
+        with self.loss_context():
+            return self._scale[0](lm_loss(logits, y))
+
+    def after_backward(self) -> None:
+        """Gradients every rank must agree on before the optimizer step (the tied embedding)."""
+        if self.pipeline is not None:
+            self.pipeline.sync_tied_grads()
+
+    # -- the global gradient norm ------------------------------------------------------------
+
+    def grad_norm(self) -> torch.Tensor:
+        """The 2-norm of the whole model's gradient, the same number one device would compute.
+
+        Each rank adds the squares of the gradient it holds, weighted by the share of that piece's
+        copies it stands for: a piece split over the tensor or ZeRO group is counted by its holder;
+        a piece replicated over ``c`` ranks is counted 1/c by each. One all-reduce adds them up."""
+        stage_ranks = self.plan.world_size // self.plan.pp
+        total = torch.zeros((), device=self.device, dtype=torch.float32)
+        for name, p in self.named_parameters():
+            if p.grad is None:
+                continue
+            g = p.grad
+            distinct = 1
+            if isinstance(g, DTensor):
+                mesh = g.device_mesh
+                distinct = math.prod(mesh.size(i) for i, pl in enumerate(g.placements) if isinstance(pl, Shard))
+                g = g.to_local()
+            copies = stage_ranks / distinct * (2 if name in self.shared_across_stages else 1)
+            total += g.detach().float().pow(2).sum() / copies
+        if is_distributed():
+            dist.all_reduce(total)
+        return total.sqrt()
+
+    def clip_grads_(self, max_norm: float) -> torch.Tensor:
+        """Scale gradients so that their global norm is at most ``max_norm`` (as
+        ``torch.nn.utils.clip_grad_norm_``); returns the norm before clipping."""
+        norm = self.grad_norm()
+        if math.isfinite(max_norm):
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in self.parameters():
+                if p.grad is not None:
+                    g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                    g.mul_(coef)
+        return norm
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.device, precision: str,
+                seed: int) -> ParallelModel:
+    """Apply ``plan`` to the meta-device ``model`` on ``mesh`` and initialize it from ``seed``."""
+    pm = ParallelModel(plan=plan, mesh=mesh, device=device, precision=precision, modules=[model])
+    if mesh is None or plan.world_size == 1:
+        apply_recompute(model.layers, plan.recompute, plan.recompute_every)
+        _materialize(pm.modules, device, seed)
+        return pm
+
+    if plan.pp > 1:
+        from loom.parallel.pipeline import build_pipeline
+
+        pipe = build_pipeline(model, mesh["pp"], schedule=plan.schedule, microbatches=plan.microbatches,
+                              virtual_stages=plan.virtual_stages, loss_fn=pm.pipeline_loss_fn, device=device)
+        pm.pipeline, pm.modules = pipe, list(pipe.modules)
+        pm.shared_across_stages = frozenset(getattr(pipe, "shared_across_ranks", ()))
+
+    if plan.tp > 1:
+        from loom.models.plans import strategy_table
+        from loom.parallel.strategy import resolve_strategies
+        from loom.parallel.tensor import apply_tensor_parallel, loss_context
+
+        for m in pm.modules:
+            strategies = resolve_strategies(m, strategy_table(model.cfg.arch), dict(plan.strategies), plan.tp, plan.dp)
+            apply_tensor_parallel(m, mesh["tp"], strategies, plan.sp)
+        head = [m for m in pm.modules if getattr(m, "lm_head", None) is not None]
+        if head:
+            pm.loss_context = lambda: loss_context(head[0])
+
+    for m in pm.modules:
+        apply_recompute(m.layers, plan.recompute, plan.recompute_every)
+
+    if plan.dp > 1:
+        param_dtype = None if precision == "fp32" else DTYPES[precision]
+        for m in pm.modules:
+            apply_data_parallel(m, mesh["dp_replicate", "dp_shard"], plan.zero, param_dtype,
+                                offload=plan.offload != "none")
+    _materialize(pm.modules, device, seed, offload=plan.offload != "none")
+    return pm
+
+
+@torch.no_grad()
+def _materialize(modules: list[nn.Module], device: torch.device, seed: int, offload: bool = False) -> None:
+    """Allocate each module's (sharded) parameters and fill them with the single-device initial
+    values: every rank computes a parameter's full initial value and keeps its own slice."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for m in modules:
+        tied = getattr(m, "tok_emb", None) is not None and getattr(m, "lm_head", None) is not None \
+            and m.lm_head.weight is m.tok_emb.weight
+        m.to_empty(device="cpu" if offload else device)
+        if tied and m.lm_head.weight is not m.tok_emb.weight:
+            m.lm_head.weight = m.tok_emb.weight
+        for name, p in m.named_parameters():
+            full = m.initial_value(name, p.shape, seed)
+            if isinstance(p, DTensor):
+                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                piece = full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+                p.to_local().copy_(piece)
+            else:
+                p.copy_(full)

@@ -1,0 +1,130 @@
+"""A Plan: the layout of one training job as frozen, serializable data.
+
+The config (or, later, the planner) makes a Plan; only :mod:`loom.parallel.parallelize` reads it.
+Everything that can be said about a layout without starting a process is checked here, so that a
+layout that cannot work is one line and exit code 2 before anything launches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from loom.config import Config, ConfigError, ParallelConfig
+
+# One process per device; its coordinate on each axis. dp is split in two mesh dimensions so that
+# hybrid sharding (shard inside a group, replicate across groups) is the same code as plain ZeRO.
+AXES = ("pp", "dp", "tp")
+
+
+@dataclass(frozen=True)
+class Plan:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    sp: bool = False
+    zero: int = 0
+    shard_group: int = 1  # ranks that share one ZeRO shard (1 when zero=0; dp unless hybrid)
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    recompute: str = "none"
+    recompute_every: int = 1
+    offload: str = "none"
+    mesh_order: tuple[str, ...] = ("pp", "dp", "tp")  # outermost first; the last shares the fastest link
+    strategies: tuple[tuple[str, str], ...] = ()  # (module pattern, strategy) overrides, in order
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def dp_replicate(self) -> int:
+        return self.dp // self.shard_group
+
+    def describe(self) -> str:
+        """A short human-readable layout, e.g. ``dp=2 tp=2 zero=1 sp``."""
+        parts = [f"{a}={getattr(self, a)}" for a in ("dp", "tp", "pp") if getattr(self, a) > 1] or ["single"]
+        if self.zero:
+            parts.append(f"zero={self.zero}" + (f"/shard{self.shard_group}" if self.dp_replicate > 1 else ""))
+        if self.sp:
+            parts.append("sp")
+        if self.pp > 1:
+            parts.append(f"{self.schedule}x{self.microbatches}" + (f"v{self.virtual_stages}"
+                                                                  if self.virtual_stages > 1 else ""))
+        if self.recompute != "none":
+            parts.append(f"recompute={self.recompute}" + (f"/{self.recompute_every}"
+                                                          if self.recompute_every > 1 else ""))
+        if self.offload != "none":
+            parts.append(f"offload={self.offload}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mesh_order"] = list(self.mesh_order)
+        d["strategies"] = dict(self.strategies)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"plan has unknown fields {unknown}; valid: {', '.join(sorted(known))}")
+        d = dict(d)
+        if "mesh_order" in d:
+            d["mesh_order"] = tuple(d["mesh_order"])
+        if "strategies" in d:
+            d["strategies"] = tuple(dict(d["strategies"]).items())
+        return cls(**d)
+
+
+def plan_from_config(p: ParallelConfig) -> Plan:
+    shard = (p.shard_group or p.dp) if p.zero else 1
+    return Plan(dp=p.dp, tp=p.tp, pp=p.pp, sp=p.sp, zero=p.zero, shard_group=shard,
+                microbatches=p.microbatches, schedule=p.schedule, virtual_stages=p.virtual_stages,
+                recompute=p.recompute, recompute_every=p.recompute_every, offload=p.offload,
+                mesh_order=tuple(p.mesh_order), strategies=tuple(p.strategies.items()))
+
+
+def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
+    """Raise :class:`ConfigError` on the first reason ``plan`` cannot train ``cfg`` on
+    ``world_size`` processes. Needs no process group and allocates nothing."""
+    from loom.parallel.pipeline import check_pipeline
+    from loom.parallel.strategy import check_divisible
+
+    if world_size is not None and world_size != plan.world_size:
+        raise ConfigError(f"parallel.dp × parallel.tp × parallel.pp = {plan.dp} × {plan.tp} × {plan.pp} = "
+                          f"{plan.world_size}, but {world_size} processes were started; make the product "
+                          f"equal the number of processes (e.g. --nproc {plan.world_size})")
+    if plan.zero and plan.dp % plan.shard_group:
+        raise ConfigError(f"parallel.shard_group={plan.shard_group} does not divide parallel.dp={plan.dp}; "
+                          "choose a divisor of dp (hybrid sharding: shard inside groups, replicate across)")
+    if plan.sp and plan.tp == 1:
+        raise ConfigError("parallel.sp=true splits activations over the tensor-parallel group; set parallel.tp>1")
+    if plan.sp and cfg.model.block_size % plan.tp:
+        raise ConfigError(f"parallel.sp=true splits the sequence over parallel.tp={plan.tp} ranks, but "
+                          f"model.block_size={cfg.model.block_size} is not divisible by it")
+    if plan.offload != "none":
+        if plan.dp == 1 or plan.zero == 0:
+            raise ConfigError(f"parallel.offload={plan.offload} keeps the ZeRO-sharded optimizer state in host "
+                              "memory; it needs parallel.zero>=1 and parallel.dp>1")
+        if plan.offload == "params" and plan.zero != 3:
+            raise ConfigError("parallel.offload=params streams sharded parameters from host memory; "
+                              f"it needs parallel.zero=3 (now {plan.zero})")
+    t = cfg.train
+    per_step = t.batch_size // t.grad_accum
+    if per_step % plan.dp:
+        raise ConfigError(f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} = {per_step} "
+                          f"sequences per micro-step cannot be split over parallel.dp={plan.dp} replicas; "
+                          f"make it a multiple of {plan.dp}")
+    check_divisible(cfg.model, plan.tp)
+    if plan.pp > 1 or plan.virtual_stages > 1:
+        check_pipeline(cfg.model, plan.pp, plan.virtual_stages, plan.schedule, plan.microbatches,
+                       per_step // plan.dp)
+    elif plan.microbatches > 1:
+        raise ConfigError(f"parallel.microbatches={plan.microbatches} splits each batch for a pipeline; "
+                          "with parallel.pp=1 use train.grad_accum for micro-batches")
