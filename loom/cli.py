@@ -1,4 +1,4 @@
-"""``loom`` on the command line: train | generate | eval | plot | describe.
+"""``loom`` on the command line: train | generate | eval | export | plot | describe.
 
 Configuration errors are one line on stderr and exit code 2, before any work starts.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
     t.add_argument("--data", metavar="PATH", help="your corpus: .txt/.jsonl/.md/.py files or folders "
                    "(same as data.path=PATH; default: the Python standard library)")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="start N local processes (one per device) for a parallel layout; parallel.dp defaults "
+                   "to N / (tp × pp). Multi-node: torchrun ... -m loom train ...")
 
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("run_dir")
@@ -64,6 +68,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--batches", type=int, default=None, help="validation batches (default: train.eval_batches)")
     e.add_argument("--device", default="auto")
+
+    x = sub.add_parser("export", help="write a trained run's weights as one layout-free safetensors file")
+    x.add_argument("run_dir")
+    x.add_argument("--out", help="where to write it (default: RUN_DIR/model.safetensors)")
 
     pl = sub.add_parser("plot", help="draw the loss curve of a run to RUN_DIR/loss.png")
     pl.add_argument("run_dir")
@@ -100,18 +108,79 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_train(args) -> int:
     from loom.config import load_config
     from loom.runs import load_resume_config
-    from loom.train.loop import train
 
     overrides = [*args.overrides, *([f"data.path={args.data}"] if args.data else [])]
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run's own config.yaml; pass changes as key=value overrides")
         cfg = load_resume_config(Path(args.resume), overrides)
-        summary = train(cfg, Path(args.resume), resume=True)
     else:
         cfg = load_config(args.config, overrides)
-        summary = train(cfg)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc={args.nproc} must be at least 1")
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _launch_train(cfg, args.nproc, args.resume)
+    return _run_train(cfg, args.resume)
+
+
+def _run_train(cfg, resume: str | None) -> int:
+    from loom.train.loop import train
+
+    summary = train(cfg, Path(resume), resume=True) if resume else train(cfg)
     return 0 if summary.get("finished", True) else 130  # 130: stopped by Ctrl-C, checkpoint saved
+
+
+def _launch_train(cfg, nproc: int, resume: str | None) -> int:
+    """Check everything that can be checked here, then start ``nproc`` workers."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from loom.parallel.launch import launch_local
+    from loom.parallel.plan import check_plan, plan_from_config
+    from loom.runs import resolve_device
+    from loom.train.loop import resolve_data_parallel
+    from loom.train.memory import check_training_state_fits
+
+    cfg = resolve_data_parallel(cfg, nproc)
+    plan = plan_from_config(cfg.parallel)
+    check_plan(plan, cfg, nproc)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and torch_device_count() < nproc:
+        raise ConfigError(f"--nproc {nproc} needs {nproc} GPUs; this machine has {torch_device_count()}")
+    check_training_state_fits(cfg, device, plan, local_processes=nproc)
+    try:
+        results = launch_local(nproc, _train_worker, cfg, resume)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if codes == {2}:  # a user error: the coordinator has printed it
+            return 2
+        print(f"loom: error: {len(e.failures)} of {nproc} processes failed:\n{e.format_msg()}", file=sys.stderr)
+        return 1
+    return max(results.values())
+
+
+def _train_worker(cfg, resume: str | None) -> int:
+    """One process of a local job (started by the elastic launcher)."""
+    _setup_logging()
+    try:
+        return _run_train(cfg, resume)
+    except USER_ERRORS as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"loom: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def torch_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def cmd_export(args) -> int:
+    from loom.runs import export_safetensors
+
+    out = export_safetensors(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(out)
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -213,7 +282,7 @@ def cmd_describe(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot,
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "plot": cmd_plot,
             "describe": cmd_describe}
 
 

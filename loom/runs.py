@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from loom.config import Config, ConfigError, load_config
+from loom.config import Config, ConfigError, config_to_yaml, load_config
 from loom.data import PreparedData, Tokenizer, load_tokenizer, prepare_data
 from loom.models import GPT, build_model, materialize
 from loom.train.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
@@ -105,6 +105,23 @@ def load_for_inference(run_dir: Path, device: str = "auto") -> tuple[Config, GPT
     model.eval()
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
     return cfg, model, tokenizer, checkpoint_step(ckpt)
+
+
+def export_safetensors(run_dir: Path, out: Path | None = None) -> Path:
+    """The newest checkpoint's weights, whatever layout trained them, as one safetensors file.
+    The tied output projection is stored once (as ``tok_emb.weight``); the run's config and the
+    step travel in the file's metadata."""
+    from safetensors.torch import save_file
+
+    cfg, model, _, step = load_for_inference(run_dir, device="cpu")
+    tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}  # tied: once
+    out = out or Path(run_dir) / "model.safetensors"
+    meta = {"format": "loom", "step": str(step), "config": config_to_yaml(cfg),
+            "tied": "lm_head.weight=tok_emb.weight"}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    return out
 
 
 def write_text_atomic(path: Path, text: str) -> None:

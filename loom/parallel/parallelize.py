@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from loom.models import GPT
 from loom.parallel.data import apply_data_parallel, set_gradient_sync
@@ -102,7 +102,14 @@ class ParallelModel:
             return self._scale[0](lm_loss(logits, y))
 
     def after_backward(self) -> None:
-        """Gradients every rank must agree on before the optimizer step (the tied embedding)."""
+        """Gradients every rank must agree on before the optimizer step: partial sums (a
+        sequence-parallel LayerNorm's weight gradient, summed over the sequence shards) are reduced,
+        and the tied embedding's two halves added across pipeline stages."""
+        for p in self.parameters():
+            g = p.grad
+            if isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements):
+                p.grad = g.redistribute(g.device_mesh, [Replicate() if isinstance(pl, Partial) else pl
+                                                        for pl in g.placements])
         if self.pipeline is not None:
             self.pipeline.sync_tied_grads()
 

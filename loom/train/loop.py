@@ -9,6 +9,7 @@ kernels such as attention's backward are not bitwise deterministic).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -377,6 +378,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     process, device = init_process(cfg.train.device)  # fail before any work if the device is not there
     if not process.is_coordinator:
         logging.getLogger("loom").setLevel(logging.WARNING)  # one voice: rank 0's
+    cfg = resolve_data_parallel(cfg, process.world_size)
     plan = plan_from_config(cfg.parallel)
     check_plan(plan, cfg, process.world_size)
     check_training_state_fits(cfg, device, plan, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -407,6 +409,15 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
             _plot(run_dir)
         barrier()
         return summary
+
+
+def resolve_data_parallel(cfg: Config, world_size: int) -> Config:
+    """``parallel.dp`` left at 1 takes the processes that tensor and pipeline parallelism leave:
+    ``world_size / (tp × pp)`` (when that divides; otherwise the plan check says what is wrong)."""
+    p = cfg.parallel
+    if p.dp == 1 and world_size > 1 and world_size % (p.tp * p.pp) == 0:
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp=world_size // (p.tp * p.pp)))
+    return cfg
 
 
 def _make_run_dir(cfg: Config, run_dir: Path | None, resume: bool) -> str:

@@ -1,0 +1,152 @@
+"""Tensor (operator-level) parallelism and sequence parallelism, applied to a model from outside.
+
+Each module's resolved strategy (:mod:`loom.parallel.strategy`) becomes one of torch's parallel
+styles (``torch.distributed.tensor.parallel``), which turn its weights into DTensors on the tp mesh
+and convert its inputs and outputs with forward hooks; the model's code stays single-device. The
+layout is Megatron-LM's (Shoeybi et al. 2019): query/key/value and the first MLP projection split
+by columns keep their output split (attention runs on the local heads, plain tensors), the output
+projections split by rows sum their partial products, so each half block costs one all-reduce.
+
+The *residual stream* (embedding output, block inputs and outputs) is a plain tensor on every rank:
+whole under plain tensor parallelism, and under sequence parallelism (Korthikanti et al. 2022) this
+rank's slice of the sequence (dim 1). There the LayerNorms and dropouts run on the slice, the
+gather to the whole sequence happens once at each LayerNorm feeding attention or MLP
+(all-gather), and the row-split projections reduce-scatter instead of all-reduce, so activation
+memory outside attention and MLP is divided by tp at the same communication volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+from torch.distributed.tensor.parallel.style import ParallelStyle
+from torch.distributed.tensor.placement_types import Placement
+
+from loom.models.layers import MLP, Attention, Block
+from loom.parallel.strategy import check_strategies
+
+# Embeddings looked up by position return (T, C): their sequence dimension is 0, not 1.
+POSITIONAL = ("pos_emb", "top_query_emb")
+# ... and this one is looked up inside the sequence-parallel region: PanGu-α's ``head`` takes the
+# positions from the local sequence length, so under sp each rank passes ``past + arange(T / tp)``.
+LOCAL_POSITIONS = ("top_query_emb",)
+VOCAB_PARALLEL = "_loom_vocab_parallel"  # set on an lm_head whose logits are split over the vocabulary
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dict[str, str],
+                          sequence_parallel: bool) -> None:
+    """Split ``model`` in place over the 1-D ``tp_mesh`` by ``strategies`` (module name -> name,
+    from :func:`~loom.parallel.strategy.resolve_strategies`; modules with weights not named there
+    are replicated).
+
+    Works on a meta-device model (then nothing is communicated: initialize the DTensor parameters
+    afterwards) and on one with weights, which rank 0's copy defines. Every parameter becomes a
+    DTensor on ``tp_mesh``; names do not change; ``lm_head.weight`` stays tied to ``tok_emb.weight``.
+    With ``vocab`` on ``lm_head`` the logits are a DTensor split over the vocabulary: compute the
+    loss and call backward inside :func:`loss_context`."""
+    check_strategies(model, strategies, tp_mesh.size())
+    on_meta = any(p.is_meta for p in model.parameters())
+    src = None if on_meta else 0  # meta tensors hold nothing to scatter or broadcast
+    stream = Shard(1) if sequence_parallel else Replicate()  # residual stream (B, T, C)
+    positional = Shard(0) if sequence_parallel else Replicate()  # position embeddings (T, C)
+    head, emb = getattr(model, "lm_head", None), getattr(model, "tok_emb", None)
+    tied = head is not None and emb is not None and head.weight is emb.weight
+    parents = {f"{n}.{c}" if n else c: m for n, m in model.named_modules() for c, _ in m.named_children()}
+    for name, mod in list(model.named_modules()):
+        if next(mod.parameters(recurse=False), None) is None:
+            continue
+        parent, leaf = parents.get(name), name.rsplit(".", 1)[-1]
+        strategy = strategies.get(name, "replicate")
+        if isinstance(mod, nn.LayerNorm):
+            # Inside a block it feeds colwise projections: hand them the whole sequence as a
+            # replicated DTensor (one gather for q, k and v; their partial input gradients sum
+            # before the single reduce-scatter/all-reduce). Elsewhere (ln_f) it is the stream.
+            feeds = isinstance(parent, Block)
+            if sequence_parallel:
+                styles = [SequenceParallel(use_local_output=not feeds)]
+                if feeds:
+                    styles.append(PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(),
+                                                      use_local_output=False))
+            else:
+                styles = [_Replicated(Replicate(), Replicate(), local=not feeds)]
+        elif isinstance(mod, nn.Embedding):
+            out, idx = (positional if leaf in POSITIONAL else stream), Replicate()
+            if sequence_parallel and leaf in LOCAL_POSITIONS:
+                mod.register_forward_pre_hook(partial(_rank_positions, tp_mesh))
+                idx = Shard(0)  # each rank's positions, shifted to its own slice
+            styles = [RowwiseParallel(input_layouts=idx, output_layouts=out) if strategy == "vocab"
+                      else _Replicated(idx, out)]
+        elif isinstance(mod, nn.Linear) and isinstance(parent, (Attention, MLP)):
+            consumer = leaf in ("out_proj", "proj")  # reads the split activation, writes the stream
+            if strategy == "colwise":
+                styles = [ColwiseParallel()]
+            elif strategy == "rowwise":
+                styles = [RowwiseParallel(output_layouts=stream)]
+            else:
+                styles = [_Replicated(Replicate(), stream if consumer else Replicate())]
+        elif mod is head:
+            styles = [ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
+                      if strategy == "vocab" else _Replicated(stream, Replicate())]
+            setattr(mod, VOCAB_PARALLEL, strategy == "vocab")
+        else:
+            styles = [_Replicated(Replicate(), Replicate())]
+        for style in styles:
+            parallelize_module(mod, tp_mesh, style, src_data_rank=src)
+    top = getattr(model, "top_query_layer", None)
+    if sequence_parallel and top is not None:
+        # PanGu-α's top query layer: the query (position embeddings expanded over the batch) arrives
+        # as this rank's sequence slice; keys and values come from ln_1, already gathered.
+        parallelize_module(top.attn, tp_mesh, PrepareModuleInput(
+            input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)))
+    if tied:
+        head.weight = emb.weight  # distributed one by one above: tie them again
+
+
+def _rank_positions(mesh: DeviceMesh, module: nn.Module, args: tuple) -> tuple:
+    """Positions ``past + arange(T / tp)`` computed from a local slice -> this rank's positions."""
+    (pos,) = args
+    return (pos + mesh.get_local_rank() * pos.numel(),)
+
+
+class _Replicated(ParallelStyle):
+    """Every rank holds the whole module: parameters become replicated DTensors, the input
+    (``input_layout``) is gathered to whole, the output leaves as ``output_layout`` (a local slice of
+    a replicated result needs no communication). Built from torch's ``distribute_module`` and
+    ``PrepareModuleInputOutput``."""
+
+    def __init__(self, input_layout: Placement, output_layout: Placement, local: bool = True):
+        self.io = PrepareModuleInputOutput(input_layouts=input_layout, desired_input_layouts=Replicate(),
+                                           output_layouts=Replicate(), desired_output_layouts=output_layout,
+                                           use_local_output=local)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def replicate(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            for key, p in list(mod.named_parameters(recurse=False)):
+                dt = distribute_tensor(p.detach(), mesh, [Replicate()], src_data_rank=self.src_data_rank)
+                mod.register_parameter(key, nn.Parameter(dt, requires_grad=p.requires_grad))
+
+        distribute_module(module, device_mesh, replicate)
+        return self.io._apply(module, device_mesh)
+
+
+def loss_context(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Where to compute the cross-entropy and call backward: torch's ``loss_parallel()`` when the
+    logits are split over the vocabulary (each rank reduces its slice of the softmax: the whole
+    logits are never gathered), otherwise a no-op."""
+    if any(getattr(m, VOCAB_PARALLEL, False) for m in model.modules()):
+        return loss_parallel()
+    return contextlib.nullcontext()
