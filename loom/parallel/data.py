@@ -28,12 +28,13 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 
 def apply_data_parallel(module: nn.Module, dp_mesh: DeviceMesh, zero: int, param_dtype: torch.dtype | None,
-                        offload: bool = False) -> None:
+                        offload: bool = False, reshard_after_forward: bool | None = None) -> None:
     """Shard (or replicate) ``module`` over ``dp_mesh`` (dims ``dp_replicate, dp_shard``), in place.
-    ``module.layers`` is a ModuleDict of blocks, each made its own group."""
+    ``module.layers`` is a ModuleDict of blocks, each made its own group. Parameters are gathered
+    again for backward (``reshard_after_forward``) under ZeRO-3 only, unless told otherwise."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
-    reshard = zero == 3
+    reshard = zero == 3 if reshard_after_forward is None else reshard_after_forward
     for block in module.layers.values():
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=policy)
     top = getattr(module, "top_query_layer", None)

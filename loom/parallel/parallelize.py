@@ -47,20 +47,29 @@ class ParallelModel:
     loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     # names of parameters held by two ranks of the pipeline (the tied embedding): counted once in norms
     shared_across_stages: frozenset[str] = frozenset()
-    _scale: list = field(default_factory=lambda: [lambda loss: loss])
+    _scale: list = field(default_factory=lambda: [_identity])
+    _raw_losses: list = field(default_factory=list)  # this step's micro-batch losses, unscaled
 
     # -- parameters ------------------------------------------------------------------------
 
     def named_parameters(self):
+        """Each parameter once, by name (a pipeline rank holding the first and the last stage may
+        keep the tied embedding as two equal Parameters of one name)."""
         seen = set()
         for m in self.modules:
             for name, p in m.named_parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
+                if name not in seen:
+                    seen.add(name)
                     yield name, p
 
     def parameters(self):
-        return (p for _, p in self.named_parameters())
+        """Every parameter object this rank updates."""
+        seen = set()
+        for m in self.modules:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
 
     def train(self, mode: bool = True) -> None:
         for m in self.modules:
@@ -75,9 +84,7 @@ class ParallelModel:
         without a pipeline, the last stage's ranks with one), else None."""
         set_gradient_sync(self.modules, self.plan.zero, last_micro_step)
         if self.pipeline is not None:
-            self._scale[0] = scale
-            with autocast(self.device, self.precision):
-                return self.pipeline.step(x, y)
+            return self._through_pipeline(self.pipeline.step, x, y, scale)
         with autocast(self.device, self.precision):
             logits = self.modules[0](x)
         with self.loss_context():
@@ -88,18 +95,29 @@ class ParallelModel:
     @torch.no_grad()
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Mean loss of ``x, y`` without gradients (evaluation), where it is known."""
-        if self.pipeline is not None:
-            with autocast(self.device, self.precision):
-                return self.pipeline.eval(x, y)
         with autocast(self.device, self.precision):
-            logits = self.modules[0](x)
+            logits = self.modules[0](x) if self.pipeline is None else self.pipeline.forward(x)
+        if logits is None:
+            return None
         with self.loss_context():
             return _local(lm_loss(logits, y))
 
+    def _through_pipeline(self, run, x, y, scale: LossScale) -> torch.Tensor | None:
+        self._scale[0], self._raw_losses = scale, []
+        # the schedule runs the backward too: a vocabulary-parallel loss needs its context around both
+        with autocast(self.device, self.precision), self.loss_context():
+            run(x, y)
+        # the last `microbatches` calls are this batch's (the first step also calls the loss while the
+        # stages learn their shapes)
+        raw = self._raw_losses[-self.plan.microbatches:]
+        return torch.stack(raw).mean() if raw else None
+
     def pipeline_loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The per-micro-batch loss the pipeline schedule differentiates."""
-        with self.loss_context():
-            return self._scale[0](lm_loss(logits, y))
+        """The per-micro-batch loss the pipeline schedule differentiates (micro-batches are of
+        equal size, so the mean of theirs is the batch's)."""
+        loss = lm_loss(logits, y)
+        self._raw_losses.append(_local(loss.detach()))
+        return self._scale[0](loss)
 
     def after_backward(self) -> None:
         """Gradients every rank must agree on before the optimizer step: partial sums (a
@@ -151,6 +169,10 @@ class ParallelModel:
         return norm
 
 
+def _identity(loss: torch.Tensor) -> torch.Tensor:
+    return loss
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -173,7 +195,8 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
         pipe = build_pipeline(model, mesh["pp"], schedule=plan.schedule, microbatches=plan.microbatches,
                               virtual_stages=plan.virtual_stages, loss_fn=pm.pipeline_loss_fn, device=device)
         pm.pipeline, pm.modules = pipe, list(pipe.modules)
-        pm.shared_across_stages = frozenset(getattr(pipe, "shared_across_ranks", ()))
+        if not (pipe.is_first and pipe.is_last):  # the tied embedding lives on two ranks
+            pm.shared_across_stages = frozenset({"tok_emb.weight"} if (pipe.is_first or pipe.is_last) else ())
 
     if plan.tp > 1:
         from loom.models.plans import strategy_table
@@ -192,15 +215,20 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
 
     if plan.dp > 1:
         param_dtype = None if precision == "fp32" else DTYPES[precision]
+        # the zero-bubble schedule splits each backward in two; FSDP must keep the parameters
+        # gathered in between (resharding after forward would lose gradients)
+        reshard = plan.zero == 3 and not (plan.pp > 1 and plan.schedule == "zero-bubble")
         for m in pm.modules:
             apply_data_parallel(m, mesh["dp_replicate", "dp_shard"], plan.zero, param_dtype,
-                                offload=plan.offload != "none")
-    _materialize(pm.modules, device, seed, offload=plan.offload != "none")
+                                offload=plan.offload != "none", reshard_after_forward=reshard)
+    _materialize(pm.modules, device, seed, offload=plan.offload != "none",
+                 tie=pm.pipeline.tie_weights if pm.pipeline is not None else None)
     return pm
 
 
 @torch.no_grad()
-def _materialize(modules: list[nn.Module], device: torch.device, seed: int, offload: bool = False) -> None:
+def _materialize(modules: list[nn.Module], device: torch.device, seed: int, offload: bool = False,
+                 tie: Callable[[], None] | None = None) -> None:
     """Allocate each module's (sharded) parameters and fill them with the single-device initial
     values: every rank computes a parameter's full initial value and keeps its own slice."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -211,6 +239,9 @@ def _materialize(modules: list[nn.Module], device: torch.device, seed: int, offl
         m.to_empty(device="cpu" if offload else device)
         if tied and m.lm_head.weight is not m.tok_emb.weight:
             m.lm_head.weight = m.tok_emb.weight
+    if tie is not None:
+        tie()
+    for m in modules:
         for name, p in m.named_parameters():
             full = m.initial_value(name, p.shape, seed)
             if isinstance(p, DTensor):

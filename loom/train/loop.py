@@ -108,7 +108,7 @@ class Trainer:
         torch.manual_seed(t.seed + (self.coord.dp * 7919 + self.coord.pp * 104729 if self.coord else 0))
         self.model: ParallelModel = parallelize(build_model(cfg.model), self.plan, mesh, self.device,
                                                 t.precision, t.seed)
-        self.optimizers = [build_optimizer(m, t) for m in self.model.modules]
+        self.optimizers = self._build_optimizers()
         self.scaler = LossScaler(self.device, t.precision)
         self.sampler = BatchSampler(data.train, cfg.model.block_size, t.batch_size, t.seed)
         self.interval = Interval()
@@ -118,6 +118,17 @@ class Trainer:
             if run_dir is not None and self.process.is_coordinator else None
         mode = t.progress if self.process.is_coordinator else "none"
         self.progress_mode = ("bar" if sys.stderr.isatty() else "log") if mode == "auto" else mode
+
+    def _build_optimizers(self) -> list[torch.optim.Optimizer]:
+        """One optimizer per model part; a parameter two parts share (the tied embedding of a
+        pipeline rank holding the first and the last stage) is updated by the first part's only."""
+        seen: set[int] = set()
+        optimizers = []
+        for m in self.model.modules:
+            own = [p for p in m.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in own)
+            optimizers.append(build_optimizer(m, self.cfg.train, own))
+        return optimizers
 
     def _peak_flops(self) -> float:
         """The device's peak (measured once on a CPU, by the coordinator, then read from its cache)."""

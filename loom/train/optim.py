@@ -15,16 +15,18 @@ from torch import nn
 from loom.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    params = [p for p in model.parameters() if p.requires_grad]
+def param_groups(model: nn.Module, weight_decay: float, params: list[nn.Parameter] | None = None) -> list[dict]:
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(model: nn.Module, cfg: TrainConfig, params: list[nn.Parameter] | None = None
+                    ) -> torch.optim.Optimizer:
+    """The optimizer of ``model``'s parameters (or of ``params``, a subset of them)."""
+    groups = param_groups(model, cfg.weight_decay, params)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "lamb":
         return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)

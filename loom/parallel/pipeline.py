@@ -1,0 +1,334 @@
+"""Pipeline parallelism: the blocks split into stages over the ``pp`` ranks, run by torch's schedules.
+
+The model is cut into contiguous *stages* (embedding and first blocks, ..., last blocks and head);
+each pp rank holds one or more of them and micro-batches flow through the pipeline. The schedules are
+torch.distributed.pipelining's, named by ``parallel.schedule``:
+
+* ``gpipe``: all forwards, then all backwards (GPipe, Huang et al. 2019). One stage per rank.
+* ``1f1b``: one forward, one backward in the steady state, so at most ``pp`` micro-batches hold
+  activations (PipeDream-Flush, Narayanan et al. 2021). One stage per rank; microbatches >= pp.
+* ``interleaved``: ``virtual_stages`` stages per rank in a loop (rank r holds r, r+pp, ...), which
+  shrinks the bubble by that factor (interleaved 1F1B, Narayanan et al. 2021).
+* ``zero-bubble``: the ZB-V schedule (Qi et al. 2024, section 6): two stages per rank in a V (rank r
+  holds r and 2pp-1-r) and the backward split into input and weight gradients, the weight part
+  filling the bubbles. The first and last stages share rank 0, so the tied embedding stays one
+  Parameter there. (torch's ScheduleInterleavedZeroBubble would loop stages like ``interleaved``.)
+
+Each stage is a copy of the whole model (made on the meta device) with the other blocks deleted
+from ``layers``, so parameter names (``layers.5.attn.q_proj.weight``) are those of the single-device
+model and checkpoints load into any layout. The model files are not changed: a copy's ``forward`` is
+replaced by one that runs ``embed`` (first stage), its blocks, and ``head`` (last stage).
+
+The input and output embeddings are tied. Where the first and last stages are on different ranks the
+last stage's copy keeps ``tok_emb`` (unused in its forward, but it names the shared weight
+``tok_emb.weight`` there too) and :meth:`Pipeline.sync_tied_grads` sums the two gradients after each
+step; both copies start equal and take equal steps, so they stay equal.
+
+Composing with tensor parallel and FSDP: apply them in place to ``Pipeline.modules`` after
+:func:`build_pipeline` and before the first step; the stages learn shapes (and DTensor layouts) on
+that step. ``to_empty()`` unties weights, so call :meth:`Pipeline.tie_weights` after it. Gradients are
+those of the mean loss over this replica's batch (each micro-batch's loss is divided by their
+number; torch's ``scale_grads`` is off); FSDP's reduce-scatter then averages over replicas. Measured
+on gloo (pp=2 × dp=2): gpipe, 1f1b and interleaved match one process with FSDP as it comes; zero-bubble
+needs ``reshard_after_forward=False`` on its FSDP modules (else weight gradients go missing in the
+split backward), and ``fully_shard`` makes two Parameters of rank 0's shared embedding, both named
+``tok_emb.weight``, which the optimizer must both hold (``sync_tied_grads`` keeps them equal).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleZBVZeroBubble,
+)
+
+from loom.config import ConfigError, ModelConfig
+
+# The model's children: the embeddings run on the first stage, ``layers`` is split, ``drop`` holds
+# nothing, and every other child (ln_f, lm_head, PanGu's top query layer) belongs to the head.
+EMBED_MODULES = ("tok_emb", "pos_emb")
+SHARED_MODULES = ("layers", "drop")
+
+
+# --------------------------------------------------------------------------------------------
+# Layout: which blocks each stage holds, and which stages each rank holds
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one pipeline stage holds and runs."""
+
+    index: int
+    blocks: range  # block indices, contiguous
+    embed: bool  # runs the embedding (first stage)
+    head: bool  # runs ln_f, PanGu's top query layer and the output projection (last stage)
+    flops: float  # forward FLOPs per token, the cost the split balances
+
+
+def n_blocks(cfg: ModelConfig) -> int:
+    """Decoder blocks in ``layers``: PanGu-α spends its last layer on the top query layer."""
+    return cfg.n_layer - 1 if cfg.arch == "pangu" else cfg.n_layer
+
+
+def block_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of one block: 2 per weight (4C² attention, 2·C·ffn MLP) plus the
+    attention scores and weighted sum over T positions (4·C·T); 24C² + 4CT when ffn = 4C."""
+    c = cfg.n_embd
+    return 8.0 * c * c + 4.0 * c * cfg.ffn + 4.0 * c * cfg.block_size
+
+
+def stage_layout(cfg: ModelConfig, n_stages: int) -> list[StageSpec]:
+    """Split the blocks into ``n_stages`` contiguous stages of at least one block each so that the
+    most expensive stage is as cheap as possible; among such splits, the most even one (least sum of
+    squared costs). The embedding (a lookup and an add, C FLOPs) is counted on the first stage, the
+    head (2·C·V for the output projection, plus a block for PanGu's top query layer) on the last."""
+    n = n_blocks(cfg)
+    if n < n_stages:
+        raise ConfigError(f"model.n_layer={cfg.n_layer} gives {n} blocks, which cannot fill "
+                          f"parallel.pp × parallel.virtual_stages = {n_stages} stages; "
+                          "lower parallel.pp or parallel.virtual_stages, or raise model.n_layer")
+    blk = block_flops(cfg)
+    embed = float(cfg.n_embd)
+    head = 2.0 * cfg.n_embd * cfg.vocab_size + (blk if cfg.arch == "pangu" else 0.0)
+
+    def cost(s: int, i: int, j: int) -> float:  # stage s holding blocks i..j-1
+        return (j - i) * blk + (embed if s == 0 else 0.0) + (head if s == n_stages - 1 else 0.0)
+
+    def split(score, cap: float) -> tuple[float, list[int]]:
+        """Dynamic program over (stages, blocks): best[s][j] scores blocks 0..j-1 in stages 0..s-1,
+        each stage at most ``cap``; ``score(prev, c)`` combines a prefix's score with a stage cost."""
+        inf = float("inf")
+        best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+        cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+        best[0][0] = 0.0
+        for s in range(1, n_stages + 1):
+            for j in range(s, n - (n_stages - s) + 1):
+                for i in range(s - 1, j):
+                    c = cost(s - 1, i, j)
+                    if best[s - 1][i] < inf and c <= cap and score(best[s - 1][i], c) < best[s][j]:
+                        best[s][j], cut[s][j] = score(best[s - 1][i], c), i
+        bounds, j = [n], n
+        for s in range(n_stages, 0, -1):
+            j = cut[s][j]
+            bounds.append(j)
+        return best[n_stages][n], bounds[::-1]
+
+    bottleneck, _ = split(max, float("inf"))
+    _, bounds = split(lambda prev, c: prev + c * c, bottleneck * (1 + 1e-12))
+    return [StageSpec(s, range(bounds[s], bounds[s + 1]), s == 0, s == n_stages - 1,
+                      cost(s, bounds[s], bounds[s + 1])) for s in range(n_stages)]
+
+
+def stage_ids(rank: int, pp: int, virtual_stages: int, schedule: str) -> list[int]:
+    """The stages pp rank ``rank`` holds, in stage order: a loop (r, r+pp, ...) for every schedule
+    but zero-bubble, whose V puts stages r and 2pp-1-r on rank r."""
+    if schedule == "zero-bubble":
+        return [rank, 2 * pp - 1 - rank]
+    return [rank + k * pp for k in range(virtual_stages)]
+
+
+def check_pipeline(cfg: ModelConfig, pp: int, virtual_stages: int, schedule: str, microbatches: int,
+                   batch_per_replica: int) -> None:
+    """Raise :class:`ConfigError` for a pipeline that cannot run; needs no process group."""
+    v = f"parallel.virtual_stages={virtual_stages}"
+    if schedule in ("gpipe", "1f1b") and virtual_stages != 1:
+        raise ConfigError(f"parallel.schedule={schedule} runs one stage per rank but {v}; set "
+                          "parallel.virtual_stages=1, or use parallel.schedule=interleaved or zero-bubble")
+    if schedule == "interleaved" and virtual_stages < 2:
+        raise ConfigError(f"parallel.schedule=interleaved needs parallel.virtual_stages>=2 (stages per rank), "
+                          f"got {virtual_stages}; set it, or use parallel.schedule=1f1b")
+    if schedule == "zero-bubble" and virtual_stages != 2:
+        raise ConfigError(f"parallel.schedule=zero-bubble (ZB-V) holds exactly 2 stages per rank, but {v}; "
+                          "set parallel.virtual_stages=2")
+    stage_layout(cfg, pp * virtual_stages)
+    m = f"parallel.microbatches={microbatches}"
+    if schedule == "1f1b" and microbatches < pp:
+        raise ConfigError(f"{m} is fewer than parallel.pp={pp}, which the 1f1b schedule cannot run; "
+                          f"use at least {pp} micro-batches, or parallel.schedule=gpipe")
+    rounds = max(1, microbatches // pp)  # torch's interleaved schedule runs the micro-batches in rounds
+    if schedule == "interleaved" and microbatches % rounds:
+        raise ConfigError(f"{m} is not a whole number of rounds of parallel.pp={pp} micro-batches, which the "
+                          f"interleaved schedule needs; use a multiple of {pp}")
+    if batch_per_replica % microbatches:
+        raise ConfigError(f"the batch of {batch_per_replica} sequences per data-parallel replica is not divisible "
+                          f"by {m}; each micro-batch must hold the same number of whole sequences")
+
+
+# --------------------------------------------------------------------------------------------
+# Stage copies
+# --------------------------------------------------------------------------------------------
+
+
+def _run_stage(model: nn.Module, x: torch.Tensor, *, embed: bool, head: bool) -> torch.Tensor:
+    """A stage copy's forward: token ids or hidden states in, hidden states or logits out."""
+    if embed:
+        x = model.embed(x)
+    for block in model.layers.values():
+        x = block(x)
+    return model.head(x) if head else x
+
+
+def stage_module(model: nn.Module, spec: StageSpec, keep_tok_emb: bool = False) -> nn.Module:
+    """A copy of ``model`` that holds and runs only stage ``spec``; ``keep_tok_emb`` keeps the input
+    embedding on a last stage that is not the first, so the tied weight keeps its name there."""
+    m = copy.deepcopy(model)
+    for name in [k for k in m.layers if int(k) not in spec.blocks]:
+        del m.layers[name]
+    for name in [k for k, _ in m.named_children() if k not in SHARED_MODULES]:
+        needed = spec.embed if name in EMBED_MODULES else spec.head
+        if not needed and not (name == "tok_emb" and keep_tok_emb):
+            delattr(m, name)
+    m.forward = types.MethodType(functools.partial(_run_stage, embed=spec.embed, head=spec.head), m)
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline on one rank
+# --------------------------------------------------------------------------------------------
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
+             "zero-bubble": ScheduleZBVZeroBubble}
+
+
+class Pipeline:
+    """This rank's stages and the schedule that runs them; build it with :func:`build_pipeline`.
+
+    ``modules``: this rank's stage copies, in stage order (what an optimizer, TP and FSDP act on);
+    ``stage_ids``: their stage indices; ``is_first`` / ``is_last``: whether this rank holds the first /
+    last stage (the one that reads tokens / the one that computes the loss)."""
+
+    def __init__(self, modules: list[nn.Module], stage_ids: list[int], owner: dict[int, int],
+                 group: dist.ProcessGroup, schedule: str, microbatches: int, loss_fn: Callable, device: torch.device):
+        n_stages = len(owner)
+        self.modules, self.stage_ids, self.group = modules, stage_ids, group
+        self.is_first, self.is_last = 0 in stage_ids, n_stages - 1 in stage_ids
+        # the pp rank across the tied embedding: the last stage's for the first stage's rank, and vice versa
+        self.tied_peer = owner[n_stages - 1] if self.is_first else owner[0]
+        self.tied_stages = {0, n_stages - 1}
+        self.owner = owner  # stage -> pp rank
+        self.tie_weights()
+        # PipelineStage infers shapes on the first step, from whatever the parameters are by then, so
+        # tensor parallel and FSDP may still replace them (in the same modules) before that step.
+        stages = [PipelineStage(m, s, n_stages, device, group=group) for m, s in zip(modules, stage_ids)]
+        # Each micro-batch's loss is divided by their number, so the gradients sum to those of the mean
+        # over the batch; torch's own scaling (scale_grads) would divide a weight that two local stages
+        # share (ZB-V's tied embedding) twice.
+        scaled = functools.partial(_scaled_loss, loss_fn=loss_fn, n=microbatches)
+        cls = SCHEDULES[schedule]
+        self.schedule = cls(stages[0] if schedule in ("gpipe", "1f1b") else stages,
+                            n_microbatches=microbatches, loss_fn=scaled, scale_grads=False)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Forward and backward over the batch ``x`` (B, T) with targets ``y``, split into micro-batches;
+        accumulates into ``.grad`` the gradient of the mean loss over the batch. Returns that loss
+        (detached) on the rank holding the last stage, None elsewhere. Only the first stage's rank
+        reads ``x`` and only the last stage's reads ``y``; every pp rank must call it."""
+        losses: list[torch.Tensor] = []
+        args = (x,) if self.is_first else ()
+        self.schedule.step(*args, target=y if self.is_last else None, losses=losses, return_outputs=False)
+        return torch.stack(losses).sum().detach() if self.is_last else None
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Forward only (evaluation): the whole batch ``x`` (B, T) through the stages in order, each
+        rank running its stages and passing activations on; returns the logits on the rank holding the
+        last stage (None elsewhere). Works for every placement of stages, the V of zero-bubble included."""
+        me = dist.get_rank(self.group)
+        h = None
+        for s in range(len(self.owner)):
+            if self.owner[s] != me:
+                continue
+            if s == 0:
+                h = x
+            elif self.owner[s - 1] != me:
+                h = _recv_tensor(self.group, self.owner[s - 1], x.device)
+            h = self.modules[self.stage_ids.index(s)](h)
+            if s + 1 < len(self.owner) and self.owner[s + 1] != me:
+                _send_tensor(h, self.group, self.owner[s + 1])
+        return h if self.is_last else None
+
+    def tie_weights(self) -> None:
+        """Tie ``lm_head.weight`` to ``tok_emb.weight`` in each copy, and across the copies on this rank
+        (ZB-V's first and last stages) make them one Parameter. Call again after ``to_empty()``, which
+        replaces parameters one by one and so unties them (as ``GPT.init_weights`` does)."""
+        shared = None
+        for m in self.modules:
+            if hasattr(m, "tok_emb"):
+                shared = shared if shared is not None else m.tok_emb.weight
+                m.tok_emb.weight = shared
+                if hasattr(m, "lm_head"):
+                    m.lm_head.weight = shared
+
+    def sync_tied_grads(self) -> None:
+        """Sum the gradient of the tied embedding over its copies: between the first stage's rank and the
+        last stage's, or on one rank that holds both as two Parameters (which ``fully_shard`` makes of
+        one). A no-op on the other ranks and where one Parameter serves both."""
+        copies = [m.tok_emb.weight for m, s in zip(self.modules, self.stage_ids) if s in self.tied_stages]
+        for p in copies:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [getattr(p.grad, "_local_tensor", p.grad) for p in copies]  # DTensor: this rank's shard,
+        if self.is_first and self.is_last:  # laid out the same in both copies
+            if len(copies) == 2 and copies[0] is not copies[1]:
+                grads[0].add_(grads[1])
+                grads[1].copy_(grads[0])
+        elif grads:
+            other = torch.empty_like(grads[0])
+            ops = [dist.P2POp(dist.isend, grads[0], group=self.group, group_peer=self.tied_peer),
+                   dist.P2POp(dist.irecv, other, group=self.group, group_peer=self.tied_peer)]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+            grads[0].add_(other)  # a + b == b + a in floating point: both ranks get the same sum
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _send_tensor(t: torch.Tensor, group, peer: int) -> None:
+    """Send a (B, T, C) activation with its shape and dtype first, so the receiver needs no guess."""
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    header = torch.tensor([*t.shape, _DTYPES.index(t.dtype)], dtype=torch.int64, device=t.device)
+    dist.send(header, group=group, group_dst=peer)
+    dist.send(t.contiguous(), group=group, group_dst=peer)
+
+
+def _recv_tensor(group, peer: int, device: torch.device) -> torch.Tensor:
+    header = torch.empty(4, dtype=torch.int64, device=device)
+    dist.recv(header, group=group, group_src=peer)
+    out = torch.empty(header[:3].tolist(), dtype=_DTYPES[int(header[3])], device=device)
+    dist.recv(out, group=group, group_src=peer)
+    return out
+
+
+def _scaled_loss(output: torch.Tensor, target: torch.Tensor, *, loss_fn: Callable, n: int) -> torch.Tensor:
+    """One micro-batch's share of the batch's mean loss (the micro-batches are of equal size)."""
+    return loss_fn(output, target) / n
+
+
+def build_pipeline(model: nn.Module, pp_mesh_or_group, *, schedule: str, microbatches: int, virtual_stages: int,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   device: torch.device | str) -> Pipeline:
+    """Split ``model`` (the whole model, on the meta device) into ``pp × virtual_stages`` stages and
+    return this rank's :class:`Pipeline`. ``pp_mesh_or_group`` is the pp axis: a 1-D DeviceMesh or a
+    ProcessGroup. ``loss_fn(logits, targets)`` is a mean over the micro-batch's tokens."""
+    group = pp_mesh_or_group.get_group() if isinstance(pp_mesh_or_group, DeviceMesh) else pp_mesh_or_group
+    pp, rank = dist.get_world_size(group), dist.get_rank(group)
+    specs = stage_layout(model.cfg, pp * virtual_stages)
+    owner = {s: r for r in range(pp) for s in stage_ids(r, pp, virtual_stages, schedule)}
+    ids = stage_ids(rank, pp, virtual_stages, schedule)
+    modules = [stage_module(model, specs[s], keep_tok_emb=specs[s].head) for s in ids]
+    return Pipeline(modules, ids, owner, group, schedule, microbatches, loss_fn, torch.device(device))
