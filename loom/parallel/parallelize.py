@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from loom.models import GPT
 from loom.parallel.data import apply_data_parallel, set_gradient_sync
@@ -120,14 +120,15 @@ class ParallelModel:
         return self._scale[0](loss)
 
     def after_backward(self) -> None:
-        """Gradients every rank must agree on before the optimizer step: partial sums (a
-        sequence-parallel LayerNorm's weight gradient, summed over the sequence shards) are reduced,
-        and the tied embedding's two halves added across pipeline stages."""
+        """Gradients every rank must agree on before the optimizer step. A gradient that came out
+        in another layout than its parameter is brought to the parameter's: partial sums (a
+        sequence-parallel LayerNorm's weight, summed over sequence shards) are reduced, a replicated
+        gradient of a vocabulary-split embedding keeps this rank's rows. Then the tied embedding's
+        two halves are added across pipeline stages."""
         for p in self.parameters():
             g = p.grad
-            if isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements):
-                p.grad = g.redistribute(g.device_mesh, [Replicate() if isinstance(pl, Partial) else pl
-                                                        for pl in g.placements])
+            if isinstance(g, DTensor) and isinstance(p, DTensor) and tuple(g.placements) != tuple(p.placements):
+                p.grad = g.redistribute(p.device_mesh, p.placements)
         if self.pipeline is not None:
             self.pipeline.sync_tied_grads()
 
@@ -184,6 +185,11 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
                 seed: int) -> ParallelModel:
     """Apply ``plan`` to the meta-device ``model`` on ``mesh`` and initialize it from ``seed``."""
     pm = ParallelModel(plan=plan, mesh=mesh, device=device, precision=precision, modules=[model])
+    if plan.tp > 1:  # resolved on the whole model: a pipeline stage holds only some of the named modules
+        from loom.models.plans import strategy_table
+        from loom.parallel.strategy import resolve_strategies
+
+        strategies = resolve_strategies(model, strategy_table(model.cfg.arch), dict(plan.strategies), plan.tp, plan.dp)
     if mesh is None or plan.world_size == 1:
         apply_recompute(model.layers, plan.recompute, plan.recompute_every)
         _materialize(pm.modules, device, seed)
@@ -199,12 +205,9 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
             pm.shared_across_stages = frozenset({"tok_emb.weight"} if (pipe.is_first or pipe.is_last) else ())
 
     if plan.tp > 1:
-        from loom.models.plans import strategy_table
-        from loom.parallel.strategy import resolve_strategies
         from loom.parallel.tensor import apply_tensor_parallel, loss_context
 
         for m in pm.modules:
-            strategies = resolve_strategies(m, strategy_table(model.cfg.arch), dict(plan.strategies), plan.tp, plan.dp)
             apply_tensor_parallel(m, mesh["tp"], strategies, plan.sp)
         head = [m for m in pm.modules if getattr(m, "lm_head", None) is not None]
         if head:

@@ -94,7 +94,7 @@ def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
     """Raise :class:`ConfigError` on the first reason ``plan`` cannot train ``cfg`` on
     ``world_size`` processes. Needs no process group and allocates nothing."""
     from loom.parallel.pipeline import check_pipeline
-    from loom.parallel.strategy import check_divisible
+    from loom.parallel.strategy import resolve_strategies
 
     if world_size is not None and world_size != plan.world_size:
         raise ConfigError(f"parallel.dp × parallel.tp × parallel.pp = {plan.dp} × {plan.tp} × {plan.pp} = "
@@ -121,7 +121,13 @@ def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} = {per_step} "
                           f"sequences per micro-step cannot be split over parallel.dp={plan.dp} replicas; "
                           f"make it a multiple of {plan.dp}")
-    check_divisible(cfg.model, plan.tp)
+    if plan.tp > 1 or plan.strategies:
+        from loom.models import build_model
+        from loom.models.plans import strategy_table
+
+        # on the meta device: names, shapes and divisibility of every operator's strategy
+        resolve_strategies(build_model(cfg.model), strategy_table(cfg.model.arch), dict(plan.strategies),
+                           plan.tp, plan.dp)
     if plan.pp > 1 or plan.virtual_stages > 1:
         check_pipeline(cfg.model, plan.pp, plan.virtual_stages, plan.schedule, plan.microbatches,
                        per_step // plan.dp)

@@ -25,7 +25,7 @@ MODELS = {
     "pangu": ["model=pangu-tiny", "model.n_layer=5"],
 }
 COMMON = ["model.block_size=32", "train.batch_size=8", "train.warmup_steps=2", "train.steps=10",
-          "train.progress=none", "train.device=cpu", "train.grad_clip=0.5", "train.lr=1e-2"]
+          "train.progress=none", "train.device=cpu", "train.grad_clip=0.5", "train.lr=1e-3"]
 
 
 def tiny_data(vocab: int = 512, n: int = 20_000, seed: int = 0) -> SimpleNamespace:
@@ -83,3 +83,35 @@ def merge_ranks(results: list[dict], key) -> dict:
     for r in results:
         params.update(r[key]["params"])
     return {**results[0][key], "params": params}
+
+
+def _process() -> Process:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return Process(dist.get_rank(), dist.get_world_size(), dist.get_rank())
+    return Process()
+
+
+def train_and_save(model: str, layout: list[str], run_dir: str, steps: int) -> list[float]:
+    """Train ``steps`` steps under ``layout`` and save a checkpoint in ``run_dir``."""
+    from pathlib import Path
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config(model, layout), Path(run_dir), tiny_data(), process=_process(),
+                      device=torch.device("cpu"))
+    losses = [trainer.mean_over_replicas(trainer.train_step(s)[0]).item() for s in range(steps)]
+    trainer.save(steps)
+    trainer.metrics.close() if trainer.metrics else None
+    return losses
+
+
+def resume_and_train(model: str, layout: list[str], run_dir: str, steps: int) -> list[float]:
+    """Resume ``run_dir``'s newest checkpoint under ``layout`` and train up to ``steps`` steps."""
+    from pathlib import Path
+
+    trainer = Trainer(config(model, layout), Path(run_dir), tiny_data(), resume=True, process=_process(),
+                      device=torch.device("cpu"))
+    losses = [trainer.mean_over_replicas(trainer.train_step(s)[0]).item() for s in range(trainer.start_step, steps)]
+    trainer.metrics.close() if trainer.metrics else None
+    return losses

@@ -41,8 +41,8 @@ MODELS = ("gpt", "pangu")
 
 
 @functools.cache
-def _reference(model: str) -> dict:
-    return train_single(model)
+def _reference(model: str, *train_settings: str) -> dict:
+    return train_single(model, list(train_settings))
 
 
 @functools.cache
@@ -53,7 +53,7 @@ def _results(world: int) -> tuple:
 
 
 def _check(model: str, layout: list[str], world: int) -> None:
-    ref = _reference(model)
+    ref = _reference(model, *(o for o in layout if not o.startswith("parallel.")))  # e.g. train.grad_accum
     got = merge_ranks(list(_results(world)), (model, *layout))
     assert len(got["losses"]) == STEPS
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=RTOL, atol=0)
@@ -63,8 +63,9 @@ def _check(model: str, layout: list[str], world: int) -> None:
             # softmax ignores a shift shared by all keys: this bias has no effect on any output, its
             # gradient is 0 up to rounding, and Adam turns that rounding noise into full-size steps
             continue
-        q = got["params"][name]
-        err = (q - p).abs().max().item() / p.abs().max().clamp_min(1e-12).item()
+        # relative to the tensor's norm: Adam divides each gradient element by its own running scale,
+        # so the rounding of an element whose gradient is ~0 can move that one weight by ~lr·1e-4
+        err = (got["params"][name] - p).norm().item() / p.norm().clamp_min(1e-12).item()
         assert err <= RTOL, f"{name}: relative difference {err:.2e} after {STEPS} steps"
     if ref["val_loss"] is not None:
         assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=RTOL)
@@ -82,7 +83,13 @@ def test_four_rank_layout_matches_single_process(name, model):
     _check(model, FOUR_RANKS[name], 4)
 
 
-def test_reference_losses_move():
-    """The comparison means something: five steps of training change the loss."""
-    losses = _reference("gpt")["losses"]
-    assert losses[0] - losses[-1] > 0.05
+@pytest.mark.parametrize("model", MODELS)
+def test_reference_training_moves_far_more_than_the_tolerance(model):
+    """The comparison means something: five steps change the loss and every weight matrix by far
+    more than the tolerance the layouts are held to."""
+    ref, start = _reference(model), train_single(model, ["train.lr=1e-12", "train.min_lr=0"])
+    assert (ref["losses"][0] - ref["losses"][-1]) / ref["losses"][0] > 100 * RTOL
+    for name, p in ref["params"].items():
+        if p.dim() >= 2:
+            moved = (p - start["params"][name]).norm() / p.norm()
+            assert moved > 100 * RTOL, f"{name} moved only {moved:.1e}"

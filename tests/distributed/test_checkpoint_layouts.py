@@ -1,0 +1,44 @@
+"""A checkpoint saved under one layout resumes under others and continues with the losses of an
+uninterrupted single-process run: DCP stores each tensor by its global shape and offsets."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from tests.distributed.harness import run_on_ranks
+from tests.distributed.parity import resume_and_train, train_and_save, train_single
+
+SAVE_AT, STEPS = 3, 6
+SAVED_UNDER = ["parallel.dp=2", "parallel.tp=2", "parallel.zero=1"]
+RESUMED_UNDER = {
+    "pp2": (2, ["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=2"]),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
+}
+
+
+def test_checkpoint_saved_under_dp2_tp2_resumes_under_pp2_tp2_and_one_process(tmp_path, monkeypatch):
+    import tests.distributed.parity as parity
+
+    monkeypatch.setattr(parity, "STEPS", STEPS)
+    reference = train_single("gpt")["losses"]  # uninterrupted, one process
+    assert len(reference) == STEPS
+
+    saved = tmp_path / "saved"
+    first = run_on_ranks(4, train_and_save, "gpt", SAVED_UNDER, str(saved), SAVE_AT)[0]
+    torch.testing.assert_close(torch.tensor(first), torch.tensor(reference[:SAVE_AT]), rtol=1e-5, atol=0)
+
+    continued = {}
+    for name, (world, layout) in RESUMED_UNDER.items():
+        run = tmp_path / name
+        shutil.copytree(saved, run)
+        continued[name] = run_on_ranks(world, resume_and_train, "gpt", layout, str(run), STEPS)[-1]
+    run = tmp_path / "single"
+    shutil.copytree(saved, run)
+    continued["single"] = resume_and_train("gpt", [], str(run), STEPS)
+
+    for name, losses in continued.items():
+        assert len(losses) == STEPS - SAVE_AT, name
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[SAVE_AT:]), rtol=1e-5, atol=0,
+                                   msg=lambda m, name=name: f"resumed under {name}: {m}")
