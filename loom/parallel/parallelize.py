@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from loom.models import GPT
 from loom.parallel.data import apply_data_parallel, set_gradient_sync
@@ -139,19 +139,21 @@ class ParallelModel:
 
         Each rank adds the squares of the gradient it holds, weighted by the share of that piece's
         copies it stands for: a piece split over the tensor or ZeRO group is counted by its holder;
-        a piece replicated over ``c`` ranks is counted 1/c by each. One all-reduce adds them up."""
+        a piece replicated over ``c`` ranks is counted 1/c by each. One all-reduce adds them up.
+        (Gradients are in their parameters' layouts by now: no partial sums.)"""
         stage_ranks = self.plan.world_size // self.plan.pp
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         for name, p in self.named_parameters():
             if p.grad is None:
                 continue
             g = p.grad
-            distinct = 1
-            if isinstance(g, DTensor):
+            copies = stage_ranks  # ranks of this stage holding an identical copy of this piece
+            if isinstance(g, DTensor):  # split over its mesh but for the replicated dims
                 mesh = g.device_mesh
-                distinct = math.prod(mesh.size(i) for i, pl in enumerate(g.placements) if isinstance(pl, Shard))
+                copies = stage_ranks // mesh.size() * math.prod(
+                    mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate())
                 g = g.to_local()
-            copies = stage_ranks / distinct * (2 if name in self.shared_across_stages else 1)
+            copies *= 2 if name in self.shared_across_stages else 1
             total += g.detach().float().pow(2).sum() / copies
         if is_distributed():
             dist.all_reduce(total)

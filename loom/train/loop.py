@@ -423,12 +423,18 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
 
 
 def resolve_data_parallel(cfg: Config, world_size: int) -> Config:
-    """``parallel.dp`` left at 1 takes the processes that tensor and pipeline parallelism leave:
-    ``world_size / (tp × pp)`` (when that divides; otherwise the plan check says what is wrong)."""
+    """Defaults that depend on the number of processes: ``parallel.dp`` left at 1 takes the
+    processes that tensor and pipeline parallelism leave, ``world_size / (tp × pp)`` (when that
+    divides; otherwise the plan check says what is wrong), and a pipeline left at one micro-batch
+    gets one per stage (when the batch splits so), since a single micro-batch leaves every stage
+    but one idle."""
     p = cfg.parallel
     if p.dp == 1 and world_size > 1 and world_size % (p.tp * p.pp) == 0:
-        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp=world_size // (p.tp * p.pp)))
-    return cfg
+        p = dataclasses.replace(p, dp=world_size // (p.tp * p.pp))
+    per_replica = cfg.train.batch_size // cfg.train.grad_accum // p.dp
+    if p.pp > 1 and p.microbatches == 1 and per_replica % p.pp == 0:
+        p = dataclasses.replace(p, microbatches=p.pp)
+    return dataclasses.replace(cfg, parallel=p)
 
 
 def _make_run_dir(cfg: Config, run_dir: Path | None, resume: bool) -> str:

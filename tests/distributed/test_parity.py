@@ -29,15 +29,24 @@ TWO_RANKS = {
                         "parallel.microbatches=4"],
     "pp2_zero_bubble": ["parallel.pp=2", "parallel.schedule=zero-bubble", "parallel.virtual_stages=2",
                         "parallel.microbatches=4"],
+    "dp2_zero2_offload": ["parallel.dp=2", "parallel.zero=2", "parallel.offload=optimizer"],
     "dp2_recompute_selective": ["parallel.dp=2", "parallel.recompute=selective"],
     "tp2_recompute_full": ["parallel.tp=2", "parallel.recompute=full"],
 }
 FOUR_RANKS = {
     "dp2_tp2": ["parallel.dp=2", "parallel.tp=2"],
+    "dp2_tp2_zero1": ["parallel.dp=2", "parallel.tp=2", "parallel.zero=1"],
+    "dp2_tp2_sp_zero3": ["parallel.dp=2", "parallel.tp=2", "parallel.sp=true", "parallel.zero=3"],
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2"],
     "dp2_pp2_zero3": ["parallel.dp=2", "parallel.pp=2", "parallel.zero=3", "parallel.microbatches=2"],
 }
+# 8 processes on a 2-core machine take a while: marked slow (CI still runs it)
+EIGHT_RANKS = {
+    "dp2_tp2_pp2_zero1_sp": ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2", "parallel.zero=1", "parallel.sp=true",
+                             "parallel.microbatches=2"],
+}
 MODELS = ("gpt", "pangu")
+LAYOUTS = {2: TWO_RANKS, 4: FOUR_RANKS, 8: EIGHT_RANKS}
 
 
 @functools.cache
@@ -47,8 +56,7 @@ def _reference(model: str, *train_settings: str) -> dict:
 
 @functools.cache
 def _results(world: int) -> tuple:
-    layouts = TWO_RANKS if world == 2 else FOUR_RANKS
-    cases = [(m, layout) for m in MODELS for layout in layouts.values()]
+    cases = [(m, layout) for m in MODELS for layout in LAYOUTS[world].values()]
     return tuple(run_on_ranks(world, train_layouts, cases))
 
 
@@ -84,6 +92,13 @@ def test_four_rank_layout_matches_single_process(name, model):
 
 
 @pytest.mark.parametrize("model", MODELS)
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("name", list(EIGHT_RANKS))
+def test_eight_rank_layout_matches_single_process(name, model):
+    _check(model, EIGHT_RANKS[name], 8)
+
+
 def test_reference_training_moves_far_more_than_the_tolerance(model):
     """The comparison means something: five steps change the loss and every weight matrix by far
     more than the tolerance the layouts are held to."""
