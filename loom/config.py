@@ -103,7 +103,8 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved and zero-bubble)
     recompute: str = "none"  # none | selective | full
     recompute_every: int = 1  # recompute every k-th block (1: all)
-    offload: str = "none"  # none | optimizer: master weights, grads, optimizer state + step on the host | params: + zero=3
+    # none | optimizer (ZeRO-Offload: fp32 shards, grads, optimizer state and step on the host) | params (+ zero=3)
+    offload: str = "none"
     mesh_order: list[str] = field(default_factory=lambda: ["pp", "dp", "tp"])  # outer -> inner (fastest link)
     strategies: dict[str, str] = field(default_factory=dict)  # module pattern -> shard strategy override
 
