@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import uuid
 from dataclasses import dataclass
 
@@ -70,7 +71,14 @@ def launch_local(nproc: int, entrypoint, *args) -> dict:
     returns each local rank's return value. A failed worker raises ``ChildFailedError``."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # Ctrl-C reaches the workers straight from the terminal: each finishes its step, they agree to
+    # stop after the same one and save a checkpoint. The launcher itself must neither die of it nor
+    # pass it on (a second SIGINT would abort the workers' save).
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn")
-    return elastic_launch(config, entrypoint)(*args)
+                          monitor_interval=0.1, start_method="spawn", signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return elastic_launch(config, entrypoint)(*args)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -388,7 +388,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     run directory and prepares the data first, the others follow."""
     process, device = init_process(cfg.train.device)  # fail before any work if the device is not there
     if not process.is_coordinator:
-        logging.getLogger("loom").setLevel(logging.WARNING)  # one voice: rank 0's
+        logging.getLogger("loom").setLevel(logging.ERROR)  # one voice: rank 0's
     cfg = resolve_data_parallel(cfg, process.world_size)
     plan = plan_from_config(cfg.parallel)
     check_plan(plan, cfg, process.world_size)

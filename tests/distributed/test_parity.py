@@ -91,13 +91,14 @@ def test_four_rank_layout_matches_single_process(name, model):
     _check(model, FOUR_RANKS[name], 4)
 
 
-@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("name", list(EIGHT_RANKS))
 def test_eight_rank_layout_matches_single_process(name, model):
     _check(model, EIGHT_RANKS[name], 8)
 
+
+@pytest.mark.parametrize("model", MODELS)
 
 def test_reference_training_moves_far_more_than_the_tolerance(model):
     """The comparison means something: five steps change the loss and every weight matrix by far
