@@ -58,3 +58,28 @@ def test_nproc_2_trains_resumes_on_one_process_and_exports(tiny_corpus, tmp_path
     for name, p in model.named_parameters():
         torch.testing.assert_close(weights[name], p.detach(), rtol=0, atol=0)
     assert "lm_head.weight" not in weights  # tied: stored once
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_nproc_2_stops_all_ranks_after_one_step_with_a_checkpoint(tiny_corpus, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "loom", "train", "--nproc", "2", "model=gpt-tiny", "--data", str(tiny_corpus),
+           "train.steps=100000", "train.batch_size=2", "train.log_every=1", "train.ckpt_every=0",
+           "train.progress=log", f"train.run_dir={run}"]
+    # its own process group, which a terminal's Ctrl-C signals as a whole: launcher and workers
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    for line in proc.stderr:
+        if line.startswith("step 3/"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=180) == 130, rest
+    assert rest.count("stopped at step") == 1 and "Traceback" not in rest
+    ckpts = [p.name for p in (run / "checkpoints").iterdir()]
+    assert len(ckpts) == 1 and ckpts[0].startswith("step_") and ".tmp" not in ckpts[0]
