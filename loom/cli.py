@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as e:
-        print(f"loom: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank meets the same error
+            print(f"loom: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path that cannot be read or written: the user's to fix, not a bug
         print(f"loom: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
