@@ -25,7 +25,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(self.n_blocks)})
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # tied (Press & Wolf 2017)
+        self.tie_weights()  # input and output embeddings tied (Press & Wolf 2017)
 
     # -- shape ------------------------------------------------------------------------------
 
@@ -47,10 +47,15 @@ class GPT(nn.Module):
         same numbers as one device does."""
         return gpt_initial_value(self, name, shape, self.cfg.n_layer, param_generator(seed, name))
 
+    def tie_weights(self) -> None:
+        """Make the output projection the input embedding again (``to_empty()`` replaces
+        parameters one by one, which unties them)."""
+        self.lm_head.weight = self.tok_emb.weight
+
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Initialize every parameter from ``seed``; usable after ``to_empty`` from the meta device."""
-        self.lm_head.weight = self.tok_emb.weight  # re-tie: to_empty() replaces parameters one by one
+        self.tie_weights()
         for name, p in self.named_parameters():
             p.copy_(self.initial_value(name, p.shape, seed))
 

@@ -34,6 +34,10 @@ from loom.train.precision import DTYPES, autocast
 LossScale = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _identity_scale(loss: torch.Tensor) -> torch.Tensor:
+    return loss
+
+
 @dataclass
 class ParallelModel:
     """This rank's share of a model under a plan."""
@@ -47,7 +51,7 @@ class ParallelModel:
     loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     # names of parameters held by two ranks of the pipeline (the tied embedding): counted once in norms
     shared_across_stages: frozenset[str] = frozenset()
-    _scale: list = field(default_factory=lambda: [_identity])
+    _loss_scale: LossScale = _identity_scale  # what the pipeline's loss is multiplied by before backward
     _raw_losses: list = field(default_factory=list)  # this step's micro-batch losses, unscaled
 
     # -- parameters ------------------------------------------------------------------------
@@ -84,7 +88,7 @@ class ParallelModel:
         without a pipeline, the last stage's ranks with one), else None."""
         set_gradient_sync(self.modules, self.plan.zero, last_micro_step)
         if self.pipeline is not None:
-            return self._through_pipeline(self.pipeline.step, x, y, scale)
+            return self._pipeline_step(x, y, scale)
         with autocast(self.device, self.precision):
             logits = self.modules[0](x)
         with self.loss_context():
@@ -102,11 +106,11 @@ class ParallelModel:
         with self.loss_context():
             return _local(lm_loss(logits, y))
 
-    def _through_pipeline(self, run, x, y, scale: LossScale) -> torch.Tensor | None:
-        self._scale[0], self._raw_losses = scale, []
+    def _pipeline_step(self, x, y, scale: LossScale) -> torch.Tensor | None:
+        self._loss_scale, self._raw_losses = scale, []
         # the schedule runs the backward too: a vocabulary-parallel loss needs its context around both
         with autocast(self.device, self.precision), self.loss_context():
-            run(x, y)
+            self.pipeline.step(x, y)
         # the last `microbatches` calls are this batch's (the first step also calls the loss while the
         # stages learn their shapes)
         raw = self._raw_losses[-self.plan.microbatches:]
@@ -117,7 +121,7 @@ class ParallelModel:
         equal size, so the mean of theirs is the batch's)."""
         loss = lm_loss(logits, y)
         self._raw_losses.append(_local(loss.detach()))
-        return self._scale[0](loss)
+        return self._loss_scale(loss)
 
     def after_backward(self) -> None:
         """Gradients every rank must agree on before the optimizer step. A gradient that came out
@@ -172,10 +176,6 @@ class ParallelModel:
         return norm
 
 
-def _identity(loss: torch.Tensor) -> torch.Tensor:
-    return loss
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -194,7 +194,7 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
         strategies = resolve_strategies(model, strategy_table(model.cfg.arch), dict(plan.strategies), plan.tp, plan.dp)
     if mesh is None or plan.world_size == 1:
         apply_recompute(model.layers, plan.recompute, plan.recompute_every)
-        _materialize(pm.modules, device, seed)
+        _materialize(pm.modules, device, seed, tie=model.tie_weights)
         return pm
 
     if plan.pp > 1:
@@ -227,25 +227,21 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
             apply_data_parallel(m, mesh["dp_replicate", "dp_shard"], plan.zero, param_dtype,
                                 offload=plan.offload != "none", reshard_after_forward=reshard)
     _materialize(pm.modules, device, seed, offload=plan.offload != "none",
-                 tie=pm.pipeline.tie_weights if pm.pipeline is not None else None)
+                 tie=pm.pipeline.tie_weights if pm.pipeline is not None else model.tie_weights)
     return pm
 
 
 @torch.no_grad()
-def _materialize(modules: list[nn.Module], device: torch.device, seed: int, offload: bool = False,
-                 tie: Callable[[], None] | None = None) -> None:
-    """Allocate each module's (sharded) parameters and fill them with the single-device initial
-    values: every rank computes a parameter's full initial value and keeps its own slice."""
+def _materialize(modules: list[nn.Module], device: torch.device, seed: int, tie: Callable[[], None],
+                 offload: bool = False) -> None:
+    """Allocate each module's (sharded) parameters, re-tie the embedding (``tie``), and fill them
+    with the single-device initial values: every rank computes a parameter's full initial value
+    and keeps its own slice."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     for m in modules:
-        tied = getattr(m, "tok_emb", None) is not None and getattr(m, "lm_head", None) is not None \
-            and m.lm_head.weight is m.tok_emb.weight
         m.to_empty(device="cpu" if offload else device)
-        if tied and m.lm_head.weight is not m.tok_emb.weight:
-            m.lm_head.weight = m.tok_emb.weight
-    if tie is not None:
-        tie()
+    tie()
     for m in modules:
         for name, p in m.named_parameters():
             full = m.initial_value(name, p.shape, seed)

@@ -32,7 +32,12 @@ def evaluate(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size: 
         total += lm_loss(logits, y).item() * y.numel()
         count += y.numel()
     model.train(was_training)
-    if count == 0:
+    return val_record(total, count)
+
+
+def val_record(loss_sum: float, tokens: int) -> dict:
+    """The evaluation record from the token-weighted loss sum over ``tokens`` scored tokens."""
+    if tokens == 0:
         raise ValueError("evaluation saw no tokens: the validation split is shorter than one sequence")
-    loss = total / count
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
+    loss = loss_sum / tokens
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}

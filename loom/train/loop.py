@@ -42,6 +42,7 @@ from loom.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from loom.train.evaluate import val_record
 from loom.train.memory import check_training_state_fits
 from loom.train.metrics import MetricsFile, peak_flops
 from loom.train.optim import build_optimizer, lr_at
@@ -285,16 +286,9 @@ class Trainer:
             if loss is not None:
                 parts += torch.stack([loss.float() * ys.numel(), torch.tensor(float(ys.numel()), device=self.device)])
         self.model.train(True)
-        parts = all_reduce_sum(parts)
-        if parts[1] == 0:
-            raise ValueError("evaluation saw no tokens: the validation split is shorter than one sequence")
-        loss = (parts[0] / parts[1]).item()
-        tokens = int(parts[1].item()) // self._loss_holders()
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
-
-    def _loss_holders(self) -> int:
-        """Ranks of one replica that report a loss: its tensor-parallel ranks on the last stage."""
-        return self.plan.tp
+        # every rank of a replica's last stage knows its loss: its tp ranks hold the same numbers
+        loss_sum, tokens = (all_reduce_sum(parts) / self.plan.tp).tolist()
+        return val_record(loss_sum, round(tokens))
 
     # -- checkpoints ---------------------------------------------------------------------
 

@@ -55,18 +55,18 @@ def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _train(model: str, layout: list[str], process: Process) -> dict:
+def _train(model: str, layout: list[str], process: Process, steps: int = STEPS) -> dict:
     trainer = Trainer(config(model, layout), None, tiny_data(), process=process, device=torch.device("cpu"))
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         parts, _ = trainer.train_step(step)
         losses.append(trainer.mean_over_replicas(parts).item())
     val = trainer.evaluate()["val_loss"] if model == "gpt" else None
     return {"losses": losses, "params": full_parameters(trainer), "val_loss": val}
 
 
-def train_single(model: str, layout: list[str] | None = None) -> dict:
-    return _train(model, layout or [], Process())
+def train_single(model: str, layout: list[str] | None = None, steps: int = STEPS) -> dict:
+    return _train(model, layout or [], Process(), steps)
 
 
 def train_layouts(cases: list[tuple[str, list[str]]]) -> dict:

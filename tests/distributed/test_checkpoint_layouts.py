@@ -18,11 +18,8 @@ RESUMED_UNDER = {
 }
 
 
-def test_checkpoint_saved_under_dp2_tp2_resumes_under_pp2_tp2_and_one_process(tmp_path, monkeypatch):
-    import tests.distributed.parity as parity
-
-    monkeypatch.setattr(parity, "STEPS", STEPS)
-    reference = train_single("gpt")["losses"]  # uninterrupted, one process
+def test_checkpoint_saved_under_dp2_tp2_resumes_under_pp2_tp2_and_one_process(tmp_path):
+    reference = train_single("gpt", steps=STEPS)["losses"]  # uninterrupted, one process
     assert len(reference) == STEPS
 
     saved = tmp_path / "saved"

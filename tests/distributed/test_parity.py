@@ -31,12 +31,14 @@ TWO_RANKS = {
                         "parallel.microbatches=4"],
     "dp2_zero2_offload": ["parallel.dp=2", "parallel.zero=2", "parallel.offload=optimizer"],
     "dp2_recompute_selective": ["parallel.dp=2", "parallel.recompute=selective"],
-    "tp2_recompute_full": ["parallel.tp=2", "parallel.recompute=full"],
+    "tp2_recompute_full_every2": ["parallel.tp=2", "parallel.recompute=full", "parallel.recompute_every=2"],
 }
 FOUR_RANKS = {
     "dp2_tp2": ["parallel.dp=2", "parallel.tp=2"],
     "dp2_tp2_zero1": ["parallel.dp=2", "parallel.tp=2", "parallel.zero=1"],
     "dp2_tp2_sp_zero3": ["parallel.dp=2", "parallel.tp=2", "parallel.sp=true", "parallel.zero=3"],
+    "dp4_zero3_hybrid": ["parallel.dp=4", "parallel.zero=3", "parallel.shard_group=2"],
+    "dp2_tp2_tp_outermost": ["parallel.dp=2", "parallel.tp=2", "parallel.mesh_order=[tp,dp,pp]"],
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2"],
     "dp2_pp2_zero3": ["parallel.dp=2", "parallel.pp=2", "parallel.zero=3", "parallel.microbatches=2"],
 }
