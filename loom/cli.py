@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
                    "(same as data.path=PATH; default: the Python standard library)")
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="start N local processes (one per device) for a parallel layout; parallel.dp defaults "
-                   "to N / (tp × pp). Multi-node: torchrun ... -m loom train ...")
+                   "to N / (tp × pp × ep). Multi-node: torchrun ... -m loom train ...")
 
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("run_dir")
@@ -73,9 +73,11 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("--out", help="where to write it (default: RUN_DIR/model.safetensors)")
 
-    pl = sub.add_parser("plot", help="draw the loss curve of a run to RUN_DIR/loss.png")
+    pl = sub.add_parser("plot", help="draw the loss curve of a run to RUN_DIR/loss.png (and, for a Mixture-of-"
+                                     "Experts model, the expert load to RUN_DIR/expert_load.png)")
     pl.add_argument("run_dir")
-    pl.add_argument("--out", help="where to write the PNG")
+    pl.add_argument("--out", help="where to write the loss curve (an expert-load picture goes beside it as "
+                                  "STEM_expert_load.png)")
 
     d = sub.add_parser("describe", help="parameters, FLOPs and memory of a model, without allocating it")
     d.add_argument("model", nargs="?", default=None, help="a preset name (see `loom describe --list`)")
@@ -246,8 +248,8 @@ def cmd_plot(args) -> int:
     from loom.plot import plot_run
     from loom.runs import check_run_dir
 
-    out = plot_run(check_run_dir(Path(args.run_dir)), Path(args.out) if args.out else None)
-    print(out)
+    for out in plot_run(check_run_dir(Path(args.run_dir)), Path(args.out) if args.out else None):
+        print(out)
     return 0
 
 
@@ -273,14 +275,33 @@ def cmd_describe(args) -> int:
     if cfg.preset in PUBLISHED_PARAMS:
         pub = PUBLISHED_PARAMS[cfg.preset]
         rows.append(("published", f"{pub / 1e9:.3f} B ({100 * (n / pub - 1):+.2f}%)"))
+    moe = cfg.moe
+    if moe.experts:  # a dense model's description stays as it was
+        from loom.models import matmul_params, n_moe_layers
+
+        n_blocks = cfg.n_layer - 1 if cfg.arch == "pangu" else cfg.n_layer  # PanGu's last block is the query layer
+        every = "every block" if moe.every == 1 else f"every {moe.every}{_ordinal(moe.every)} block"
+        capacity = f"capacity factor {moe.capacity_factor:g}" if moe.capacity_factor else "no capacity limit"
+        active = matmul_params(cfg)
+        rows += [
+            ("MoE", f"{n_moe_layers(cfg)} of {n_blocks} blocks ({every}): {moe.experts} experts of ffn "
+                    f"{cfg.expert_ffn}, router {moe.router}, top_k={moe.top_k}, {capacity}"),
+            ("active", f"{active:,} ({active / 1e9:.3f} B) matmul params a token meets (its top_k experts, the "
+                       f"router, attention, dense MLPs, output projection)"),
+        ]
     rows += [
-        ("FLOPs/token", f"{flops_per_token(cfg):.4g} (training, PaLM's 6N + 12LHQT)"),
+        ("FLOPs/token", f"{flops_per_token(cfg):.4g} (training, PaLM's 6N + 12LHQT"
+                        + (", N = active matmul params)" if moe.experts else ")")),
         ("weights", f"{n * 2 / 2**30:,.1f} GiB in bf16, {n * 4 / 2**30:,.1f} GiB in fp32"),
         ("train state", f"{n * 16 / 2**30:,.1f} GiB (bf16 weights+grads, fp32 master+Adam moments)"),
     ]
     for k, v in rows:
         print(f"{k:12s} {v}")
     return 0
+
+
+def _ordinal(k: int) -> str:
+    return "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "plot": cmd_plot,

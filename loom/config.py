@@ -29,6 +29,25 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MoEConfig:
+    """Sparse Mixture-of-Experts feed-forward layers (docs/moe.md). ``experts=0``: a dense model."""
+
+    experts: int = 0  # experts per MoE layer; 0 keeps every block's dense MLP
+    every: int = 1  # every k-th block gets the MoE layer (blocks k-1, 2k-1, ...); GLaM and Switch: 2
+    router: str = "switch"  # switch (top-1) | top2 (GShard/GLaM) | noisy-topk (Shazeer et al. 2017)
+    top_k: int = 1  # experts per token: 1 for switch, 2 for top2, any for noisy-topk
+    random_routing: bool = True  # top2: keep the second expert with probability 2·gate (GShard); false: always
+    capacity_factor: float = 1.25  # expert capacity = ceil(k · tokens per sequence / experts × this); 0: none
+    aux_loss_weight: float = 0.01  # α of the load-balancing loss
+    z_loss_weight: float = 0.001  # router z-loss (Zoph et al. 2022); 0 disables
+    expert_ffn: Optional[int] = None  # hidden width of each expert; None: the model's ffn
+
+    def is_moe_block(self, i: int) -> bool:
+        """Whether decoder block ``i`` (0-based) holds an MoE layer instead of the dense MLP."""
+        return self.experts > 0 and (i + 1) % self.every == 0
+
+
+@dataclass
 class ModelConfig:
     preset: str = DEFAULT_PRESET
     arch: str = "gpt"  # gpt | pangu
@@ -41,6 +60,11 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     layer_norm_eps: float = 1e-5
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.moe.expert_ffn if self.moe.expert_ffn is not None else self.ffn
 
     @property
     def ffn(self) -> int:
@@ -89,12 +113,13 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the devices are used; ``dp * tp * pp`` is the number of processes. Each field is one
+    """How the devices are used; ``dp * ep * tp * pp`` is the number of processes. Each field is one
     dimension of the hybrid layout (docs/parallelism.md explains them)."""
 
     dp: int = 1  # data-parallel replicas (each holds a slice of every batch)
     tp: int = 1  # tensor (operator) parallel: each operator's weights split over tp devices
     pp: int = 1  # pipeline stages
+    ep: int = 1  # expert parallel: MoE experts split over ep ranks, which also split the batch (as dp does)
     sp: bool = False  # sequence parallel: LayerNorm/dropout activations split along the sequence over tp
     zero: int = 0  # 0 replicated | 1 optimizer state | 2 + gradients | 3 + parameters sharded over dp
     shard_group: int = 0  # ZeRO shard group size; 0 = all of dp; a divisor < dp gives hybrid sharding
@@ -105,7 +130,8 @@ class ParallelConfig:
     recompute_every: int = 1  # recompute every k-th block (1: all)
     # none | optimizer (ZeRO-Offload: fp32 shards, grads, optimizer state and step on the host) | params (+ zero=3)
     offload: str = "none"
-    mesh_order: list[str] = field(default_factory=lambda: ["pp", "dp", "tp"])  # outer -> inner (fastest link)
+    # outer -> inner (the last on the fastest link); an order without ep places ep right inside dp
+    mesh_order: list[str] = field(default_factory=lambda: ["pp", "dp", "ep", "tp"])
     strategies: dict[str, str] = field(default_factory=dict)  # module pattern -> shard strategy override
 
 
@@ -119,6 +145,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("gpt", "pangu"),
+    "model.moe.router": ("switch", "top2", "noisy-topk"),
     "data.tokenizer": ("auto", "bpe", "jieba-sp"),
     "train.optimizer": ("adamw", "lamb"),
     "train.schedule": ("cosine", "constant"),
@@ -233,8 +260,11 @@ def _did_you_mean(word: str, options) -> str:
 def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError` on the first value that cannot work."""
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        *path, name = key.split(".")
+        owner = cfg
+        for part in path:
+            owner = getattr(owner, part)
+        value = getattr(owner, name)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}"
                               + _did_you_mean(str(value), allowed))
@@ -275,6 +305,32 @@ def _validate_model(m: ModelConfig) -> None:
                           "(decoder blocks plus the top query layer)")
     _check("model.dropout", m.dropout, 0.0, 1.0, high_open=True)
     _check("model.layer_norm_eps", m.layer_norm_eps, 0.0, low_open=True)
+    _validate_moe(m)
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    e = m.moe
+    _check("model.moe.experts", e.experts, low=0)
+    if e.experts == 0:
+        return
+    _check("model.moe.every", e.every, low=1)
+    n_blocks = m.n_layer - 1 if m.arch == "pangu" else m.n_layer
+    if e.every > n_blocks:
+        raise ConfigError(f"model.moe.every={e.every} leaves no MoE layer among the model's {n_blocks} "
+                          f"decoder blocks; choose every <= {n_blocks}")
+    _check("model.moe.top_k", e.top_k, 1, e.experts)
+    need_k = {"switch": 1, "top2": 2}.get(e.router)
+    if need_k is not None and e.top_k != need_k:
+        raise ConfigError(f"model.moe.router={e.router} routes each token to {need_k} expert(s), but "
+                          f"model.moe.top_k={e.top_k}; set model.moe.top_k={need_k}, or router=noisy-topk "
+                          "for any k")
+    if e.router == "top2" and e.experts < 2:
+        raise ConfigError("model.moe.router=top2 needs model.moe.experts >= 2")
+    _check("model.moe.capacity_factor", e.capacity_factor, low=0)
+    _check("model.moe.aux_loss_weight", e.aux_loss_weight, low=0)
+    _check("model.moe.z_loss_weight", e.z_loss_weight, low=0)
+    if e.expert_ffn is not None:
+        _check("model.moe.expert_ffn", e.expert_ffn, low=1)
 
 
 def _validate_train(t: TrainConfig) -> None:
@@ -295,15 +351,15 @@ def _validate_train(t: TrainConfig) -> None:
         raise ConfigError(f"train.device={t.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
 
 
-MESH_AXES = ("pp", "dp", "tp")
+MESH_AXES = ("pp", "dp", "ep", "tp")
 
 
 def _validate_parallel(p: ParallelConfig) -> None:
     """Ranges only; what depends on the model or the world size is checked by the plan."""
-    for name in ("dp", "tp", "pp", "microbatches", "virtual_stages", "recompute_every"):
+    for name in ("dp", "tp", "pp", "ep", "microbatches", "virtual_stages", "recompute_every"):
         _check(f"parallel.{name}", getattr(p, name), low=1)
     _check("parallel.zero", p.zero, 0, 3)
     _check("parallel.shard_group", p.shard_group, low=0)
-    if sorted(p.mesh_order) != sorted(MESH_AXES):
+    if sorted(p.mesh_order) not in (sorted(MESH_AXES), sorted(set(MESH_AXES) - {"ep"})):
         raise ConfigError(f"parallel.mesh_order={list(p.mesh_order)} must order each of {', '.join(MESH_AXES)} "
-                          "exactly once, outermost first (e.g. [pp, dp, tp]: tp inside a node)")
+                          "exactly once, outermost first (e.g. [pp, dp, ep, tp]: tp inside a node)")

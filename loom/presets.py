@@ -5,6 +5,11 @@ GPT-2 (Radford et al. 2019), GPT-3 (Brown et al. 2020, Table 2.1) and PanGu-α (
 Table 1). The ``*-tiny`` presets exist for tests; the ``*-mini`` presets train in minutes on two CPU
 cores and are what ``loom train`` uses by default.
 
+The MoE presets put sparse Mixture-of-Experts feed-forward layers in the decoder (``moe``): Switch-Base
+(Fedus et al. 2022, 128 experts in every other layer, top-1) as a decoder of the same 24 layers as
+T5-Base's encoder plus decoder, and GLaM 64B/64E (Du et al. 2022, Table 4: 64 experts in every other of
+64 layers, top-2).
+
 For PanGu-α ``n_layer`` counts the top query layer, as the reference implementation does
 (``n_layer - 1`` decoder blocks followed by the top query layer).
 """
@@ -15,6 +20,10 @@ PRESETS: dict[str, dict] = {
     # -- for tests: a few seconds per hundred steps -----------------------------------------
     "gpt-tiny": dict(arch="gpt", n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512),
     "pangu-tiny": dict(arch="pangu", n_layer=3, n_head=4, n_embd=64, block_size=64, vocab_size=512),
+    "switch-tiny": dict(arch="gpt", n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512,
+                        moe=dict(experts=8, every=1, router="switch", top_k=1, capacity_factor=1.25)),
+    "glam-tiny": dict(arch="gpt", n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=512,
+                      moe=dict(experts=8, every=2, router="top2", top_k=2, capacity_factor=1.25)),
     # -- for a CPU: learns Python in minutes on 2 cores -------------------------------------
     "gpt-mini": dict(arch="gpt", n_layer=4, n_head=4, n_embd=192, block_size=256, vocab_size=4096),
     "pangu-mini": dict(arch="pangu", n_layer=5, n_head=4, n_embd=192, block_size=256, vocab_size=4096),
@@ -30,6 +39,13 @@ PRESETS: dict[str, dict] = {
                       block_size=1024, vocab_size=40000),
     "pangu-200b": dict(arch="pangu", n_layer=64, n_head=128, n_embd=16384, ffn_hidden=65536,
                        block_size=1024, vocab_size=40000),
+    # -- sparse Mixture-of-Experts ------------------------------------------------------------
+    "switch-base": dict(arch="gpt", n_layer=24, n_head=12, n_embd=768, ffn_hidden=3072, block_size=512,
+                        vocab_size=32128, moe=dict(experts=128, every=2, router="switch", top_k=1,
+                                                   capacity_factor=1.25)),
+    "glam-1.2t": dict(arch="gpt", n_layer=64, n_head=128, n_embd=8192, ffn_hidden=32768, block_size=1024,
+                      vocab_size=256000, moe=dict(experts=64, every=2, router="top2", top_k=2,
+                                                  capacity_factor=1.25)),
 }
 
 # Parameter counts as published, for the presets that have one (used by tests and `loom describe`).
@@ -41,6 +57,8 @@ PUBLISHED_PARAMS: dict[str, float] = {
     "pangu-2.6b": 2.6e9,
     "pangu-13b": 13.1e9,
     "pangu-200b": 207.0e9,
+    "switch-base": 7.4e9,  # Switch-Base, 128 experts (T5-Base encoder-decoder)
+    "glam-1.2t": 1.2e12,  # GLaM 64B/64E: gated FFNs and relative position biases, not modelled here
 }
 
 DEFAULT_PRESET = "gpt-mini"

@@ -8,7 +8,7 @@
       train.log          what the run printed
       checkpoints/       step_NNNNNNN/ directories in torch.distributed.checkpoint format
       summary.json       final validation loss, throughput, timings
-      loss.png           the loss curve (``loom plot``)
+      loss.png           the loss curve (``loom plot``; MoE models: also expert_load.png)
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from loom.presets import PRESETS, PUBLISHED_PARAMS
 ARCHS: dict[str, type[GPT]] = {"gpt": GPT, "pangu": PanGuAlpha}
 
 __all__ = ["GPT", "PanGuAlpha", "PRESETS", "PUBLISHED_PARAMS", "build_model", "materialize",
-           "count_params", "flops_per_token"]
+           "count_params", "flops_per_token", "n_moe_layers"]
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> GPT:
@@ -35,11 +35,20 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a shared one once
 
 
+def n_moe_layers(cfg: ModelConfig) -> int:
+    """Decoder blocks whose feed-forward layer is a Mixture-of-Experts."""
+    n_blocks = cfg.n_layer - 1 if cfg.arch == "pangu" else cfg.n_layer
+    return sum(cfg.moe.is_moe_block(i) for i in range(n_blocks))
+
+
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights that take part in a matrix multiply per token: every attention and MLP matrix,
-    and the output projection (the input embedding is a lookup and costs no FLOPs)."""
-    per_layer = 4 * cfg.n_embd * cfg.n_embd + 2 * cfg.n_embd * cfg.ffn
-    return cfg.n_layer * per_layer + cfg.n_embd * cfg.vocab_size
+    and the output projection (the input embedding is a lookup and costs no FLOPs). In an MoE
+    layer a token meets the router and its ``top_k`` experts only (the *active* parameters)."""
+    c, moe = cfg.n_embd, n_moe_layers(cfg)
+    attention, dense = 4 * c * c, 2 * c * cfg.ffn
+    sparse = c * cfg.moe.experts + cfg.moe.top_k * 2 * c * cfg.expert_ffn
+    return cfg.n_layer * attention + (cfg.n_layer - moe) * dense + moe * sparse + c * cfg.vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
+from loom.models.moe import Experts, MoE, moe_initial_value
 
 
 @dataclass
@@ -110,14 +111,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm Transformer decoder block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LayerNorm Transformer decoder block: x + attn(ln(x)), then x + mlp(ln(x)); with ``moe``
+    the feed-forward layer is a sparse Mixture-of-Experts (:class:`~loom.models.moe.MoE`)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, moe: bool = False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.attn = Attention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if moe else MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         h = self.ln_1(x)
@@ -138,6 +140,8 @@ def gpt_initial_value(module: nn.Module, name: str, shape: torch.Size, n_layer: 
     2019, section 2.3). Returns the full tensor (fp32, CPU)."""
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name)
+    if isinstance(owner, Experts):
+        return moe_initial_value(name, shape, n_layer, generator)
     if isinstance(owner, nn.LayerNorm):
         return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
     if leaf == "bias":

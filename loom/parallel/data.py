@@ -15,6 +15,11 @@ shard group is smaller than dp). Each block is its own communication bucket, so 
 reduce-scatter runs while the previous block's backward computes (overlap). The embedding and the
 head stay in the root group, which keeps a tied embedding/output weight one parameter.
 
+Under expert parallelism the dense parameters are data-parallel over ``dp × ep`` ranks (``dp_mesh``,
+from :func:`loom.parallel.mesh.dense_data_mesh`) and each MoE layer's experts, already split over ep, over
+``dp`` alone (``expert_mesh``): they are their own group inside their block. With dp = 1 the experts
+have no replica to talk to and FSDP leaves them alone.
+
 Mixed precision (``param_dtype``): blocks compute and all-gather in bf16/fp16 while the sharded
 fp32 parameters are the master weights and gradients are reduced in fp32.
 """
@@ -28,19 +33,31 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 
 def apply_data_parallel(module: nn.Module, dp_mesh: DeviceMesh, zero: int, param_dtype: torch.dtype | None,
-                        offload: bool = False, reshard_after_forward: bool | None = None) -> None:
-    """Shard (or replicate) ``module`` over ``dp_mesh`` (dims ``dp_replicate, dp_shard``), in place.
+                        offload: bool = False, reshard_after_forward: bool | None = None,
+                        expert_mesh: DeviceMesh | None = None, expert_parallel: bool = False) -> None:
+    """Shard (or replicate) ``module`` over ``dp_mesh`` (dims: replicate, shard), in place.
     ``module.layers`` is a ModuleDict of blocks, each made its own group. Parameters are gathered
-    again for backward (``reshard_after_forward``) under ZeRO-3 only, unless told otherwise."""
+    again for backward (``reshard_after_forward``) under ZeRO-3 only, unless told otherwise. With
+    ``expert_parallel`` the experts of MoE layers go over ``expert_mesh`` (None: not at all)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     reshard = zero == 3 if reshard_after_forward is None else reshard_after_forward
+    ignored: set[nn.Parameter] = set()
     for block in module.layers.values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=policy)
+        experts = getattr(block.mlp, "experts", None)
+        if expert_parallel and experts is not None:
+            if expert_mesh is not None:
+                fully_shard(experts, mesh=expert_mesh, reshard_after_forward=reshard, mp_policy=mp,
+                            offload_policy=policy)
+            else:
+                ignored.update(experts.parameters())
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=policy,
+                    ignored_params=ignored or None)
     top = getattr(module, "top_query_layer", None)
     if top is not None:
         fully_shard(top, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=policy)
-    fully_shard(module, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=policy)
+    fully_shard(module, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=policy,
+                ignored_params=ignored or None)
 
 
 def set_gradient_sync(modules: list[nn.Module], zero: int, last_micro_step: bool) -> None:

@@ -8,6 +8,11 @@ Megatron-LM (Narayanan et al. 2021, section 3.3) and PanGu-α (Zeng et al. 2021)
 
 The dp axis is two mesh dimensions, ``dp_replicate × dp_shard``: ZeRO shards over ``dp_shard`` and
 replicates over ``dp_replicate`` (hybrid sharding); plain data parallelism is ``dp_shard = 1``.
+
+The ep axis (expert parallelism) splits the experts of MoE layers; its ranks also take different
+slices of the batch, so the dense layers are data-parallel over ``dp × ep`` ranks
+(:func:`dense_data_mesh`) while the experts are over ``dp`` (:func:`expert_data_mesh`), as in GShard
+and DeepSpeed-MoE. By default ep sits inside dp: its all-to-all is heavier than dp's all-reduce.
 """
 
 from __future__ import annotations
@@ -48,12 +53,40 @@ class Coordinates:
     pp: int
     dp: int
     tp: int
+    ep: int = 0
+
+    def data(self, ep_size: int) -> int:
+        """Index of this rank's slice of the batch among the ``dp × ep`` data-parallel replicas."""
+        return self.dp * ep_size + self.ep
 
 
 def coordinates(mesh: DeviceMesh) -> Coordinates:
     rep, shard = mesh["dp_replicate"].get_local_rank(), mesh["dp_shard"].get_local_rank()
     return Coordinates(pp=mesh["pp"].get_local_rank(), dp=rep * mesh["dp_shard"].size() + shard,
-                       tp=mesh["tp"].get_local_rank())
+                       tp=mesh["tp"].get_local_rank(), ep=mesh["ep"].get_local_rank())
+
+
+def _joined(mesh: DeviceMesh, names: tuple[str, ...]) -> DeviceMesh:
+    """The 1-D mesh over the dimensions ``names`` together."""
+    names = tuple(sorted(names, key=mesh.mesh_dim_names.index))
+    return mesh[names[0]] if len(names) == 1 else mesh[names]._flatten("_".join(names))
+
+
+def dense_data_mesh(mesh: DeviceMesh, zero: int) -> DeviceMesh:
+    """The (replicate, shard) mesh over which the dense (non-expert) parameters are data-parallel:
+    ``dp_replicate × dp_shard`` without expert parallelism. With it the ep ranks are data-parallel
+    too: ZeRO shards over ``dp_shard × ep`` (zero >= 1), plain data parallelism replicates over
+    ``dp_replicate × ep`` (zero = 0, where ``dp_shard`` has size 1)."""
+    if mesh["ep"].size() == 1:
+        return mesh["dp_replicate", "dp_shard"]
+    if zero:
+        return DeviceMesh._concatenate([mesh["dp_replicate"], _joined(mesh, ("dp_shard", "ep"))])
+    return DeviceMesh._concatenate([_joined(mesh, ("dp_replicate", "ep")), mesh["dp_shard"]])
+
+
+def expert_data_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The (replicate, shard) mesh over which each expert's weights are data-parallel: dp alone."""
+    return mesh["dp_replicate", "dp_shard"]
 
 
 def rank_of(mesh: DeviceMesh, **coord: int) -> int:

@@ -1,6 +1,6 @@
 """The one place that applies a :class:`Plan` to a model, in a fixed order (as torchtitan does):
 
-    pipeline split -> tensor/sequence parallel -> recomputation -> data parallel / ZeRO
+    pipeline split -> tensor/sequence parallel -> expert parallel -> recomputation -> data parallel / ZeRO
     -> allocate on the device -> initialize each parameter (or its shard) from the seed
 
 The model arrives on the meta device, written for one device; what comes back is a
@@ -24,8 +24,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from loom.models import GPT
+from loom.models.moe import STAT_FIELDS, moe_layers
 from loom.parallel.data import apply_data_parallel, set_gradient_sync
-from loom.parallel.mesh import is_distributed
+from loom.parallel.expert import apply_expert_parallel, expert_grad_factor
+from loom.parallel.mesh import dense_data_mesh, expert_data_mesh, is_distributed
 from loom.parallel.plan import Plan
 from loom.parallel.recompute import apply_recompute
 from loom.train.evaluate import lm_loss
@@ -53,6 +55,9 @@ class ParallelModel:
     shared_across_stages: frozenset[str] = frozenset()
     _loss_scale: LossScale = _identity_scale  # what the pipeline's loss is multiplied by before backward
     _raw_losses: list = field(default_factory=list)  # this step's micro-batch losses, unscaled
+    moe_names: tuple[str, ...] = ()  # every MoE layer of the whole model, in order (all stages)
+    _pipeline_started: bool = False  # whether the pipeline has run a step (and learned its shapes)
+    counts_stats: bool = True  # whether this rank's MoE statistics count (one rank per tp group)
 
     # -- parameters ------------------------------------------------------------------------
 
@@ -87,6 +92,10 @@ class ParallelModel:
         those of ``scale(mean loss)``. Returns the detached mean loss where it is known (every rank
         without a pipeline, the last stage's ranks with one), else None."""
         set_gradient_sync(self.modules, self.plan.zero, last_micro_step)
+        # the MoE auxiliary losses enter backward with the factor the language-model loss gets
+        aux_scale = float(scale(torch.ones((), device=self.device)))
+        for _, moe in self._moe_layers():
+            moe.aux_grad_scale = aux_scale / (self.plan.microbatches if self.pipeline is not None else 1)
         if self.pipeline is not None:
             return self._pipeline_step(x, y, scale)
         with autocast(self.device, self.precision):
@@ -111,6 +120,12 @@ class ParallelModel:
         # the schedule runs the backward too: a vocabulary-parallel loss needs its context around both
         with autocast(self.device, self.precision), self.loss_context():
             self.pipeline.step(x, y)
+        if not self._pipeline_started:
+            # torch's stages learn their shapes with one extra forward first, on placeholder inputs
+            # past the first stage: not a forward of this batch, so its MoE statistics are dropped
+            self._pipeline_started = True
+            for _, moe in self._moe_layers():
+                moe.stats = moe.stats[1:]
         # the last `microbatches` calls are this batch's (the first step also calls the loss while the
         # stages learn their shapes)
         raw = self._raw_losses[-self.plan.microbatches:]
@@ -133,8 +148,33 @@ class ParallelModel:
             g = p.grad
             if isinstance(g, DTensor) and isinstance(p, DTensor) and tuple(g.placements) != tuple(p.placements):
                 p.grad = g.redistribute(p.device_mesh, p.placements)
+        if self.plan.ep > 1:
+            for name, p in self.named_parameters():
+                factor = expert_grad_factor(name, self.plan.ep)
+                if p.grad is not None and factor != 1.0:
+                    (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(factor)
         if self.pipeline is not None:
             self.pipeline.sync_tied_grads()
+
+    # -- MoE statistics -------------------------------------------------------------------
+
+    def _moe_layers(self):
+        for m in self.modules:
+            yield from moe_layers(m)
+
+    def take_moe_stats(self) -> torch.Tensor | None:
+        """This rank's share of the MoE statistics since the last call, as a (layers, experts +
+        fields) tensor over every MoE layer of the model (zeros for layers held elsewhere), ready to
+        be summed over all ranks; resets them. None for a dense model."""
+        if not self.moe_names:
+            return None
+        width = self.modules[0].cfg.moe.experts + len(STAT_FIELDS)
+        out = torch.zeros(len(self.moe_names), width, device=self.device)
+        for name, moe in self._moe_layers():
+            if moe.stats and self.counts_stats:
+                out[self.moe_names.index(name)] = torch.stack(moe.stats).sum(0).to(self.device)
+            moe.stats = []
+        return out
 
     # -- the global gradient norm ------------------------------------------------------------
 
@@ -186,7 +226,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.device, precision: str,
                 seed: int) -> ParallelModel:
     """Apply ``plan`` to the meta-device ``model`` on ``mesh`` and initialize it from ``seed``."""
-    pm = ParallelModel(plan=plan, mesh=mesh, device=device, precision=precision, modules=[model])
+    pm = ParallelModel(plan=plan, mesh=mesh, device=device, precision=precision, modules=[model],
+                       moe_names=tuple(name for name, _ in moe_layers(model)))
     if plan.tp > 1:  # resolved on the whole model: a pipeline stage holds only some of the named modules
         from loom.models.plans import strategy_table
         from loom.parallel.strategy import resolve_strategies
@@ -215,17 +256,24 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
         if head:
             pm.loss_context = lambda: loss_context(head[0])
 
+    if plan.ep > 1:
+        for m in pm.modules:
+            apply_expert_parallel(m, mesh["ep"])
+    pm.counts_stats = mesh["tp"].get_local_rank() == 0  # tp ranks see the same tokens
+
     for m in pm.modules:
         apply_recompute(m.layers, plan.recompute, plan.recompute_every)
 
-    if plan.dp > 1:
+    if plan.data_parallel > 1:
         param_dtype = None if precision == "fp32" else DTYPES[precision]
         # the zero-bubble schedule splits each backward in two; FSDP must keep the parameters
         # gathered in between (resharding after forward would lose gradients)
         reshard = plan.zero == 3 and not (plan.pp > 1 and plan.schedule == "zero-bubble")
+        dense_mesh = dense_data_mesh(mesh, plan.zero)
+        expert_mesh = expert_data_mesh(mesh) if plan.dp > 1 else None
         for m in pm.modules:
-            apply_data_parallel(m, mesh["dp_replicate", "dp_shard"], plan.zero, param_dtype,
-                                offload=plan.offload != "none", reshard_after_forward=reshard)
+            apply_data_parallel(m, dense_mesh, plan.zero, param_dtype, offload=plan.offload != "none",
+                                reshard_after_forward=reshard, expert_mesh=expert_mesh, expert_parallel=plan.ep > 1)
     _materialize(pm.modules, device, seed, offload=plan.offload != "none",
                  tie=pm.pipeline.tie_weights if pm.pipeline is not None else model.tie_weights)
     return pm

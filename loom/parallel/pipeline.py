@@ -84,11 +84,14 @@ def n_blocks(cfg: ModelConfig) -> int:
     return cfg.n_layer - 1 if cfg.arch == "pangu" else cfg.n_layer
 
 
-def block_flops(cfg: ModelConfig) -> float:
-    """Forward FLOPs per token of one block: 2 per weight (4C² attention, 2·C·ffn MLP) plus the
-    attention scores and weighted sum over T positions (4·C·T); 24C² + 4CT when ffn = 4C."""
+def block_flops(cfg: ModelConfig, i: int = 0) -> float:
+    """Forward FLOPs per token of block ``i``: 2 per weight (4C² attention, 2·C·ffn MLP) plus the
+    attention scores and weighted sum over T positions (4·C·T); 24C² + 4CT when ffn = 4C. An MoE
+    block costs its router and ``top_k`` experts instead of the MLP."""
     c = cfg.n_embd
-    return 8.0 * c * c + 4.0 * c * cfg.ffn + 4.0 * c * cfg.block_size
+    ffn = (c * cfg.moe.experts + cfg.moe.top_k * 2 * c * cfg.expert_ffn) if cfg.moe.is_moe_block(i) \
+        else 2 * c * cfg.ffn
+    return 8.0 * c * c + 2.0 * ffn + 4.0 * c * cfg.block_size
 
 
 def stage_layout(cfg: ModelConfig, n_stages: int) -> list[StageSpec]:
@@ -101,12 +104,15 @@ def stage_layout(cfg: ModelConfig, n_stages: int) -> list[StageSpec]:
         raise ConfigError(f"model.n_layer={cfg.n_layer} gives {n} blocks, which cannot fill "
                           f"parallel.pp × parallel.virtual_stages = {n_stages} stages; "
                           "lower parallel.pp or parallel.virtual_stages, or raise model.n_layer")
-    blk = block_flops(cfg)
+    prefix = [0.0]
+    for i in range(n):
+        prefix.append(prefix[-1] + block_flops(cfg, i))
     embed = float(cfg.n_embd)
-    head = 2.0 * cfg.n_embd * cfg.vocab_size + (blk if cfg.arch == "pangu" else 0.0)
+    top_query = 8.0 * cfg.n_embd ** 2 + 4.0 * cfg.n_embd * (cfg.ffn + cfg.block_size)
+    head = 2.0 * cfg.n_embd * cfg.vocab_size + (top_query if cfg.arch == "pangu" else 0.0)
 
     def cost(s: int, i: int, j: int) -> float:  # stage s holding blocks i..j-1
-        return (j - i) * blk + (embed if s == 0 else 0.0) + (head if s == n_stages - 1 else 0.0)
+        return prefix[j] - prefix[i] + (embed if s == 0 else 0.0) + (head if s == n_stages - 1 else 0.0)
 
     def split(score, cap: float) -> tuple[float, list[int]]:
         """Dynamic program over (stages, blocks): best[s][j] scores blocks 0..j-1 in stages 0..s-1,

@@ -14,7 +14,7 @@ from loom.config import Config, ConfigError, ParallelConfig
 
 # One process per device; its coordinate on each axis. dp is split in two mesh dimensions so that
 # hybrid sharding (shard inside a group, replicate across groups) is the same code as plain ZeRO.
-AXES = ("pp", "dp", "tp")
+AXES = ("pp", "dp", "ep", "tp")
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class Plan:
     dp: int = 1
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel; its ranks split the batch too: the dense layers see dp × ep replicas
     sp: bool = False
     zero: int = 0
     shard_group: int = 1  # ranks that share one ZeRO shard (1 when zero=0; dp unless hybrid)
@@ -31,12 +32,17 @@ class Plan:
     recompute: str = "none"
     recompute_every: int = 1
     offload: str = "none"
-    mesh_order: tuple[str, ...] = ("pp", "dp", "tp")  # outermost first; the last shares the fastest link
+    mesh_order: tuple[str, ...] = ("pp", "dp", "ep", "tp")  # outermost first; the last shares the fastest link
     strategies: tuple[tuple[str, str], ...] = ()  # (module pattern, strategy) overrides, in order
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.ep * self.tp * self.pp
+
+    @property
+    def data_parallel(self) -> int:
+        """Replicas of the dense layers, each with its own slice of every batch: dp × ep."""
+        return self.dp * self.ep
 
     @property
     def dp_replicate(self) -> int:
@@ -44,7 +50,7 @@ class Plan:
 
     def describe(self) -> str:
         """A short human-readable layout, e.g. ``dp=2 tp=2 zero=1 sp``."""
-        parts = [f"{a}={getattr(self, a)}" for a in ("dp", "tp", "pp") if getattr(self, a) > 1] or ["single"]
+        parts = [f"{a}={getattr(self, a)}" for a in ("dp", "ep", "tp", "pp") if getattr(self, a) > 1] or ["single"]
         if self.zero:
             parts.append(f"zero={self.zero}" + (f"/shard{self.shard_group}" if self.dp_replicate > 1 else ""))
         if self.sp:
@@ -76,18 +82,27 @@ class Plan:
             raise ConfigError(f"plan has unknown fields {unknown}; valid: {', '.join(sorted(known))}")
         d = dict(d)
         if "mesh_order" in d:
-            d["mesh_order"] = tuple(d["mesh_order"])
+            d["mesh_order"] = full_mesh_order(d["mesh_order"])
         if "strategies" in d:
             d["strategies"] = tuple(dict(d["strategies"]).items())
         return cls(**d)
 
 
+def full_mesh_order(order) -> tuple[str, ...]:
+    """``order`` with every axis: an order written before expert parallelism existed (no ``ep``)
+    gets ep right inside dp."""
+    order = list(order)
+    if "ep" not in order and "dp" in order:
+        order.insert(order.index("dp") + 1, "ep")
+    return tuple(order)
+
+
 def plan_from_config(p: ParallelConfig) -> Plan:
     shard = (p.shard_group or p.dp) if p.zero else 1
-    return Plan(dp=p.dp, tp=p.tp, pp=p.pp, sp=p.sp, zero=p.zero, shard_group=shard,
+    return Plan(dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep, sp=p.sp, zero=p.zero, shard_group=shard,
                 microbatches=p.microbatches, schedule=p.schedule, virtual_stages=p.virtual_stages,
                 recompute=p.recompute, recompute_every=p.recompute_every, offload=p.offload,
-                mesh_order=tuple(p.mesh_order), strategies=tuple(p.strategies.items()))
+                mesh_order=full_mesh_order(p.mesh_order), strategies=tuple(p.strategies.items()))
 
 
 def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
@@ -97,7 +112,8 @@ def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
     from loom.parallel.strategy import resolve_strategies
 
     if world_size is not None and world_size != plan.world_size:
-        raise ConfigError(f"parallel.dp × parallel.tp × parallel.pp = {plan.dp} × {plan.tp} × {plan.pp} = "
+        axes = [("dp", plan.dp)] + ([("ep", plan.ep)] if plan.ep > 1 else []) + [("tp", plan.tp), ("pp", plan.pp)]
+        raise ConfigError(f"{' × '.join('parallel.' + a for a, _ in axes)} = {' × '.join(str(v) for _, v in axes)} = "
                           f"{plan.world_size}, but {world_size} processes were started; make the product "
                           f"equal the number of processes (e.g. --nproc {plan.world_size})")
     if plan.zero and plan.dp % plan.shard_group:
@@ -115,12 +131,25 @@ def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
         if plan.offload == "params" and plan.zero != 3:
             raise ConfigError("parallel.offload=params streams sharded parameters from host memory; "
                               f"it needs parallel.zero=3 (now {plan.zero})")
+    if plan.ep > 1:
+        experts = cfg.model.moe.experts
+        if experts == 0:
+            raise ConfigError(f"parallel.ep={plan.ep} splits the experts of MoE layers, but model={cfg.model.preset} "
+                              "is dense; set model.moe.experts (e.g. model=switch-tiny) or parallel.ep=1")
+        if experts % plan.ep:
+            raise ConfigError(f"parallel.ep={plan.ep} must divide model.moe.experts={experts} "
+                              "(each expert-parallel rank holds experts / ep whole experts)")
+        if plan.offload != "none":
+            raise ConfigError(f"parallel.offload={plan.offload} is not supported with parallel.ep>1 yet; "
+                              "use parallel.zero to shard the expert and optimizer state instead")
     t = cfg.train
     per_step = t.batch_size // t.grad_accum
-    if per_step % plan.dp:
+    replicas = plan.data_parallel
+    if per_step % replicas:
+        what = f"parallel.dp × parallel.ep = {replicas}" if plan.ep > 1 else f"parallel.dp={plan.dp}"
         raise ConfigError(f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} = {per_step} "
-                          f"sequences per micro-step cannot be split over parallel.dp={plan.dp} replicas; "
-                          f"make it a multiple of {plan.dp}")
+                          f"sequences per micro-step cannot be split over {what} replicas; "
+                          f"make it a multiple of {replicas}")
     if plan.tp > 1 or plan.strategies:
         from loom.models import build_model
         from loom.models.plans import strategy_table
@@ -130,7 +159,7 @@ def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
                            plan.tp, plan.dp)
     if plan.pp > 1 or plan.virtual_stages > 1:
         check_pipeline(cfg.model, plan.pp, plan.virtual_stages, plan.schedule, plan.microbatches,
-                       per_step // plan.dp)
+                       per_step // replicas)
     elif plan.microbatches > 1:
         raise ConfigError(f"parallel.microbatches={plan.microbatches} splits each batch for a pipeline; "
                           "with parallel.pp=1 use train.grad_accum for micro-batches")

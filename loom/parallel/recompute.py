@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from loom.models.moe import no_stats
+
 _KEEP = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
          torch.ops.aten.linear.default}
 
@@ -40,6 +42,15 @@ def _checkpointed(forward, context_fn):
         if not torch.is_grad_enabled():  # evaluation and generation keep nothing anyway
             return forward(*args, **kwargs)
         extra = {"context_fn": context_fn} if context_fn is not None else {}
-        return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
+        first = [True]
+
+        def once(*a, **kw):  # the recomputation in backward must not count MoE statistics again
+            if first[0]:
+                first[0] = False
+                return forward(*a, **kw)
+            with no_stats():
+                return forward(*a, **kw)
+
+        return checkpoint(once, *args, use_reentrant=False, **extra, **kwargs)
 
     return functools.wraps(forward)(run)

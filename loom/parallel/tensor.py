@@ -22,7 +22,7 @@ from functools import partial
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -37,6 +37,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
 
 from loom.models.layers import MLP, Attention, Block
+from loom.models.moe import MoE
 from loom.parallel.strategy import check_strategies
 
 # Embeddings looked up by position return (T, C): their sequence dimension is 0, not 1.
@@ -66,8 +67,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
     head, emb = getattr(model, "lm_head", None), getattr(model, "tok_emb", None)
     tied = head is not None and emb is not None and head.weight is emb.weight
     parents = {f"{n}.{c}" if n else c: m for n, m in model.named_modules() for c, _ in m.named_children()}
+    moe_prefixes: list[str] = []
     for name, mod in list(model.named_modules()):
-        if next(mod.parameters(recurse=False), None) is None:
+        if isinstance(mod, MoE):
+            parallelize_module(mod, tp_mesh, _WholeOnEachRank(stream))
+            moe_prefixes.append(name + ".")
+            continue
+        if any(name.startswith(p) for p in moe_prefixes) or next(mod.parameters(recurse=False), None) is None:
             continue
         parent, leaf = parents.get(name), name.rsplit(".", 1)[-1]
         strategy = strategies.get(name, "replicate")
@@ -141,6 +147,32 @@ class _Replicated(ParallelStyle):
 
         distribute_module(module, device_mesh, replicate)
         return self.io._apply(module, device_mesh)
+
+
+class _WholeOnEachRank(ParallelStyle):
+    """An MoE layer under tensor parallelism: every tp rank runs the whole layer on the whole
+    sequence with plain (not DTensor) weights, the same numbers on each: the input is gathered
+    (under sp) and handed over as a local tensor, the output leaves as ``output_layout`` (this
+    rank's slice under sp). Gradients are whole on every rank: the output slice's backward
+    all-gathers, the input's keeps the slice. (Experts are split over ep, not over tp.)"""
+
+    def __init__(self, output_layout: Placement):
+        self.output_layout = output_layout
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def before(mod, args):
+            x, *rest = args
+            if isinstance(x, DTensor):
+                x = x.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Replicate()])
+            return (x, *rest)
+
+        def after(mod, args, out):
+            whole = DTensor.from_local(out, mesh, [Replicate()], run_check=False)
+            return whole.redistribute(mesh, [self.output_layout]).to_local()
+
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)
+        return module
 
 
 def loss_context(model: nn.Module) -> contextlib.AbstractContextManager:

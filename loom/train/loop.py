@@ -30,6 +30,7 @@ from loom.config import Config, ConfigError, config_to_yaml
 from loom.data import BatchSampler, PreparedData, eval_batches
 from loom.data.corpus import corpus_files
 from loom.models import build_model, count_params, flops_per_token
+from loom.models.moe import STAT_FIELDS
 from loom.parallel.launch import Process, barrier, broadcast_object, init_process
 from loom.parallel.mesh import all_reduce_sum, build_mesh, coordinates
 from loom.parallel.parallelize import ParallelModel, parallelize
@@ -59,9 +60,10 @@ class Interval:
     seconds: float = 0.0
     losses: list[torch.Tensor] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None  # of the last step
+    moe: torch.Tensor | None = None  # this rank's MoE statistics, summed over the steps
 
     def reset(self) -> None:
-        self.steps, self.seconds, self.losses, self.grad_norm = 0, 0.0, [], None
+        self.steps, self.seconds, self.losses, self.grad_norm, self.moe = 0, 0.0, [], None, None
 
 
 class StopRequest:
@@ -106,7 +108,8 @@ class Trainer:
         self.peak = self._peak_flops()
         mesh = build_mesh(self.plan, self.device.type) if self.process.world_size > 1 else None
         self.coord = coordinates(mesh) if mesh is not None else None
-        torch.manual_seed(t.seed + (self.coord.dp * 7919 + self.coord.pp * 104729 if self.coord else 0))
+        self.replica = self.coord.data(self.plan.ep) if self.coord else 0  # which slice of each batch
+        torch.manual_seed(t.seed + (self.replica * 7919 + self.coord.pp * 104729 if self.coord else 0))
         self.model: ParallelModel = parallelize(build_model(cfg.model), self.plan, mesh, self.device,
                                                 t.precision, t.seed)
         self.optimizers = self._build_optimizers()
@@ -146,8 +149,8 @@ class Trainer:
         """This replica's rows of the global batch in accumulation micro-step ``micro_step``."""
         t = self.cfg.train
         micro = t.batch_size // t.grad_accum
-        per_replica = micro // self.plan.dp
-        first = micro_step * micro + (self.coord.dp if self.coord else 0) * per_replica
+        per_replica = micro // self.plan.data_parallel
+        first = micro_step * micro + self.replica * per_replica
         return slice(first, first + per_replica)
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,6 +171,9 @@ class Trainer:
             if loss is not None:
                 total += torch.stack([loss.float() / t.grad_accum, torch.ones((), device=self.device) / t.grad_accum])
         self.model.after_backward()
+        moe = self.model.take_moe_stats()
+        if moe is not None:
+            self.interval.moe = moe if self.interval.moe is None else self.interval.moe + moe
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         grad_norm = self.model.clip_grads_(t.grad_clip if t.grad_clip > 0 else math.inf)
@@ -250,6 +256,8 @@ class Trainer:
         }
         if self.process.world_size > 1:
             record["layout"] = self.plan.describe()
+        if iv.moe is not None:
+            record["moe"] = moe_records(self.model.moe_names, all_reduce_sum(iv.moe))
         if self.scaler.enabled:
             record["loss_scale"] = self.scaler.loss_scale
             record["skipped_steps"] = self.scaler.skipped_steps
@@ -274,13 +282,14 @@ class Trainer:
         t = self.cfg.train
         self.model.train(False)
         parts = torch.zeros(2, device=self.device)  # (sum of losses × tokens, tokens) on ranks that know
-        split = self.plan.dp * (self.plan.microbatches if self.plan.pp > 1 else 1)
+        replicas = self.plan.data_parallel
+        split = replicas * (self.plan.microbatches if self.plan.pp > 1 else 1)
         for x, y in eval_batches(self.data.val, self.cfg.model.block_size, t.batch_size, t.eval_batches):
             n = x.size(0) - x.size(0) % split  # every replica needs whole (micro-)batches
             if n == 0:
                 continue
-            per = n // self.plan.dp
-            first = (self.coord.dp if self.coord else 0) * per
+            per = n // replicas
+            first = self.replica * per
             xs, ys = x[first:first + per].to(self.device), y[first:first + per].to(self.device)
             loss = self.model.loss(xs, ys)
             if loss is not None:
@@ -301,6 +310,9 @@ class Trainer:
             # losses of steps not yet logged, so the first record after a resume averages the same steps
             "pending_losses": (self.mean_over_replicas(torch.stack(self.interval.losses)).cpu()
                                if self.interval.losses else torch.zeros(0)),
+            # and the MoE statistics of those steps, summed over ranks
+            "pending_moe": (all_reduce_sum(self.interval.moe.clone()).cpu() if self.interval.moe is not None
+                            else torch.zeros(0)),
         }
         return save_checkpoint(self.run_dir, step, self.model.modules, self.optimizers, state,
                                self.cfg.train.keep_checkpoints, rng=self._rng_state())
@@ -332,6 +344,9 @@ class Trainer:
         pending = state.get("pending_losses", torch.zeros(0)).to(self.device)
         # as (sum, count) pairs from every rank, which mean_over_replicas turns back into the same values
         self.interval.losses = [torch.stack([v, torch.ones((), device=self.device)]) for v in pending]
+        moe = state.get("pending_moe", torch.zeros(0)).to(self.device)
+        if moe.numel():  # the coordinator holds the sum; the others add nothing
+            self.interval.moe = moe if self.process.is_coordinator else torch.zeros_like(moe)
         log.info("resumed from %s (step %d)", ckpt, checkpoint_step(ckpt))
         return int(state["step"])
 
@@ -360,11 +375,30 @@ class Trainer:
         return summary
 
 
+def moe_records(names: tuple[str, ...], stats: torch.Tensor) -> list[dict]:
+    """Per MoE layer, from statistics summed over steps and ranks (:data:`loom.models.moe.STAT_FIELDS`):
+    the auxiliary and z-losses (mean over sequences), the fraction of routed (token, expert)
+    assignments dropped for capacity, and expert load: each expert's share of the routed assignments
+    and max/mean over experts (1 is perfect balance)."""
+    records = []
+    n_fields = len(STAT_FIELDS)
+    for name, row in zip(names, stats.tolist()):
+        load, (assigned, dropped, aux, z, groups) = row[:-n_fields], row[-n_fields:]
+        mean = sum(load) / len(load)
+        records.append({"layer": name, "aux_loss": aux / max(groups, 1), "z_loss": z / max(groups, 1),
+                        "dropped": dropped / max(assigned, 1), "load_max_mean": max(load) / mean if mean else 0.0,
+                        "load": [v / max(assigned, 1) for v in load]})
+    return records
+
+
 def _fmt(r: dict) -> str:
     parts = []
     if "loss" in r:
         parts += [f"loss {r['loss']:.3f}", f"lr {r['lr']:.2e}", f"{r['tokens_per_s']:,.0f} tok/s",
                   f"mfu {100 * r['mfu']:.1f}%"]
+    if "moe" in r:
+        parts.append(f"moe load max/mean {max(m['load_max_mean'] for m in r['moe']):.2f}, "
+                     f"dropped {100 * max(m['dropped'] for m in r['moe']):.1f}%")
     if "val_loss" in r:
         parts.append(f"val {r['val_loss']:.3f}")
     return " | ".join(parts)
@@ -418,14 +452,15 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
 
 def resolve_data_parallel(cfg: Config, world_size: int) -> Config:
     """Defaults that depend on the number of processes: ``parallel.dp`` left at 1 takes the
-    processes that tensor and pipeline parallelism leave, ``world_size / (tp × pp)`` (when that
+    processes that tensor, pipeline and expert parallelism leave, ``world_size / (tp × pp × ep)`` (when that
     divides; otherwise the plan check says what is wrong), and a pipeline left at one micro-batch
     gets one per stage (when the batch splits so), since a single micro-batch leaves every stage
     but one idle."""
     p = cfg.parallel
-    if p.dp == 1 and world_size > 1 and world_size % (p.tp * p.pp) == 0:
-        p = dataclasses.replace(p, dp=world_size // (p.tp * p.pp))
-    per_replica = cfg.train.batch_size // cfg.train.grad_accum // p.dp
+    others = p.tp * p.pp * p.ep
+    if p.dp == 1 and world_size > 1 and world_size % others == 0:
+        p = dataclasses.replace(p, dp=world_size // others)
+    per_replica = cfg.train.batch_size // cfg.train.grad_accum // (p.dp * p.ep)
     if p.pp > 1 and p.microbatches == 1 and per_replica % p.pp == 0:
         p = dataclasses.replace(p, microbatches=p.pp)
     return dataclasses.replace(cfg, parallel=p)

@@ -33,19 +33,25 @@ def available_bytes(device: torch.device) -> int | None:
 
 def check_training_state_fits(cfg: Config, device: torch.device, plan=None, local_processes: int = 1) -> None:
     """Raise :class:`ConfigError` when weights, gradients and optimizer state alone exceed the
-    device's free memory. Under a parallel ``plan`` each device holds 1/(tp·pp) of the model, and
+    device's free memory. Under a parallel ``plan`` each device holds 1/(tp·pp) of the model (its
+    experts: 1/(ep·pp)), and
     ZeRO shards the optimizer state (zero>=1), gradients (>=2) and weights (3) over its shard group;
     ``local_processes`` share one host's memory when training on CPUs."""
-    n = count_params(build_model(cfg.model))  # on the meta device: nothing allocated
+    model = build_model(cfg.model)  # on the meta device: nothing allocated
+    n = count_params(model)
     per_device = n * BYTES_PER_PARAM
     if plan is not None:
-        split = plan.tp * plan.pp
-        shard = plan.shard_group if plan.zero else 1
-        weights, grads, moments = 4 / split, 4 / split, 8 / split
-        moments /= shard
-        grads /= shard if plan.zero >= 2 else 1
-        weights /= shard if plan.zero == 3 else 1
-        per_device = n * (weights + grads + moments)
+        # experts are split over ep (and not over tp), the rest over tp; both over pipeline stages
+        n_experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+        per_device = 0.0
+        for count, split, shard in ((n - n_experts, plan.tp * plan.pp, plan.shard_group * plan.ep),
+                                    (n_experts, plan.ep * plan.pp, plan.shard_group)):
+            shard = shard if plan.zero else 1
+            weights, grads, moments = 4 / split, 4 / split, 8 / split
+            moments /= shard
+            grads /= shard if plan.zero >= 2 else 1
+            weights /= shard if plan.zero == 3 else 1
+            per_device += count * (weights + grads + moments)
     need, free = per_device * (local_processes if device.type == "cpu" else 1), available_bytes(device)
     if free is not None and need > free:
         raise ConfigError(

@@ -23,6 +23,8 @@ from tests.cli.test_cli import loom
     (["--nproc", "2", "parallel.offload=optimizer"], "parallel.zero>=1"),
     (["--nproc", "2", "parallel.sp=true"], "parallel.tp>1"),
     (["--nproc", "0"], "--nproc=0"),
+    (["--nproc", "2", "parallel.ep=2"], "is dense"),
+    (["--nproc", "3", "model=switch-tiny", "parallel.ep=3"], "must divide model.moe.experts=8"),
 ])
 def test_bad_layouts_are_one_line_and_exit_code_2_before_launch(args, fragment, tmp_path):
     proc = loom("train", "model=gpt-tiny", *args, cwd=tmp_path, check=False)

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from loom.config import load_config
 from loom.parallel.launch import Process
+from loom.parallel.mesh import all_reduce_sum
 from loom.train.loop import Trainer
 
 STEPS = 5
@@ -23,6 +24,9 @@ MODELS = {
     # every pipeline layout below splits these into at least pp × virtual_stages = 4 stages
     "gpt": ["model=gpt-tiny", "model.n_layer=4"],
     "pangu": ["model=pangu-tiny", "model.n_layer=5"],
+    # sparse: an MoE layer in every block (switch) / every other block (top-2 without random routing)
+    "switch": ["model=switch-tiny", "model.n_layer=4"],
+    "glam": ["model=glam-tiny", "model.moe.random_routing=false"],
 }
 COMMON = ["model.block_size=32", "train.batch_size=8", "train.warmup_steps=2", "train.steps=10",
           "train.progress=none", "train.device=cpu", "train.grad_clip=0.5", "train.lr=1e-3"]
@@ -57,12 +61,15 @@ def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def _train(model: str, layout: list[str], process: Process, steps: int = STEPS) -> dict:
     trainer = Trainer(config(model, layout), None, tiny_data(), process=process, device=torch.device("cpu"))
-    losses = []
+    losses, moe = [], []
     for step in range(steps):
         parts, _ = trainer.train_step(step)
         losses.append(trainer.mean_over_replicas(parts).item())
-    val = trainer.evaluate()["val_loss"] if model == "gpt" else None
-    return {"losses": losses, "params": full_parameters(trainer), "val_loss": val}
+        if trainer.interval.moe is not None:  # this step's MoE statistics, summed over ranks
+            moe.append(all_reduce_sum(trainer.interval.moe).cpu())
+            trainer.interval.moe = None
+    val = trainer.evaluate()["val_loss"] if model in ("gpt", "switch") else None
+    return {"losses": losses, "params": full_parameters(trainer), "val_loss": val, "moe": moe}
 
 
 def train_single(model: str, layout: list[str] | None = None, steps: int = STEPS) -> dict:

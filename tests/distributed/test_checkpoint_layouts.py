@@ -39,3 +39,19 @@ def test_checkpoint_saved_under_dp2_tp2_resumes_under_pp2_tp2_and_one_process(tm
         assert len(losses) == STEPS - SAVE_AT, name
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[SAVE_AT:]), rtol=1e-5, atol=0,
                                    msg=lambda m, name=name: f"resumed under {name}: {m}")
+
+
+def test_moe_checkpoint_saved_under_ep2_dp2_resumes_under_ep4_and_one_process(tmp_path):
+    """Expert weights (split over ep) and their optimizer state are stored as global tensors."""
+    reference = train_single("switch", steps=STEPS)["losses"]
+    saved = tmp_path / "saved"
+    first = run_on_ranks(4, train_and_save, "switch", ["parallel.ep=2", "parallel.dp=2", "parallel.zero=1"],
+                         str(saved), SAVE_AT)[0]
+    torch.testing.assert_close(torch.tensor(first), torch.tensor(reference[:SAVE_AT]), rtol=1e-5, atol=0)
+    for name, world, layout in (("ep4", 4, ["parallel.ep=4"]), ("single", 1, [])):
+        run = tmp_path / name
+        shutil.copytree(saved, run)
+        losses = (run_on_ranks(world, resume_and_train, "switch", layout, str(run), STEPS)[-1] if world > 1
+                  else resume_and_train("switch", layout, str(run), STEPS))
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[SAVE_AT:]), rtol=1e-5, atol=0,
+                                   msg=lambda m, name=name: f"resumed under {name}: {m}")

@@ -116,6 +116,10 @@ def test_large_presets_report_published_parameter_counts_without_allocating(pres
         # We keep the published shape and pin the count it implies.
         assert n == pytest.approx(12.80e9, rel=0.01)
         assert n / published == pytest.approx(1.0, abs=0.025)
+    elif preset == "glam-1.2t":
+        # GLaM's FFNs are gated and it has relative position biases; the published shape with plain
+        # FFNs gives 1.136T (tests/unit/test_moe.py pins it)
+        assert n / published == pytest.approx(1.0, abs=0.06)
     else:
         assert n == pytest.approx(published, rel=0.01)
 
