@@ -1,4 +1,4 @@
-"""``loom`` on the command line: train | generate | eval | export | plot | describe.
+"""``loom`` on the command line: train | generate | eval | export | plot | describe | plan.
 
 Configuration errors are one line on stderr and exit code 2, before any work starts.
 """
@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
     t.add_argument("--data", metavar="PATH", help="your corpus: .txt/.jsonl/.md/.py files or folders "
                    "(same as data.path=PATH; default: the Python standard library)")
+    t.add_argument("--plan", metavar="FILE", help="train with a layout written by `loom plan ... --out FILE` "
+                   "(its parallel settings and batch come first; key=value overrides still apply)")
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="start N local processes (one per device) for a parallel layout; parallel.dp defaults "
                    "to N / (tp × pp × ep). Multi-node: torchrun ... -m loom train ...")
@@ -78,6 +80,11 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.add_argument("--out", help="where to write the loss curve (an expert-load picture goes beside it as "
                                   "STEM_expert_load.png)")
+
+    from loom.planner.cli import add_arguments
+
+    add_arguments(sub.add_parser("plan", help="search the parallel layouts of a model on a cluster: predicted step "
+                                              "time, MFU and memory per device, before anything is launched"))
 
     d = sub.add_parser("describe", help="parameters, FLOPs and memory of a model, without allocating it")
     d.add_argument("model", nargs="?", default=None, help="a preset name (see `loom describe --list`)")
@@ -113,6 +120,13 @@ def cmd_train(args) -> int:
     from loom.runs import load_resume_config
 
     overrides = [*args.overrides, *([f"data.path={args.data}"] if args.data else [])]
+    if args.plan:
+        from loom.planner.cli import plan_overrides
+
+        from_plan, world = plan_overrides(args.plan)
+        overrides = [*from_plan, *overrides]
+        if args.nproc == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            args.nproc = world  # the plan's number of processes, unless told otherwise
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run's own config.yaml; pass changes as key=value overrides")
@@ -304,8 +318,14 @@ def _ordinal(k: int) -> str:
     return "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "plot": cmd_plot,
-            "describe": cmd_describe}
+def cmd_plan(args) -> int:
+    from loom.planner.cli import cmd_plan as run
+
+    return run(args)
+
+
+COMMANDS = {"plan": cmd_plan, "train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export,
+            "plot": cmd_plot, "describe": cmd_describe}
 
 
 if __name__ == "__main__":

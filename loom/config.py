@@ -116,6 +116,7 @@ class ParallelConfig:
     """How the devices are used; ``dp * ep * tp * pp`` is the number of processes. Each field is one
     dimension of the hybrid layout (docs/parallelism.md explains them)."""
 
+    auto: bool = False  # let the planner choose every setting below for this machine (loom plan's best)
     dp: int = 1  # data-parallel replicas (each holds a slice of every batch)
     tp: int = 1  # tensor (operator) parallel: each operator's weights split over tp devices
     pp: int = 1  # pipeline stages

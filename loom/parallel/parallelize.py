@@ -224,8 +224,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.device, precision: str,
-                seed: int) -> ParallelModel:
-    """Apply ``plan`` to the meta-device ``model`` on ``mesh`` and initialize it from ``seed``."""
+                seed: int, materialize: bool = True) -> ParallelModel:
+    """Apply ``plan`` to the meta-device ``model`` on ``mesh`` and initialize it from ``seed``.
+    ``materialize=False`` stops before allocating: the parameters stay on the meta device (sharded
+    as the plan says), for counting what each rank would hold (:mod:`loom.planner.verify`)."""
     pm = ParallelModel(plan=plan, mesh=mesh, device=device, precision=precision, modules=[model],
                        moe_names=tuple(name for name, _ in moe_layers(model)))
     if plan.tp > 1:  # resolved on the whole model: a pipeline stage holds only some of the named modules
@@ -235,7 +237,8 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
         strategies = resolve_strategies(model, strategy_table(model.cfg.arch), dict(plan.strategies), plan.tp, plan.dp)
     if mesh is None or plan.world_size == 1:
         apply_recompute(model.layers, plan.recompute, plan.recompute_every)
-        _materialize(pm.modules, device, seed, tie=model.tie_weights)
+        if materialize:
+            _materialize(pm.modules, device, seed, tie=model.tie_weights)
         return pm
 
     if plan.pp > 1:
@@ -274,8 +277,9 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
         for m in pm.modules:
             apply_data_parallel(m, dense_mesh, plan.zero, param_dtype, offload=plan.offload != "none",
                                 reshard_after_forward=reshard, expert_mesh=expert_mesh, expert_parallel=plan.ep > 1)
-    _materialize(pm.modules, device, seed, offload=plan.offload != "none",
-                 tie=pm.pipeline.tie_weights if pm.pipeline is not None else model.tie_weights)
+    if materialize:
+        _materialize(pm.modules, device, seed, offload=plan.offload != "none",
+                     tie=pm.pipeline.tie_weights if pm.pipeline is not None else model.tie_weights)
     return pm
 
 

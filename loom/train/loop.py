@@ -455,7 +455,12 @@ def resolve_data_parallel(cfg: Config, world_size: int) -> Config:
     processes that tensor, pipeline and expert parallelism leave, ``world_size / (tp × pp × ep)`` (when that
     divides; otherwise the plan check says what is wrong), and a pipeline left at one micro-batch
     gets one per stage (when the batch splits so), since a single micro-batch leaves every stage
-    but one idle."""
+    but one idle. With ``parallel.auto=true`` the planner chooses the whole layout."""
+    if cfg.parallel.auto:  # the planner's fastest layout for this machine
+        from loom.planner.cli import auto_config
+        from loom.runs import resolve_device
+
+        cfg = auto_config(cfg, world_size, resolve_device(cfg.train.device).type)
     p = cfg.parallel
     others = p.tp * p.pp * p.ep
     if p.dp == 1 and world_size > 1 and world_size % others == 0:

@@ -1,0 +1,367 @@
+"""The cost model: step time, FLOP rate and memory per device of one layout, broken down by term.
+
+MindSpore's auto-parallel cost (Zeng et al. 2021, sec. 3.2) is T = α·compute + β₁·intra-node model-parallel
+traffic + β₂·inter-node traffic + γ·data-parallel traffic. Here each term is computed from the model's
+shape and the layout, per pipeline stage and micro-batch:
+
+compute     FLOPs of the stage's layers (forward, backward = 2× forward, recomputation) ÷ (peak ×
+            matmul efficiency). The efficiency grows with the model's width: η = η_max · h / (h + n₀)
+            (or is the rate ``loom calibrate`` measured).
+tp          per layer and micro-batch, 2 all-reduces forward and 2 backward of the (b, s, h) activation
+            (+2 when the forward is recomputed); reduce-scatter + all-gather under sp move the same bytes.
+pp          the bubble, (pp − 1) / v stage-micro-batch times for 1F1B / interleaved / GPipe with v
+            virtual stages (zero-bubble: a third of it), and the activation send/recv between stages.
+dp / ZeRO   the gradient reduction (all-reduce; reduce-scatter + all-gather under ZeRO: the same bytes)
+            over the data-parallel group, partly hidden behind the backward (``overlap``); ZeRO-3 adds
+            a parameter all-gather per forward and per backward.
+ep          per MoE layer and micro-batch, two all-to-alls of the routed tokens forward, two backward.
+
+A collective over a group that fits inside a node runs at the intra-node bandwidth, otherwise at the
+inter-node bandwidth; ring algorithms move 2(n−1)/n of the buffer for an all-reduce, (n−1)/n for an
+all-gather, reduce-scatter or all-to-all.
+
+Memory per device (the stage that holds the most): weights, gradients and optimizer state (18 bytes per
+parameter in mixed precision: fp32 master 4 + bf16 copy 2 + fp32 gradient 4 + Adam 8, sharded by ZeRO), and
+activations by Korthikanti et al. 2022 (per layer and micro-batch, bytes):
+
+    none       s·b·h·(34 + 5·a·s/h)            / tp with sp; (10 + 24/tp + 5·a·s/(h·tp)) without
+    selective  s·b·h·34 / tp with sp;           (10 + 24/tp) without
+    full       2·s·b·h (the layer input)        / tp with sp
+
+times the micro-batches in flight on the first stage (1F1B: pp; interleaved: pp·(1 + (pp−1)/(pp·v));
+GPipe: all of them), plus the logits of the last stage and one layer's recomputed activations.
+
+``tflops_per_device`` counts the FLOPs the hardware does (recomputation included), as Megatron-LM
+reports its runs; ``mfu`` counts model FLOPs only (PaLM's definition, as ``loom train`` does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from loom.config import ModelConfig
+from loom.models import build_model, count_params
+from loom.planner.hardware import Cluster
+
+# Fitted to Megatron-LM's Table 1 rows in ../shared/anchors (tests/unit/test_planner.py holds them):
+ETA_MAX = 0.65  # matmul efficiency of an infinitely wide layer
+ETA_N0 = 1200.0  # the hidden width at which it is half way there: η = η_max · h / (h + n₀)
+DP_OVERLAP = 0.4  # share of the backward that hides the data-parallel gradient reduction
+BYTES_ACT = 2  # bf16/fp16 activations
+BYTES_PER_PARAM = {"weights": 4 + 2, "grads": 4, "optimizer": 8}
+MEMORY_HEADROOM = 0.92  # the share of device memory a plan may fill (allocator fragmentation, workspaces)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One candidate layout (what :class:`loom.parallel.plan.Plan` holds, plus the micro-batch size)."""
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    sp: bool = False
+    zero: int = 0
+    recompute: str = "none"
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    micro_batch: int = 1  # sequences per micro-batch
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.ep * self.tp * self.pp
+
+    def describe(self) -> str:
+        parts = [f"dp={self.dp}", f"tp={self.tp}", f"pp={self.pp}"] + ([f"ep={self.ep}"] if self.ep > 1 else [])
+        parts += [f"mb={self.micro_batch}", f"zero={self.zero}", f"recompute={self.recompute}"]
+        if self.sp:
+            parts.append("sp")
+        if self.pp > 1:
+            parts.append(self.schedule + (f"v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
+        return " ".join(parts)
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    step_time_s: float
+    time_s: dict[str, float]  # by term: compute, recompute, tp, pp_bubble, pp_p2p, dp, ep
+    tflops_per_device: float  # hardware FLOPs (recomputation included) / time / device
+    mfu: float  # model FLOPs / time / (device peak)
+    memory_gb_per_device: float  # GiB on the fullest device
+    memory_gb: dict[str, float]  # of that device, by kind
+    memory_per_stage_gb: list[dict[str, float]] = field(default_factory=list)  # per pipeline rank
+    microbatches: int = 1
+    fits: bool = True
+    params_per_device: int = 0  # parameters held by the fullest device (before ZeRO sharding)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["plan"] = d.pop("layout")
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Model shape
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the cost model needs of a model, counted exactly as the engine holds it: per block the
+    parameters tensor parallelism splits, those every tp rank keeps whole (LayerNorms, the biases
+    added after a row-split projection, an MoE router), and the experts (split over ep)."""
+
+    cfg: ModelConfig
+    h: int
+    heads: int
+    vocab: int
+    seq: int
+    blocks: int  # decoder blocks (PanGu's top query layer is counted with the head)
+    split_params: list[int]  # per block, divided by tp
+    whole_params: list[int]  # per block, held whole by every tp rank
+    expert_params: list[int]  # per block, divided by ep (0 for dense blocks)
+    layer_flops: list[float]  # forward FLOPs per token per block (active parameters)
+    head_flops: float  # forward FLOPs per token of the head (output projection, top query layer)
+    first_split: int  # the first stage's: the token embedding (vocabulary-parallel)
+    first_whole: int  # ... the position embedding
+    last_split: int  # the last stage's: PanGu's top query layer (split part)
+    last_whole: int  # ... the final LayerNorm, PanGu's query embedding and its layer's whole part
+    tied: int  # the output projection's copy of the token embedding on a last stage of its own (split)
+    moe_tokens_per_layer: list[int]  # k for MoE blocks, 0 otherwise
+    total_params: int
+    splits: dict = field(default_factory=dict, compare=False)  # n_stages -> blocks per stage (cache)
+
+    @property
+    def layer_params(self) -> list[int]:
+        return [a + b for a, b in zip(self.split_params, self.whole_params)]
+
+
+def _block_params(cfg: ModelConfig, moe: bool) -> tuple[int, int, int]:
+    """(split over tp, whole, experts) parameters of one block."""
+    h, f, bias = cfg.n_embd, cfg.ffn, int(cfg.bias)
+    norms = 2 * (h + bias * h)
+    attn_split, attn_whole = 4 * h * h + 3 * bias * h, bias * h  # q, k, v (+ biases) and out_proj | its bias
+    if moe:
+        e, fe = cfg.moe.experts, cfg.expert_ffn
+        router = h * e * (2 if cfg.moe.router == "noisy-topk" else 1)
+        return attn_split, attn_whole + norms + router, e * (2 * h * fe + bias * (fe + h))
+    return attn_split + 2 * h * f + bias * f, attn_whole + norms + bias * h, 0
+
+
+def model_shape(cfg: ModelConfig, seq: int) -> Shape:
+    h, f = cfg.n_embd, cfg.ffn
+    blocks = cfg.n_layer - 1 if cfg.arch == "pangu" else cfg.n_layer
+    split, whole, experts, flops, moe_k = [], [], [], [], []
+    for i in range(blocks):
+        moe = cfg.moe.is_moe_block(i)
+        a, b, c = _block_params(cfg, moe)
+        split.append(a)
+        whole.append(b)
+        experts.append(c)
+        if moe:
+            e, fe, k = cfg.moe.experts, cfg.expert_ffn, cfg.moe.top_k
+            flops.append(2.0 * (4 * h * h + h * e + k * 2 * h * fe) + 4.0 * h * seq)
+            moe_k.append(k)
+        else:
+            flops.append(2.0 * (4 * h * h + 2 * h * f) + 4.0 * h * seq)
+            moe_k.append(0)
+    pangu = cfg.arch == "pangu"
+    top_split, top_whole, _ = _block_params(cfg, False) if pangu else (0, 0, 0)
+    top = (2.0 * (4 * h * h + 2 * h * f) + 4.0 * h * seq) if pangu else 0.0
+    ln_f = h + int(cfg.bias) * h
+    return Shape(cfg, h, cfg.n_head, cfg.vocab_size, seq, blocks, split, whole, experts, flops,
+                 2.0 * h * cfg.vocab_size + top, cfg.vocab_size * h, cfg.block_size * h, top_split,
+                 ln_f + top_whole + (cfg.block_size * h if pangu else 0), cfg.vocab_size * h, moe_k,
+                 count_params(build_model(cfg)))
+
+
+def stage_blocks(sh: Shape, n_stages: int) -> list[list[int]]:
+    """The blocks of each pipeline stage, as the pipeline splits them (FLOP-balanced)."""
+    if n_stages not in sh.splits:
+        from loom.parallel.pipeline import stage_layout
+
+        sh.splits[n_stages] = [list(spec.blocks) for spec in stage_layout(sh.cfg, n_stages)]
+    return sh.splits[n_stages]
+
+
+def rank_stages(layout: Layout) -> list[list[int]]:
+    """The stages each pipeline rank holds (several under interleaved and zero-bubble schedules)."""
+    from loom.parallel.pipeline import stage_ids
+
+    v = layout.virtual_stages if layout.pp > 1 else 1
+    return [stage_ids(r, layout.pp, v, layout.schedule) if v > 1 else [r] for r in range(layout.pp)]
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives
+# --------------------------------------------------------------------------------------------
+
+
+def _bandwidth(cluster: Cluster, group: int, stride: int) -> tuple[float, float]:
+    """(bytes/s, latency) of a group of ``group`` ranks ``stride`` apart in rank order: inside one node
+    when it fits there."""
+    a = cluster.accelerator
+    if group * stride <= a.devices_per_node:
+        return a.intra_node_bw, a.intra_latency_s
+    return a.inter_node_bw, a.inter_latency_s
+
+
+def all_reduce_s(nbytes: float, n: int, bw: float, lat: float) -> float:
+    return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / bw + 2 * (n - 1) * lat
+
+
+def all_gather_s(nbytes: float, n: int, bw: float, lat: float) -> float:
+    """Also reduce-scatter and all-to-all: each rank moves (n-1)/n of the buffer."""
+    return 0.0 if n <= 1 else (n - 1) / n * nbytes / bw + (n - 1) * lat
+
+
+# --------------------------------------------------------------------------------------------
+# The estimate
+# --------------------------------------------------------------------------------------------
+
+
+def estimate(cfg: ModelConfig, layout: Layout, cluster: Cluster, global_batch: int, seq: int,
+             shape: Shape | None = None) -> Estimate:
+    """Predicted step time and memory of ``layout`` training ``cfg`` on ``cluster`` with batches of
+    ``global_batch`` sequences of ``seq`` tokens (bf16/fp16 mixed precision, Adam)."""
+    sh = shape or model_shape(cfg, seq)
+    L = layout
+    acc = cluster.accelerator
+    h, s, b = sh.h, seq, L.micro_batch
+    replicas = L.dp * L.ep
+    m = max(1, global_batch // (replicas * b))  # micro-batches per step per pipeline
+    v = L.virtual_stages if L.pp > 1 else 1
+    stages = stage_blocks(sh, L.pp * v)  # as the pipeline splits the model
+    held = rank_stages(L)  # the stages of each pipeline rank
+    # a calibrated machine knows its achieved rate (measured at this model's width by `loom calibrate`)
+    eff = acc.matmul_efficiency if acc.matmul_efficiency is not None else ETA_MAX * h / (h + ETA_N0)
+    flops_rate = acc.peak_flops * eff
+    tokens = b * s
+    act = tokens * h * BYTES_ACT  # one (b, s, h) activation
+
+    tp_bw, tp_lat = _bandwidth(cluster, L.tp, 1)
+    ep_bw, ep_lat = _bandwidth(cluster, L.ep, L.tp)
+    dp_bw, dp_lat = _bandwidth(cluster, replicas, L.tp)
+    pp_bw, pp_lat = _bandwidth(cluster, 2, L.tp * replicas)
+
+    # per pipeline rank and micro-batch: forward+backward compute, recomputation, tp and ep communication
+    per_stage = []
+    for mine in held:
+        blocks = [i for si in mine for i in stages[si]]
+        fwd = sum(sh.layer_flops[i] for i in blocks) * tokens / L.tp
+        head = sh.head_flops * tokens / L.tp if len(stages) - 1 in mine else 0.0
+        recompute = {"none": 0.0, "selective": 4.0 * h * s * tokens * len(blocks) / L.tp,
+                     "full": fwd}[L.recompute]
+        compute = 3 * (fwd + head) / flops_rate
+        re_t = recompute / flops_rate
+        n_ar = 4 + (2 if L.recompute == "full" else 0)
+        tp_t = len(blocks) * n_ar * all_reduce_s(act, L.tp, tp_bw, tp_lat)
+        moe_blocks = [i for i in blocks if sh.moe_tokens_per_layer[i]]
+        ep_t = sum(4 * all_gather_s(act * sh.moe_tokens_per_layer[i], L.ep, ep_bw, ep_lat) for i in moe_blocks)
+        per_stage.append({"compute": compute, "recompute": re_t, "tp": tp_t, "ep": ep_t,
+                          "hw_flops": 3 * (fwd + head) + recompute})
+    slowest = max(per_stage, key=lambda d: d["compute"] + d["recompute"] + d["tp"] + d["ep"])
+    t_mb = slowest["compute"] + slowest["recompute"] + slowest["tp"] + slowest["ep"]
+    p2p = (2 * act / L.tp / pp_bw + 2 * pp_lat) * v if L.pp > 1 else 0.0  # send forward, receive backward
+    bubble_factor = (L.pp - 1) / v
+    if L.schedule == "zero-bubble":
+        bubble_factor /= 3
+    time = {k: slowest[k] * m for k in ("compute", "recompute", "tp", "ep")}
+    time["pp_bubble"] = bubble_factor * t_mb if L.pp > 1 else 0.0
+    time["pp_p2p"] = p2p * m
+
+    # data parallel: gradients of this device's parameters over the replicas (experts over dp only)
+    dense_dev, expert_dev = max(_rank_params(sh, stages, L), key=sum)
+    grad_bytes = 4
+    dp_comm = all_reduce_s(dense_dev * grad_bytes, replicas, dp_bw, dp_lat)
+    dp_comm += all_reduce_s(expert_dev * grad_bytes, L.dp, *_bandwidth(cluster, L.dp, L.tp * L.ep))
+    if L.zero == 3:  # parameters gathered for forward and again for backward
+        dp_comm += 2 * all_gather_s(dense_dev * 2, replicas, dp_bw, dp_lat)
+    backward = time["compute"] * 2 / 3
+    time["dp"] = max(0.0, dp_comm - DP_OVERLAP * backward) if replicas > 1 else 0.0
+    step = sum(time.values())
+
+    hw_flops = sum(d["hw_flops"] for d in per_stage) * L.tp * m * replicas  # the whole job's
+    model_flops = 3.0 * (sum(sh.layer_flops) + sh.head_flops) * s * global_batch  # 6N + 12·L·h·s per token
+    world = L.world_size
+    memory, per_stage_mem = _memory(sh, stages, L, m, acc)
+    return Estimate(
+        layout=L, step_time_s=step, time_s=time,
+        tflops_per_device=hw_flops / step / world / 1e12,
+        mfu=model_flops / step / world / acc.peak_flops,
+        memory_gb_per_device=sum(memory.values()), memory_gb=memory, memory_per_stage_gb=per_stage_mem,
+        microbatches=m, fits=sum(memory.values()) * 2**30 <= acc.memory_bytes * MEMORY_HEADROOM,
+        params_per_device=int(dense_dev + expert_dev))
+
+
+def _stage_params(sh: Shape, stages: list[list[int]], si: int, L: Layout) -> tuple[float, float]:
+    """(dense parameters, expert parameters) per device of stage ``si`` of ``stages``: what tensor
+    parallelism splits divided by tp, what it keeps whole, experts divided by ep."""
+    blocks = stages[si]
+    split = sum(sh.split_params[i] for i in blocks)
+    whole = sum(sh.whole_params[i] for i in blocks)
+    if si == 0:
+        split, whole = split + sh.first_split, whole + sh.first_whole
+    if si == len(stages) - 1:
+        split, whole = split + sh.last_split, whole + sh.last_whole
+        if 0 not in _holder(si, len(stages), L):  # the output projection's own copy of the embedding
+            split += sh.tied
+    experts = sum(sh.expert_params[i] for i in blocks)
+    return split / L.tp + whole, experts / L.ep
+
+
+def _holder(si: int, n_stages: int, L: Layout) -> list[int]:
+    """All stages held by the pipeline rank that holds stage ``si``."""
+    for held in rank_stages(L):
+        if si in held:
+            return held
+    return [si]
+
+
+def _rank_params(sh: Shape, stages: list[list[int]], L: Layout) -> list[tuple[float, float]]:
+    """(dense, experts) per device of each pipeline rank."""
+    out = []
+    for held in rank_stages(L):
+        parts = [_stage_params(sh, stages, si, L) for si in held]
+        out.append((sum(p[0] for p in parts), sum(p[1] for p in parts)))
+    return out
+
+
+def _memory(sh: Shape, stages, L: Layout, m: int, acc) -> tuple[dict[str, float], list[dict[str, float]]]:
+    h, s, b, a = sh.h, sh.seq, L.micro_batch, sh.heads
+    replicas = L.dp * L.ep
+    per_stage = []
+    for r, ((dense, experts), mine) in enumerate(zip(_rank_params(sh, stages, L), rank_stages(L))):
+        shard_dense = replicas if L.zero else 1
+        shard_exp = L.dp if L.zero else 1
+        weights = (dense / (shard_dense if L.zero == 3 else 1) + experts / (shard_exp if L.zero == 3 else 1)) * 4 \
+            + (dense + experts) * 2  # fp32 master (sharded under ZeRO-3) + the bf16 working copy
+        grads = (dense / (shard_dense if L.zero >= 2 else 1) + experts / (shard_exp if L.zero >= 2 else 1)) * 4
+        optimizer = (dense / shard_dense + experts / shard_exp) * 8
+        layers = sum(len(stages[si]) for si in mine)
+        sbh = s * b * h
+        if L.recompute == "none":
+            per_layer = sbh * ((34 + 5 * a * s / h) / L.tp if L.sp else 10 + 24 / L.tp + 5 * a * s / (h * L.tp))
+        elif L.recompute == "selective":
+            per_layer = sbh * (34 / L.tp if L.sp else 10 + 24 / L.tp)
+        else:
+            per_layer = 2 * sbh / (L.tp if L.sp else 1)
+        if L.pp == 1:
+            in_flight = 1
+        elif L.schedule == "gpipe":
+            in_flight = m
+        elif L.virtual_stages > 1:
+            in_flight = min(m, L.pp * (1 + (L.pp - 1) / (L.pp * L.virtual_stages)))
+        else:
+            in_flight = min(m, L.pp - r)
+        activations = per_layer * layers * in_flight
+        if L.recompute == "full":  # one layer's activations live while it is recomputed
+            activations += sbh * (10 + 24 / L.tp + 5 * a * s / (h * L.tp))
+        if len(stages) - 1 in mine:
+            activations += s * b * sh.vocab / L.tp * 4 * 2  # fp32 logits and their gradient
+        gib = 2**30
+        per_stage.append({"weights": weights / gib, "grads": grads / gib, "optimizer": optimizer / gib,
+                          "activations": activations / gib})
+    worst = max(per_stage, key=lambda d: sum(d.values()))
+    return dict(worst), per_stage

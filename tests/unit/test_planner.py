@@ -1,0 +1,186 @@
+"""The planner against published runs: Megatron-LM's GPT runs on A100s (Narayanan et al. 2021,
+Table 1) and PanGu-α 200B on 2048 Ascend 910s (Zeng et al. 2021), from ../shared/anchors, plus the
+search, its inputs and ``loom train --plan``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from loom.config import ConfigError, load_config
+from loom.parallel.plan import check_plan, plan_from_config
+from loom.planner.cli import layout_overrides
+from loom.planner.cost import Layout, estimate
+from loom.planner.hardware import parse_cluster
+from loom.planner.search import check_layout, parse_fix, search
+
+ANCHORS = Path(__file__).resolve().parents[2].parent / "shared" / "anchors"
+# the rows as given in the anchor file, so the test runs where ../shared is absent (a clean clone)
+MEGATRON_ROWS = [
+    # params_billion, heads, hidden, layers, tp, pp, dp, gpus, global_batch, tflops_per_gpu
+    (1.7, 24, 2304, 24, 1, 1, 32, 32, 512, 137),
+    (7.5, 32, 4096, 36, 4, 1, 32, 128, 512, 142),
+    (39.1, 64, 8192, 48, 8, 2, 32, 512, 1536, 138),
+    (145.6, 96, 12288, 80, 8, 8, 24, 1536, 2304, 148),
+    (529.6, 128, 20480, 105, 8, 35, 9, 2520, 2520, 163),
+]
+
+
+def test_the_rows_are_those_of_the_anchor_file():
+    path = ANCHORS / "megatron2021_table1_subset.csv"
+    if not path.is_file():
+        pytest.skip("../shared/anchors is not beside this checkout")
+    rows = list(csv.DictReader(line for line in path.read_text().splitlines() if not line.startswith("#")))
+    assert [(float(r["params_billion"]), int(r["hidden"]), int(r["tp"]), int(r["pp"]), float(r["tflops_per_gpu"]))
+            for r in rows] == [(r[0], r[2], r[4], r[5], r[9]) for r in MEGATRON_ROWS]
+
+
+def _megatron(row):
+    _, heads, hidden, layers, tp, pp, dp, gpus, batch, _ = row
+    cfg = load_config(None, ["model=gpt2-124m", f"model.n_layer={layers}", f"model.n_head={heads}",
+                             f"model.n_embd={hidden}", "model.vocab_size=51200", "model.block_size=2048"]).model
+    # the paper's runs: full recomputation, micro-batch 1, the interleaved schedule where pp > 1
+    v = next((v for v in (2, 3, 4) if (layers // pp) % v == 0), 1) if pp > 1 else 1
+    layout = Layout(dp=dp, tp=tp, pp=pp, recompute="full", micro_batch=1,
+                    schedule="interleaved" if v > 1 else "1f1b", virtual_stages=v)
+    return cfg, layout, parse_cluster(f"{gpus}xa100-80g"), batch
+
+
+@pytest.mark.parametrize("row", MEGATRON_ROWS, ids=[f"{r[0]}B" for r in MEGATRON_ROWS])
+def test_published_megatron_layouts_are_predicted_within_15_percent(row):
+    cfg, layout, cluster, batch = _megatron(row)
+    check_layout(cfg, layout, cluster, batch)
+    e = estimate(cfg, layout, cluster, batch, 2048)
+    assert e.fits, f"the published layout must fit: {e.memory_gb_per_device:.1f} GiB"
+    assert e.tflops_per_device == pytest.approx(row[9], rel=0.15)
+    # the breakdown adds up and every term is a time
+    assert sum(e.time_s.values()) == pytest.approx(e.step_time_s)
+    assert all(v >= 0 for v in e.time_s.values())
+
+
+@pytest.mark.parametrize("row", MEGATRON_ROWS, ids=[f"{r[0]}B" for r in MEGATRON_ROWS])
+def test_search_finds_a_plan_at_least_as_fast_as_the_published_one(row):
+    cfg, layout, cluster, batch = _megatron(row)
+    fixed = estimate(cfg, layout, cluster, batch, 2048)
+    t0 = time.perf_counter()
+    found = search(cfg, cluster, batch, 2048)
+    assert time.perf_counter() - t0 < 30  # seconds, even for thousands of devices
+    best = found[0]
+    assert best.fits and best.step_time_s <= fixed.step_time_s * (1 + 1e-9)
+    assert best.layout.world_size == cluster.devices
+    assert best.layout.tp <= 8  # tensor parallelism stays inside a DGX node
+
+
+def test_pangu_200b_on_2048_ascend_plans_like_the_published_layout():
+    """PanGu-α 200B: op-parallel inside each 8-device server, pipeline stages, data parallel with
+    sharded optimizer state (published: tp=8, pp=16, dp=16, optimizer sharding, recomputation)."""
+    cfg = load_config(None, ["model=pangu-200b"]).model
+    cluster = parse_cluster("2048xascend910")
+    found = search(cfg, cluster, 1024, 1024)
+    fitting = [e for e in found if e.fits]
+    assert len(fitting) >= 10
+    best = fitting[0].layout
+    assert 1 < best.tp <= 8 and best.pp > 1 and best.dp > 1 and best.zero >= 1, best.describe()
+    published = estimate(cfg, Layout(dp=16, tp=8, pp=16, sp=True, zero=1, recompute="selective"), cluster, 1024, 1024)
+    assert published.fits
+    # pure data parallelism cannot hold it: 207B parameters × 18 bytes on 32 GB devices
+    assert not any(e.fits for e in found if e.layout.tp == 1 and e.layout.pp == 1 and e.layout.zero < 3)
+
+
+def test_memory_follows_zero_and_recomputation():
+    cfg = load_config(None, ["model=gpt3-175b"]).model
+    cluster = parse_cluster("1024xa100-80g")
+    base = Layout(dp=16, tp=8, pp=8, sp=True, micro_batch=1)
+    mem = {z: estimate(cfg, Layout(**{**base.__dict__, "zero": z}), cluster, 1024, 2048).memory_gb for z in range(4)}
+    assert mem[1]["optimizer"] == pytest.approx(mem[0]["optimizer"] / 16)
+    assert mem[2]["grads"] == pytest.approx(mem[1]["grads"] / 16)
+    assert mem[3]["weights"] < mem[2]["weights"]
+    act = {r: estimate(cfg, Layout(**{**base.__dict__, "recompute": r}), cluster, 1024, 2048)
+           for r in ("none", "selective", "full")}
+    assert act["none"].memory_gb["activations"] > act["selective"].memory_gb["activations"] \
+        > act["full"].memory_gb["activations"]
+    assert act["full"].time_s["recompute"] > act["selective"].time_s["recompute"] > act["none"].time_s["recompute"] == 0
+
+
+def test_moe_plans_split_experts_over_ep():
+    cfg = load_config(None, ["model=switch-base"]).model
+    found = search(cfg, parse_cluster("64xa100-80g"), 256, 512)
+    assert found[0].fits and any(e.layout.ep > 1 for e in found)
+    e = estimate(cfg, Layout(dp=8, ep=8), parse_cluster("64xa100-80g"), 256, 512)
+    assert e.time_s["ep"] > 0
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("tp=8,pp=x", "is not a int"),
+    ("tq=8", "is not KEY=VALUE"),
+    ("tp", "is not KEY=VALUE"),
+])
+def test_bad_fixed_layouts_are_one_line_errors(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_fix(text)
+
+
+def test_fixed_layouts_are_checked_against_cluster_model_and_batch():
+    cfg = load_config(None, ["model=gpt2-124m"]).model
+    cluster = parse_cluster("16xa100-80g")
+    with pytest.raises(ConfigError, match="but the cluster has 16 devices"):
+        check_layout(cfg, parse_fix("dp=4"), cluster, 64)
+    with pytest.raises(ConfigError, match="does not divide model.n_head=12"):
+        check_layout(cfg, parse_fix("dp=2,tp=8"), cluster, 64)
+    with pytest.raises(ConfigError, match="does not split"):
+        check_layout(cfg, parse_fix("dp=16"), cluster, 24)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("128xa100", "unknown accelerator 'a100'"),
+    ("a100-80g", "write DEVICESxNAME"),
+    ("no/such.yaml", "no such file"),
+])
+def test_bad_clusters_are_one_line_errors(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_cluster(spec)
+
+
+def test_a_cluster_from_a_yaml_file(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("accelerator: h100-sxm\ndevices: 64\ninter_node_gbps: 200\nmemory_gb: 40\n")
+    c = parse_cluster(str(f))
+    assert c.devices == 64 and c.nodes == 8
+    assert c.accelerator.inter_node_bw == pytest.approx(25e9) and c.accelerator.memory_bytes == 40 * 2**30
+    assert c.accelerator.peak_flops == 989e12
+    (tmp_path / "bad.yaml").write_text("devices: 8\npeak_tflops: 10\n")
+    with pytest.raises(ConfigError, match="missing"):
+        parse_cluster(str(tmp_path / "bad.yaml"))
+
+
+def test_a_chosen_plan_becomes_settings_loom_train_accepts():
+    cfg = load_config(None, ["model=gpt-tiny", "model.n_layer=4"]).model
+    best = search(cfg, parse_cluster("4xcpu"), 16, 64)[0]
+    cfg = load_config(None, ["model=gpt-tiny", "model.n_layer=4", *layout_overrides(best.layout, 16)])
+    check_plan(plan_from_config(cfg.parallel), cfg, best.layout.world_size)
+    assert cfg.train.batch_size == 16
+    for layout in (Layout(dp=2, pp=2, micro_batch=2), Layout(dp=2, tp=2, sp=True, zero=1, micro_batch=2),
+                   Layout(dp=4, micro_batch=1)):
+        cfg = load_config(None, ["model=gpt-tiny", "model.n_layer=4", *layout_overrides(layout, 16)])
+        check_plan(plan_from_config(cfg.parallel), cfg, layout.world_size)
+        per_step = cfg.train.batch_size // cfg.train.grad_accum // (layout.dp * layout.ep)
+        assert per_step // (cfg.parallel.microbatches if layout.pp > 1 else 1) == layout.micro_batch
+
+
+def test_plan_json_round_trips_through_the_cli(tmp_path, capsys):
+    from loom.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "gpt-tiny", "model.n_layer=4", "--cluster", "4xcpu", "--global-batch", "16", "--json",
+                 "--out", str(out), "--top", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed) == 3 and {"plan", "step_time_s", "tflops_per_device", "mfu", "memory_gb_per_device"} \
+        <= set(printed[0])
+    saved = json.loads(out.read_text())
+    assert saved["plan"] == printed[0]["plan"] and saved["global_batch"] == 16
+    assert main(["plan", "gpt-tiny", "--cluster", "4xcpu", "--global-batch", "16", "--fix", "dp=3"]) == 2
+    assert "but the cluster has 4 devices" in capsys.readouterr().err
