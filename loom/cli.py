@@ -86,6 +86,12 @@ def parser() -> argparse.ArgumentParser:
     add_arguments(sub.add_parser("plan", help="search the parallel layouts of a model on a cluster: predicted step "
                                               "time, MFU and memory per device, before anything is launched"))
 
+    c = sub.add_parser("calibrate", help="measure this machine (matmul rate, collectives over gloo, fixed costs) "
+                                         "and save the profile `loom plan` and parallel.auto use")
+    c.add_argument("--nproc", type=int, default=4, help="concurrent gloo processes to measure with (default 4)")
+    c.add_argument("--out", help="where to write the profile (default: ~/.cache/loom/calibration.json)")
+    c.add_argument("--quick", action="store_true", help="small sizes: seconds instead of a minute or two")
+
     d = sub.add_parser("describe", help="parameters, FLOPs and memory of a model, without allocating it")
     d.add_argument("model", nargs="?", default=None, help="a preset name (see `loom describe --list`)")
     d.add_argument("overrides", nargs="*", help="model.key=value settings")
@@ -324,8 +330,14 @@ def cmd_plan(args) -> int:
     return run(args)
 
 
-COMMANDS = {"plan": cmd_plan, "train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export,
-            "plot": cmd_plot, "describe": cmd_describe}
+def cmd_calibrate(args) -> int:
+    from loom.planner.cli import cmd_calibrate as run
+
+    return run(args)
+
+
+COMMANDS = {"plan": cmd_plan, "calibrate": cmd_calibrate, "train": cmd_train, "generate": cmd_generate,
+            "eval": cmd_eval, "export": cmd_export, "plot": cmd_plot, "describe": cmd_describe}
 
 
 if __name__ == "__main__":

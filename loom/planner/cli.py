@@ -152,11 +152,17 @@ def layout_overrides(layout: Layout, global_batch: int | None) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def default_profile_path() -> Path:
-    """Where ``loom calibrate`` saves this machine's profile (and ``parallel.auto`` looks for it)."""
-    import os
+def cmd_calibrate(args) -> int:
+    from loom.planner.calibrate import calibrate, default_profile_path, save_profile, summary
 
-    return Path(os.environ.get("LOOM_CACHE") or Path.home() / ".cache" / "loom") / "calibration.json"
+    if args.nproc < 2 or args.nproc % 2:
+        raise ConfigError(f"--nproc {args.nproc}: calibration needs an even number of processes, at least 2")
+    profile = calibrate(args.nproc, quick=args.quick)
+    out = save_profile(profile, args.out or default_profile_path())
+    print(summary(profile))
+    print(f"profile written to {out}; `loom plan ... --cluster {args.nproc}xcpu --profile {out}` uses it "
+          "(parallel.auto=true finds it there by itself)")
+    return 0
 
 
 def local_cluster(world: int, device_type: str, profile: str | Path | None = None) -> Cluster:
@@ -170,6 +176,8 @@ def local_cluster(world: int, device_type: str, profile: str | Path | None = Non
         big = torch.cuda.get_device_properties(0).total_memory > 60 * 2**30
         kind = ("h200" if "h200" in name else "h100-sxm" if "h100" in name
                 else ("a100-80g" if big else "a100-40g") if "a100" in name else "a100-80g")
+    from loom.planner.calibrate import default_profile_path
+
     if profile is None and kind == "cpu" and default_profile_path().is_file():
         profile = default_profile_path()
     return parse_cluster(f"{world}x{kind}", profile)

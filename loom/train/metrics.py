@@ -48,7 +48,7 @@ def peak_flops(device: torch.device, precision: str) -> float:
 
 def cpu_peak_flops(precision: str) -> float:
     """The CPU's achieved matmul rate for ``precision``, measured once per machine and thread count."""
-    key = f"{platform.machine()}|{_cpu_model()}|threads={torch.get_num_threads()}|{precision}"
+    key = f"{platform.machine()}|{cpu_model()}|threads={torch.get_num_threads()}|{precision}"
     path = cache_root(None) / "peak_flops.json"
     table = json.loads(path.read_text()) if path.is_file() else {}
     if key not in table:
@@ -58,7 +58,7 @@ def cpu_peak_flops(precision: str) -> float:
     return table[key]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
