@@ -33,6 +33,26 @@ GPipe: all of them), plus the logits of the last stage and one layer's recompute
 
 ``tflops_per_device`` counts the FLOPs the hardware does (recomputation included), as Megatron-LM
 reports its runs; ``mfu`` counts model FLOPs only (PaLM's definition, as ``loom train`` does).
+
+A machine ``loom calibrate`` measured (:mod:`loom.planner.calibrate`; a CPU running gloo processes) adds
+what dominates there and is negligible on a GPU cluster, each a measured figure of the profile:
+
+overhead    fixed seconds per block and micro-batch (Python, autograd, kernel launches), more under
+            tensor parallelism (distributed-tensor dispatch) and data parallelism (FSDP hooks) and for
+            recomputation; per micro-batch for embedding, head and loss. The FLOPs run at
+            peak · η · h / (h + n₀) with η and n₀ fitted to whole blocks (element-wise work ∝ h per token).
+optimizer   per step: a cost per parameter tensor (more for distributed tensors) and per parameter.
+contention  processes share the node's cores: P processes on C < P cores each run at C/P of their own
+            speed while all are busy, so a phase where every rank computes takes P/C times a lone
+            process's time; a pipeline's ramp-up and drain, where fewer ranks are busy, run faster
+            (the schedule is taken slot by slot: m·v + pp − 1 slots of which min(k, pp, …) stages work).
+collectives each kind (all-reduce, all-gather, reduce-scatter, all-to-all, send/recv) at its own measured
+            latency and bandwidth; the gradient reduction is one collective per block (FSDP's buckets),
+            under ZeRO a reduce-scatter of gradients and an all-gather of parameters, under ZeRO-3 the
+            all-gathers once per micro-batch for forward and again for backward.
+memory      fp32 training (``precision="fp32"``, what a CPU profile sets): 16 bytes per parameter
+            (weights 4, gradients 4, Adam 8), fp32 activations as this code saves them (17 (b, s, h)
+            tensors per block with flash attention and no dropout), plus the runtime's own resident set.
 """
 
 from __future__ import annotations
@@ -50,6 +70,17 @@ DP_OVERLAP = 0.4  # share of the backward that hides the data-parallel gradient 
 BYTES_ACT = 2  # bf16/fp16 activations
 BYTES_PER_PARAM = {"weights": 4 + 2, "grads": 4, "optimizer": 8}
 MEMORY_HEADROOM = 0.92  # the share of device memory a plan may fill (allocator fragmentation, workspaces)
+# fp32 training (a CPU): weights, gradients, Adam moments; no second copy
+FP32_BYTES_PER_PARAM = {"weights": 4, "grads": 4, "optimizer": 8}
+# fp32 (b, s, h)-sized tensors a block saves for backward in this code (flash attention, no dropout):
+# LayerNorm inputs and outputs 4, q/k/v 3, the attention output and its re-laid-out copy 2, the MLP's
+# hidden activation before and after GELU 4 + 4. Of these, tensor parallelism splits all but the
+# LayerNorms' (13); sequence parallelism splits the LayerNorm inputs too.
+FP32_SAVED = {"whole": 4, "split": 13, "sp_split": 2}
+# selective recomputation keeps the block input and the matmul outputs: q, k, v, the MLP's 4h (split by
+# tp) and the two row-parallel projections' outputs (whole)
+FP32_SELECTIVE = {"whole": 3, "split": 7}
+FP32_BACKWARD_TRANSIENT = 8  # (b, s, h) tensors of gradients alive at once in a block's backward (the MLP's)
 
 
 @dataclass(frozen=True)
@@ -131,6 +162,10 @@ class Shape:
     moe_tokens_per_layer: list[int]  # k for MoE blocks, 0 otherwise
     total_params: int
     splits: dict = field(default_factory=dict, compare=False)  # n_stages -> blocks per stage (cache)
+    # parameter tensors (what per-tensor optimizer costs count): per block, first and last stage's own
+    layer_tensors: tuple[int, ...] = ()
+    first_tensors: int = 2
+    last_tensors: int = 2
 
     @property
     def layer_params(self) -> list[int]:
@@ -170,10 +205,15 @@ def model_shape(cfg: ModelConfig, seq: int) -> Shape:
     top_split, top_whole, _ = _block_params(cfg, False) if pangu else (0, 0, 0)
     top = (2.0 * (4 * h * h + 2 * h * f) + 4.0 * h * seq) if pangu else 0.0
     ln_f = h + int(cfg.bias) * h
+    model = build_model(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    layer_tensors = tuple(sum(n.startswith(f"layers.{i}.") for n in names) for i in range(blocks))
+    first_tensors = sum(n.startswith(("tok_emb.", "pos_emb.")) for n in names)
     return Shape(cfg, h, cfg.n_head, cfg.vocab_size, seq, blocks, split, whole, experts, flops,
                  2.0 * h * cfg.vocab_size + top, cfg.vocab_size * h, cfg.block_size * h, top_split,
                  ln_f + top_whole + (cfg.block_size * h if pangu else 0), cfg.vocab_size * h, moe_k,
-                 count_params(build_model(cfg)))
+                 count_params(model), layer_tensors=layer_tensors, first_tensors=first_tensors,
+                 last_tensors=len(names) - sum(layer_tensors) - first_tensors)
 
 
 def stage_blocks(sh: Shape, n_stages: int) -> list[list[int]]:
@@ -207,6 +247,16 @@ def _bandwidth(cluster: Cluster, group: int, stride: int) -> tuple[float, float]
     return a.inter_node_bw, a.inter_latency_s
 
 
+def _link(cluster: Cluster, kind: str, group: int, stride: int) -> tuple[float, float]:
+    """(bytes/s, latency) of collective ``kind`` over ``group`` ranks ``stride`` apart: the figures
+    ``loom calibrate`` measured for that kind when the group is inside a node and it measured them."""
+    if group * stride <= cluster.accelerator.devices_per_node:
+        measured = cluster.accelerator.collective(kind)
+        if measured is not None:
+            return measured
+    return _bandwidth(cluster, group, stride)
+
+
 def all_reduce_s(nbytes: float, n: int, bw: float, lat: float) -> float:
     return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / bw + 2 * (n - 1) * lat
 
@@ -221,29 +271,52 @@ def all_gather_s(nbytes: float, n: int, bw: float, lat: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def contention(cluster: Cluster, layout: Layout) -> float:
+    """How many times slower a process runs while every process of its node computes: processes per
+    node ÷ the cores they share (1 where each device is its own, as GPUs are)."""
+    acc = cluster.accelerator
+    if not acc.cores_per_node:
+        return 1.0
+    return max(1.0, min(layout.world_size, acc.devices_per_node) / acc.cores_per_node)
+
+
+def efficiency(acc, h: int) -> float:
+    """Achieved / peak FLOP rate of a model of width ``h``."""
+    if acc.matmul_efficiency is None:
+        return ETA_MAX * h / (h + ETA_N0)
+    if acc.matmul_half_width:
+        return acc.matmul_efficiency * h / (h + acc.matmul_half_width)
+    return acc.matmul_efficiency
+
+
 def estimate(cfg: ModelConfig, layout: Layout, cluster: Cluster, global_batch: int, seq: int,
-             shape: Shape | None = None) -> Estimate:
+             shape: Shape | None = None, precision: str | None = None) -> Estimate:
     """Predicted step time and memory of ``layout`` training ``cfg`` on ``cluster`` with batches of
-    ``global_batch`` sequences of ``seq`` tokens (bf16/fp16 mixed precision, Adam)."""
+    ``global_batch`` sequences of ``seq`` tokens with Adam, in ``precision``: ``bf16`` mixed precision
+    or ``fp32`` (default: what the accelerator trains in, bf16 but on a CPU)."""
     sh = shape or model_shape(cfg, seq)
     L = layout
     acc = cluster.accelerator
+    fp32 = (precision or acc.precision) == "fp32"
     h, s, b = sh.h, seq, L.micro_batch
     replicas = L.dp * L.ep
     m = max(1, global_batch // (replicas * b))  # micro-batches per step per pipeline
     v = L.virtual_stages if L.pp > 1 else 1
     stages = stage_blocks(sh, L.pp * v)  # as the pipeline splits the model
     held = rank_stages(L)  # the stages of each pipeline rank
-    # a calibrated machine knows its achieved rate (measured at this model's width by `loom calibrate`)
-    eff = acc.matmul_efficiency if acc.matmul_efficiency is not None else ETA_MAX * h / (h + ETA_N0)
-    flops_rate = acc.peak_flops * eff
+    # a calibrated machine knows its achieved rate (measured by `loom calibrate`, by width)
+    flops_rate = acc.peak_flops * efficiency(acc, h)
     tokens = b * s
-    act = tokens * h * BYTES_ACT  # one (b, s, h) activation
+    act = tokens * h * (4 if fp32 else BYTES_ACT)  # one (b, s, h) activation
+    kappa = contention(cluster, L)
 
-    tp_bw, tp_lat = _bandwidth(cluster, L.tp, 1)
-    ep_bw, ep_lat = _bandwidth(cluster, L.ep, L.tp)
-    dp_bw, dp_lat = _bandwidth(cluster, replicas, L.tp)
-    pp_bw, pp_lat = _bandwidth(cluster, 2, L.tp * replicas)
+    tp_bw, tp_lat = _link(cluster, "all_reduce", L.tp, 1)
+    ep_bw, ep_lat = _link(cluster, "all_to_all", L.ep, L.tp)
+    pp_bw, pp_lat = _link(cluster, "send_recv", 2, L.tp * replicas)
+    # per block and micro-batch: seconds of fixed cost (a calibrated CPU's; 0 elsewhere)
+    block_overhead = acc.layer_overhead_s + (acc.tp_layer_overhead_s if L.tp > 1 else 0.0) \
+        + (acc.sp_layer_overhead_s if L.tp > 1 and L.sp else 0.0) + (acc.dp_layer_overhead_s if replicas > 1 else 0.0) \
+        + {"none": 0.0, "selective": acc.selective_overhead_s, "full": acc.full_overhead_s}[L.recompute]
 
     # per pipeline rank and micro-batch: forward+backward compute, recomputation, tp and ep communication
     per_stage = []
@@ -255,37 +328,60 @@ def estimate(cfg: ModelConfig, layout: Layout, cluster: Cluster, global_batch: i
                      "full": fwd}[L.recompute]
         compute = 3 * (fwd + head) / flops_rate
         re_t = recompute / flops_rate
+        if acc.matmul_half_width and L.tp > 1 and not L.sp:
+            # the width-proportional (element-wise) share of a calibrated rate: the LayerNorms and residual
+            # adds run whole on every tp rank unless sequence parallelism splits them
+            whole = acc.matmul_half_width / h * (L.tp - 1) / (acc.peak_flops * acc.matmul_efficiency)
+            compute += 3 * fwd * whole
+            re_t += recompute * whole
         n_ar = 4 + (2 if L.recompute == "full" else 0)
-        tp_t = len(blocks) * n_ar * all_reduce_s(act, L.tp, tp_bw, tp_lat)
+        if L.sp and acc.collective("all_gather") and acc.collective("reduce_scatter"):
+            # sequence parallel: each all-reduce is an all-gather and a reduce-scatter (measured apart)
+            one = all_gather_s(act, L.tp, *_link(cluster, "all_gather", L.tp, 1)) \
+                + all_gather_s(act, L.tp, *_link(cluster, "reduce_scatter", L.tp, 1))
+        else:
+            one = all_reduce_s(act, L.tp, tp_bw, tp_lat)
+        tp_t = len(blocks) * n_ar * one
         moe_blocks = [i for i in blocks if sh.moe_tokens_per_layer[i]]
         ep_t = sum(4 * all_gather_s(act * sh.moe_tokens_per_layer[i], L.ep, ep_bw, ep_lat) for i in moe_blocks)
-        per_stage.append({"compute": compute, "recompute": re_t, "tp": tp_t, "ep": ep_t,
+        overhead = len(blocks) * block_overhead + acc.microbatch_overhead_s * (
+            (0.5 if 0 in mine else 0.0) + (0.5 if len(stages) - 1 in mine else 0.0))
+        per_stage.append({"compute": compute, "recompute": re_t, "overhead": overhead, "tp": tp_t, "ep": ep_t,
                           "hw_flops": 3 * (fwd + head) + recompute})
-    slowest = max(per_stage, key=lambda d: d["compute"] + d["recompute"] + d["tp"] + d["ep"])
-    t_mb = slowest["compute"] + slowest["recompute"] + slowest["tp"] + slowest["ep"]
+    # seconds of a stage's micro-batch while every process computes: the processor's work slowed by
+    # contention, and the communication
+    cpu_terms, comm_terms = ("compute", "recompute", "overhead"), ("tp", "ep")
+    slowest = max(per_stage, key=lambda d: kappa * sum(d[k] for k in cpu_terms) + sum(d[k] for k in comm_terms))
+    t_mb = kappa * sum(slowest[k] for k in cpu_terms) + sum(slowest[k] for k in comm_terms)
     p2p = (2 * act / L.tp / pp_bw + 2 * pp_lat) * v if L.pp > 1 else 0.0  # send forward, receive backward
-    bubble_factor = (L.pp - 1) / v
+    time = {k: slowest[k] * m * (kappa if k in cpu_terms else 1.0) for k in (*cpu_terms, *comm_terms)}
+    if L.pp == 1:
+        time["pp_bubble"] = 0.0
+    elif acc.cores_per_node:
+        time["pp_bubble"] = _contended_pipeline(cluster, L, m, v, sum(slowest[k] for k in cpu_terms),
+                                                sum(slowest[k] for k in comm_terms)) - m * t_mb
+    else:
+        time["pp_bubble"] = (L.pp - 1) / v * t_mb
     if L.schedule == "zero-bubble":
-        bubble_factor /= 3
-    time = {k: slowest[k] * m for k in ("compute", "recompute", "tp", "ep")}
-    time["pp_bubble"] = bubble_factor * t_mb if L.pp > 1 else 0.0
+        time["pp_bubble"] /= 3
     time["pp_p2p"] = p2p * m
 
     # data parallel: gradients of this device's parameters over the replicas (experts over dp only)
     dense_dev, expert_dev = max(_rank_params(sh, stages, L), key=sum)
-    grad_bytes = 4
-    dp_comm = all_reduce_s(dense_dev * grad_bytes, replicas, dp_bw, dp_lat)
-    dp_comm += all_reduce_s(expert_dev * grad_bytes, L.dp, *_bandwidth(cluster, L.dp, L.tp * L.ep))
-    if L.zero == 3:  # parameters gathered for forward and again for backward
-        dp_comm += 2 * all_gather_s(dense_dev * 2, replicas, dp_bw, dp_lat)
-    backward = time["compute"] * 2 / 3
-    time["dp"] = max(0.0, dp_comm - DP_OVERLAP * backward) if replicas > 1 else 0.0
+    time["dp"] = _data_parallel_s(cluster, L, dense_dev, expert_dev, m, fp32,
+                                  buckets=max(len(stages[si]) for si in range(len(stages))) * v + 1,
+                                  backward=time["compute"] * 2 / 3)
+    time["optimizer"] = kappa * _optimizer_s(sh, stages, L, acc, dense_dev, expert_dev)
+    if replicas > 1 and acc.dp_sync_layer_overhead_s:  # FSDP's gradient reduction, per block it syncs
+        syncs = m if L.zero >= 2 and L.pp == 1 else 1
+        blocks_here = max(sum(len(stages[si]) for si in held_) for held_ in held)
+        time["overhead"] += kappa * syncs * blocks_here * acc.dp_sync_layer_overhead_s
     step = sum(time.values())
 
     hw_flops = sum(d["hw_flops"] for d in per_stage) * L.tp * m * replicas  # the whole job's
     model_flops = 3.0 * (sum(sh.layer_flops) + sh.head_flops) * s * global_batch  # 6N + 12·L·h·s per token
     world = L.world_size
-    memory, per_stage_mem = _memory(sh, stages, L, m, acc)
+    memory, per_stage_mem = _memory(sh, stages, L, m, acc, fp32)
     return Estimate(
         layout=L, step_time_s=step, time_s=time,
         tflops_per_device=hw_flops / step / world / 1e12,
@@ -293,6 +389,73 @@ def estimate(cfg: ModelConfig, layout: Layout, cluster: Cluster, global_batch: i
         memory_gb_per_device=sum(memory.values()), memory_gb=memory, memory_per_stage_gb=per_stage_mem,
         microbatches=m, fits=sum(memory.values()) * 2**30 <= acc.memory_bytes * MEMORY_HEADROOM,
         params_per_device=int(dense_dev + expert_dev))
+
+
+def _contended_pipeline(cluster: Cluster, L: Layout, m: int, v: int, cpu_s: float, comm_s: float) -> float:
+    """Seconds of a pipeline's m micro-batches on processes that share cores: the schedule in slots of one
+    stage-micro-batch (1/v of a rank's), m·v + pp − 1 of them; in slot j, k = min(j, pp, slots + 1 − j)
+    stages work, and with them k/pp of the node's processes, each slowed by max(1, busy / cores)."""
+    acc = cluster.accelerator
+    procs = min(L.world_size, acc.devices_per_node)
+    slots = m * v + L.pp - 1
+    total = 0.0
+    for j in range(1, slots + 1):
+        busy = procs * min(j, L.pp, slots + 1 - j) / L.pp
+        total += (cpu_s * max(1.0, busy / acc.cores_per_node) + comm_s) / v
+    return total
+
+
+def _data_parallel_s(cluster: Cluster, L: Layout, dense: float, experts: float, m: int, fp32: bool,
+                     buckets: int, backward: float) -> float:
+    """The gradient reduction over the replicas (and ZeRO's parameter gathers), less what the backward
+    hides. One collective per block (``buckets``): the latency counts that often."""
+    replicas = L.dp * L.ep
+    if replicas <= 1:
+        return 0.0
+    param_bytes = 4 if fp32 else 2  # what FSDP gathers: the working copy
+    grad_bytes = 4
+    dp_ar = _link(cluster, "all_reduce", replicas, L.tp)
+    ex_ar = _link(cluster, "all_reduce", L.dp, L.tp * L.ep)
+
+    def lat(link):  # the latency of `buckets` collectives
+        return link[0], link[1] * buckets
+
+    if L.zero == 0:
+        comm = all_reduce_s(dense * grad_bytes, replicas, *lat(dp_ar))
+        if experts:
+            comm += all_reduce_s(experts * grad_bytes, L.dp, *lat(ex_ar))
+    else:
+        rs = _link(cluster, "reduce_scatter", replicas, L.tp)
+        ag = _link(cluster, "all_gather", replicas, L.tp)
+        ex_rs = _link(cluster, "reduce_scatter", L.dp, L.tp * L.ep)
+        ex_ag = _link(cluster, "all_gather", L.dp, L.tp * L.ep)
+        reductions = m if L.zero >= 2 and L.pp == 1 else 1  # ZeRO-2/3 reduce every accumulation micro-step
+        gathers = 2 * m if L.zero == 3 else 1  # ZeRO-3: for each micro-batch's forward and backward
+        comm = reductions * all_gather_s(dense * grad_bytes, replicas, *lat(rs))
+        comm += gathers * all_gather_s(dense * param_bytes, replicas, *lat(ag))
+        if experts:
+            comm += reductions * all_gather_s(experts * grad_bytes, L.dp, *lat(ex_rs))
+            comm += gathers * all_gather_s(experts * param_bytes, L.dp, *lat(ex_ag))
+    return max(0.0, comm - DP_OVERLAP * backward) if not cluster.accelerator.cores_per_node else comm
+
+
+def _optimizer_s(sh: Shape, stages: list[list[int]], L: Layout, acc, dense: float, experts: float) -> float:
+    """A calibrated machine's optimizer step (with gradient clipping) on the fullest pipeline rank: per
+    parameter tensor (distributed tensors cost more) and per parameter of its shard."""
+    if not (acc.optimizer_tensor_s or acc.optimizer_param_s or acc.dtensor_tensor_s):
+        return 0.0
+    tensors = 0
+    for held in rank_stages(L):
+        n = 0
+        for si in held:
+            n += sum(sh.layer_tensors[i] for i in stages[si]) if sh.layer_tensors else 0
+            n += sh.first_tensors if si == 0 else 0
+            n += sh.last_tensors if si == len(stages) - 1 else 0
+        tensors = max(tensors, n)
+    distributed = L.tp > 1 or L.dp * L.ep > 1
+    shard = dense / (L.dp * L.ep if L.zero else 1) + experts / (L.dp if L.zero else 1)
+    return tensors * (acc.optimizer_tensor_s + (acc.dtensor_tensor_s if distributed else 0.0)) \
+        + shard * acc.optimizer_param_s
 
 
 def _stage_params(sh: Shape, stages: list[list[int]], si: int, L: Layout) -> tuple[float, float]:
@@ -328,7 +491,10 @@ def _rank_params(sh: Shape, stages: list[list[int]], L: Layout) -> list[tuple[fl
     return out
 
 
-def _memory(sh: Shape, stages, L: Layout, m: int, acc) -> tuple[dict[str, float], list[dict[str, float]]]:
+def _memory(sh: Shape, stages, L: Layout, m: int, acc, fp32: bool = False
+            ) -> tuple[dict[str, float], list[dict[str, float]]]:
+    if fp32:
+        return _memory_fp32(sh, stages, L, m, acc)
     h, s, b, a = sh.h, sh.seq, L.micro_batch, sh.heads
     replicas = L.dp * L.ep
     per_stage = []
@@ -363,5 +529,57 @@ def _memory(sh: Shape, stages, L: Layout, m: int, acc) -> tuple[dict[str, float]
         gib = 2**30
         per_stage.append({"weights": weights / gib, "grads": grads / gib, "optimizer": optimizer / gib,
                           "activations": activations / gib})
+    worst = max(per_stage, key=lambda d: sum(d.values()))
+    return dict(worst), per_stage
+
+
+def _in_flight(L: Layout, m: int, r: int) -> float:
+    """Micro-batches whose activations pipeline rank ``r`` holds at once."""
+    if L.pp == 1:
+        return 1
+    if L.schedule == "gpipe":
+        return m
+    if L.virtual_stages > 1:
+        return min(m, L.pp * (1 + (L.pp - 1) / (L.pp * L.virtual_stages)))
+    return min(m, L.pp - r)
+
+
+def _memory_fp32(sh: Shape, stages, L: Layout, m: int, acc) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """fp32 training, as on a CPU: :data:`FP32_BYTES_PER_PARAM` (ZeRO shards them; FSDP keeps the
+    gathered weights of a ZeRO-1/2 rank beside its shard), activations as this code saves them, and the
+    runtime's own memory (``Accelerator.runtime_bytes``, measured by ``loom calibrate``)."""
+    h, s, b, tp = sh.h, sh.seq, L.micro_batch, L.tp
+    replicas = L.dp * L.ep
+    sbh = s * b * h * 4  # bytes of one fp32 (b, s, h) tensor
+    per_stage = []
+    for r, ((dense, experts), mine) in enumerate(zip(_rank_params(sh, stages, L), rank_stages(L))):
+        n = dense + experts
+        shard = dense / replicas + experts / L.dp if L.zero else n
+        biggest_block = max((sh.layer_params[i] / tp for si in mine for i in stages[si]), default=0.0)
+        if L.zero == 3:  # the shard at rest, two blocks gathered at a time (one prefetched)
+            weights = shard * 4 + 2 * biggest_block * 4
+            grads = shard * 4 + biggest_block * 4
+        else:
+            weights = n * 4 + (shard * 4 if L.zero else 0.0)
+            grads = (shard if L.zero == 2 else n) * 4
+        optimizer = shard * FP32_BYTES_PER_PARAM["optimizer"]
+        layers = sum(len(stages[si]) for si in mine)
+        whole, split = FP32_SAVED["whole"], FP32_SAVED["split"]
+        full_layer = (whole - FP32_SAVED["sp_split"] * (1 - 1 / tp) * L.sp + split / tp) * sbh
+        if L.recompute == "none":
+            per_layer = full_layer
+        elif L.recompute == "selective":
+            per_layer = (FP32_SELECTIVE["whole"] + FP32_SELECTIVE["split"] / tp) * sbh
+        else:
+            per_layer = sbh / (tp if L.sp else 1)  # the block's input
+        activations = per_layer * layers * _in_flight(L, m, r)
+        if L.recompute != "none":  # one block's activations live again while it is recomputed
+            activations += full_layer
+        activations += FP32_BACKWARD_TRANSIENT * sbh / tp
+        if len(stages) - 1 in mine:  # logits, their log-softmax and the gradients of both
+            activations += 4 * s * b * sh.vocab / tp * 4
+        gib = 2**30
+        per_stage.append({"weights": weights / gib, "grads": grads / gib, "optimizer": optimizer / gib,
+                          "activations": activations / gib, "runtime": acc.runtime_bytes / gib})
     worst = max(per_stage, key=lambda d: sum(d.values()))
     return dict(worst), per_stage

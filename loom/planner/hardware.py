@@ -37,6 +37,35 @@ class Accelerator:
     intra_latency_s: float = 5e-6
     inter_latency_s: float = 1e-5
     matmul_efficiency: float | None = None  # measured by ``loom calibrate``: achieved / peak on large matmuls
+    # --- what ``loom calibrate`` measures besides (the defaults leave a catalogue accelerator as it was) ---
+    # the achieved rate's width dependence: peak · matmul_efficiency · h / (h + matmul_half_width)
+    matmul_half_width: float | None = None
+    # per collective kind (all_reduce, all_gather, reduce_scatter, all_to_all, send_recv): (latency s, bus bytes/s)
+    # inside a node; kinds not named use intra_latency_s / intra_node_bw
+    collectives: tuple[tuple[str, float, float], ...] = ()
+    cores_per_node: int | None = None  # CPU cores the devices of a node share (None: each device is its own)
+    # fixed costs (seconds of one process's time, for a process that has a core to itself): Python,
+    # autograd and kernel launches, which dominate a tiny model on a CPU
+    layer_overhead_s: float = 0.0  # per block and micro-batch, forward + backward
+    selective_overhead_s: float = 0.0  # per block and micro-batch, extra under selective recomputation
+    full_overhead_s: float = 0.0  # per block and micro-batch, extra under full recomputation
+    microbatch_overhead_s: float = 0.0  # per micro-batch: embedding, head, loss
+    tp_layer_overhead_s: float = 0.0  # per block and micro-batch, extra under tensor parallelism
+    dp_layer_overhead_s: float = 0.0  # per block and micro-batch, extra under data parallelism (FSDP's hooks)
+    dp_sync_layer_overhead_s: float = 0.0  # per block and gradient synchronization (FSDP's reduction)
+    sp_layer_overhead_s: float = 0.0  # per block and micro-batch, extra under sequence parallelism
+    optimizer_tensor_s: float = 0.0  # per parameter tensor and step: optimizer step and gradient clipping
+    dtensor_tensor_s: float = 0.0  # extra per parameter tensor and step when parameters are distributed tensors
+    optimizer_param_s: float = 0.0  # per parameter (of this device's shard) and step
+    runtime_bytes: float = 0.0  # memory of a process before any model: the framework's own (a CPU's resident set)
+    precision: str = "bf16"  # what the planner assumes a model trains in here: bf16 mixed precision | fp32
+
+    def collective(self, kind: str) -> tuple[float, float] | None:
+        """(bus bandwidth, latency) measured for ``kind`` inside a node, or None."""
+        for name, latency, bandwidth in self.collectives:
+            if name == kind:
+                return bandwidth, latency
+        return None
 
 
 CATALOGUE: dict[str, Accelerator] = {
@@ -48,8 +77,9 @@ CATALOGUE: dict[str, Accelerator] = {
     "h200": Accelerator("H200 SXM 141GB", 989e12, 141 * GB, 360 * GB, 50 * GB, 8),
     # Huawei Ascend 910 (PanGu-α): 256 TFLOP/s fp16, 32 GB HBM, 8 per server (HCCS inside, 100 GbE RoCE across)
     "ascend910": Accelerator("Ascend 910 32GB", 256e12, 32 * 2**30, 90 * GB, 12.5 * GB, 8),
-    # this machine's CPU: a placeholder until `loom calibrate` measures it
-    "cpu": Accelerator("CPU (gloo)", 100e9, 8 * 2**30, 2 * GB, 2 * GB, 1, 50e-6, 50e-6),
+    # this machine's CPU: a placeholder until `loom calibrate` measures it. A device is one gloo process
+    # (fp32); the processes of a job started by `loom train --nproc N` all run on this one machine
+    "cpu": Accelerator("CPU (gloo)", 100e9, 8 * 2**30, 2 * GB, 2 * GB, 64, 50e-6, 50e-6, precision="fp32"),
 }
 
 
@@ -118,6 +148,7 @@ def _from_file(path: Path) -> Cluster:
             raise ConfigError(f"{path}: unknown key {key!r}; valid: devices, accelerator, {', '.join(conv)}, "
                               f"{', '.join(f.name for f in dataclasses.fields(Accelerator))}")
     fields.setdefault("name", path.stem)
+    _tuple_collectives(fields)
     missing = [f.name for f in dataclasses.fields(Accelerator)
                if f.name not in fields and f.default is dataclasses.MISSING]
     if missing or devices is None:
@@ -131,6 +162,19 @@ def apply_profile(acc: Accelerator, profile: str | Path) -> Accelerator:
     p = Path(profile)
     if not p.is_file():
         raise ConfigError(f"calibration profile {str(p)!r} does not exist; make it with `loom calibrate`")
-    d = json.loads(p.read_text())
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"calibration profile {str(p)!r} is not a `loom calibrate` JSON file: {e}") from None
     keep = {f.name for f in dataclasses.fields(Accelerator)}
-    return dataclasses.replace(acc, **{k: v for k, v in d.get("accelerator", {}).items() if k in keep})
+    fields = {k: v for k, v in d.get("accelerator", {}).items() if k in keep}
+    _tuple_collectives(fields)
+    if "name" not in fields and d.get("machine"):
+        fields["name"] = f"{acc.name}, calibrated: {d['machine']}"
+    return dataclasses.replace(acc, **fields)
+
+
+def _tuple_collectives(fields: dict) -> None:
+    """``collectives`` as a file writes it, ``{kind: [latency_s, bandwidth]}``, as the field holds it."""
+    if isinstance(fields.get("collectives"), dict):
+        fields["collectives"] = tuple((str(k), float(v[0]), float(v[1])) for k, v in fields["collectives"].items())
