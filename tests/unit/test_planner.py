@@ -171,7 +171,19 @@ def test_a_chosen_plan_becomes_settings_loom_train_accepts():
         assert per_step // (cfg.parallel.microbatches if layout.pp > 1 else 1) == layout.micro_batch
 
 
-def test_plan_json_round_trips_through_the_cli(tmp_path, capsys):
+@pytest.fixture
+def loom_logger_restored():
+    """``loom.cli.main`` installs its own handler on the ``loom`` logger and stops propagation; put the
+    logger back afterwards so that later tests' ``caplog`` still sees loom's warnings."""
+    import logging
+
+    logger = logging.getLogger("loom")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+
+
+def test_plan_json_round_trips_through_the_cli(tmp_path, capsys, loom_logger_restored):
     from loom.cli import main
 
     out = tmp_path / "plan.json"
