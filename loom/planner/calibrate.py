@@ -258,8 +258,9 @@ def _measure_blocks(shapes: Sequence[tuple[int, int, int]], min_seconds: float) 
     return out
 
 
-def _measure_trainer(layout: list[str], layers: int, width: int, steps: int) -> dict:
-    """Processor seconds of real training steps of a model with negligible FLOPs under ``layout``:
+def _measure_trainer(layout: list[str], layers: Sequence[int], width: int, steps: int) -> list[dict]:
+    """Processor seconds of real training steps of models with negligible FLOPs (one per entry of
+    ``layers``, their steps taken in turn so that they see the same conditions) under ``layout``:
     forward + backward of a step of one micro-batch and of a step of two (the gradients synchronized
     after the second only, as in gradient accumulation), and gradient clipping + optimizer step."""
     from loom.config import load_config
@@ -268,46 +269,49 @@ def _measure_trainer(layout: list[str], layers: int, width: int, steps: int) -> 
 
     n = dist.get_world_size()
     world = 1 if not layout else n
-    cfg = load_config(None, [*_tiny_overrides(layers, width, 8), f"train.batch_size={2 * n}", *layout])
     rank = dist.get_rank()
     process = Process(rank, world, rank) if world > 1 else Process()
-    trainer = Trainer(cfg, None, synthetic_data(cfg.model.vocab_size), process=process,
-                      device=torch.device("cpu"))
-    model = trainer.model
+    trainers = []
+    for depth in layers:
+        cfg = load_config(None, [*_tiny_overrides(depth, width, 8), f"train.batch_size={2 * n}", *layout])
+        trainers.append(Trainer(cfg, None, synthetic_data(cfg.model.vocab_size), process=process,
+                                device=torch.device("cpu")))
 
-    def optimizer_step():
-        model.clip_grads_(1.0)
+    def optimizer_step(trainer):
+        trainer.model.clip_grads_(1.0)
         for o in trainer.optimizers:
             o.step()
             o.zero_grad(set_to_none=True)
 
-    fb1, fb2, opt = [], [], []
+    times = [{"fb1": [], "fb2": [], "opt": []} for _ in trainers]
     for step in range(steps + 2):
-        x, y = trainer.sampler.batch(step, rows=trainer.rows(0))
-        dist.barrier()
-        c0 = time.process_time()
-        model.forward_backward(x, y, lambda v: v)
-        model.after_backward()
-        c1 = time.process_time()
-        optimizer_step()
-        c2 = time.process_time()
-        half = max(1, x.shape[0] // 2)
-        dist.barrier()
-        c3 = time.process_time()
-        model.forward_backward(x[:half], y[:half], lambda v: v, last_micro_step=False)
-        model.forward_backward(x[-half:], y[-half:], lambda v: v, last_micro_step=True)
-        model.after_backward()
-        c4 = time.process_time()
-        optimizer_step()
-        if step >= 2:
-            fb1.append(c1 - c0)
-            opt.append(c2 - c1)
-            fb2.append(c4 - c3)
-    tensors = len(list(model.parameters()))
-    params = sum(p.numel() for p in model.parameters())
-    return {"layout": layout, "layers": layers, "width": width, "fwd_bwd_cpu_s": _undisturbed(fb1),
-            "two_fwd_bwd_cpu_s": _undisturbed(fb2), "optimizer_cpu_s": _undisturbed(opt),
-            "tensors": tensors, "params": params}
+        for trainer, t in zip(trainers, times):
+            model = trainer.model
+            x, y = trainer.sampler.batch(step, rows=trainer.rows(0))
+            dist.barrier()
+            c0 = time.process_time()
+            model.forward_backward(x, y, lambda v: v)
+            model.after_backward()
+            c1 = time.process_time()
+            optimizer_step(trainer)
+            c2 = time.process_time()
+            half = max(1, x.shape[0] // 2)
+            dist.barrier()
+            c3 = time.process_time()
+            model.forward_backward(x[:half], y[:half], lambda v: v, last_micro_step=False)
+            model.forward_backward(x[-half:], y[-half:], lambda v: v, last_micro_step=True)
+            model.after_backward()
+            c4 = time.process_time()
+            optimizer_step(trainer)
+            if step >= 2:
+                t["fb1"].append(c1 - c0)
+                t["opt"].append(c2 - c1)
+                t["fb2"].append(c4 - c3)
+    return [{"layout": layout, "layers": depth, "width": width, "fwd_bwd_cpu_s": _undisturbed(t["fb1"]),
+             "two_fwd_bwd_cpu_s": _undisturbed(t["fb2"]), "optimizer_cpu_s": _undisturbed(t["opt"]),
+             "tensors": len(list(trainer.model.parameters())),
+             "params": sum(p.numel() for p in trainer.model.parameters())}
+            for depth, trainer, t in zip(layers, trainers, times)]
 
 
 def _measure_trainers(steps: int, parallel: bool = True) -> dict:
@@ -324,10 +328,11 @@ def _measure_trainers(steps: int, parallel: bool = True) -> dict:
     layouts = {"dp": [f"parallel.dp={n}"], "tp": tp, "sp": [*tp, "parallel.sp=true"]} if parallel else {}
     runs = {}
     for name, layout in {**layouts, "plain": []}.items():
-        for layers in (1, 3):
-            runs[f"{name}{layers}"] = _measure_trainer(layout, layers, 16, steps)
-            runs.setdefault("runtime_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    runs["wide"] = _measure_trainer([], 2, 256, steps)
+        for row in _measure_trainer(layout, (1, 3), 16, steps):
+            row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            runs[f"{name}{row['layers']}"] = row
+            runs.setdefault("runtime_bytes", row["peak_rss_bytes"])
+    runs["wide"] = _measure_trainer([], (2,), 256, steps)[0]
     return runs
 
 
@@ -397,7 +402,7 @@ def _worker(settings: dict) -> dict:
 SETTINGS = {
     "repeat": 7,
     "min_seconds": 0.15,
-    "trainer_steps": 6,
+    "trainer_steps": 16,
     "parallel": True,
     "collective_bytes": [4, 1 << 12, 1 << 16, 1 << 18, 1 << 20, 1 << 22],
     # (m, k, n): tiny-model matmuls (tokens × width × 4·width) and a large one (the peak)
@@ -408,7 +413,7 @@ SETTINGS = {
 QUICK = {
     "repeat": 3,
     "min_seconds": 0.02,
-    "trainer_steps": 2,
+    "trainer_steps": 3,
     "parallel": False,
     "collective_bytes": [4, 1 << 12, 1 << 16],
     "matmul_sizes": [(128, 64, 256), (256, 256, 256)],
@@ -440,7 +445,8 @@ def _combine(ranks: list[dict]) -> dict:
             trainers[key] = max(r["trainers"][key] for r in ranks)
         else:
             trainers[key] = {**row, **{k: statistics.median(r["trainers"][key][k] for r in ranks)
-                                       for k in ("fwd_bwd_cpu_s", "two_fwd_bwd_cpu_s", "optimizer_cpu_s")}}
+                                       for k in ("fwd_bwd_cpu_s", "two_fwd_bwd_cpu_s", "optimizer_cpu_s")},
+                             "peak_rss_bytes": max(r["trainers"][key].get("peak_rss_bytes", 0) for r in ranks)}
     out["trainers"] = trainers
     out["seconds"] = first["seconds"]
     return out
@@ -492,8 +498,13 @@ def build_profile(raw: dict, nproc: int, device: str = "cpu") -> dict:
         "optimizer_param_s": per_param,
     }
     cores = os.cpu_count() or 1
+    try:  # the processes share the machine's memory
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / nproc
+    except (ValueError, OSError, AttributeError):
+        memory = None
     accelerator = {
         "peak_flops": peak,
+        **({"memory_bytes": memory} if memory else {}),
         "matmul_efficiency": min(1.0, block_fit["rate"] / peak),
         "matmul_half_width": block_fit["half_width"],
         "intra_node_bw": fits["all_reduce"]["bandwidth"],
@@ -502,6 +513,8 @@ def build_profile(raw: dict, nproc: int, device: str = "cpu") -> dict:
         "cores_per_node": cores,
         **overheads,
         "runtime_bytes": tr["runtime_bytes"],
+        # what tensor parallelism's machinery adds (the peak after the tensor-parallel trainers)
+        "tp_runtime_bytes": max(0.0, tr["tp3"]["peak_rss_bytes"] - tr["dp3"]["peak_rss_bytes"]) if "tp3" in tr else 0.0,
         "precision": "fp32",
     }
     return {
@@ -562,7 +575,8 @@ def summary(profile: dict) -> str:
              "selectively / fully",
              f"  optimizer          {a['optimizer_tensor_s'] * us:8.0f} µs per tensor "
              f"(+{a['dtensor_tensor_s'] * us:.0f} distributed) + {a['optimizer_param_s'] * 1e9:.1f} ns per parameter",
-             f"  runtime memory     {a['runtime_bytes'] / 2**20:8.0f} MiB per process",
+             f"  runtime memory     {a['runtime_bytes'] / 2**20:8.0f} MiB per process "
+             f"(+{a['tp_runtime_bytes'] / 2**20:.0f} MiB under tensor parallelism)",
              f"  cores              {a['cores_per_node']:8d} (shared by the processes)"]
     for kind, fit in f["collectives"].items():
         lines.append(f"  {kind:18s} {fit['latency_s'] * us:8.0f} µs latency, {fit['bandwidth'] / 1e9:6.2f} GB/s")

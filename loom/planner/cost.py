@@ -38,9 +38,11 @@ A machine ``loom calibrate`` measured (:mod:`loom.planner.calibrate`; a CPU runn
 what dominates there and is negligible on a GPU cluster, each a measured figure of the profile:
 
 overhead    fixed seconds per block and micro-batch (Python, autograd, kernel launches), more under
-            tensor parallelism (distributed-tensor dispatch) and data parallelism (FSDP hooks) and for
-            recomputation; per micro-batch for embedding, head and loss. The FLOPs run at
-            peak · η · h / (h + n₀) with η and n₀ fitted to whole blocks (element-wise work ∝ h per token).
+            tensor and sequence parallelism (distributed-tensor dispatch), data parallelism (FSDP's hooks,
+            and its gradient reduction once per step) and recomputation; per micro-batch for embedding,
+            head and loss. The FLOPs run at peak · η · h / (h + n₀) with η and n₀ fitted to whole blocks
+            (the n₀ share is the element-wise work, ∝ h per token, which tensor parallelism without
+            sequence parallelism leaves whole on every rank: LayerNorms, residual adds).
 optimizer   per step: a cost per parameter tensor (more for distributed tensors) and per parameter.
 contention  processes share the node's cores: P processes on C < P cores each run at C/P of their own
             speed while all are busy, so a phase where every rank computes takes P/C times a lone
@@ -52,7 +54,8 @@ collectives each kind (all-reduce, all-gather, reduce-scatter, all-to-all, send/
             all-gathers once per micro-batch for forward and again for backward.
 memory      fp32 training (``precision="fp32"``, what a CPU profile sets): 16 bytes per parameter
             (weights 4, gradients 4, Adam 8), fp32 activations as this code saves them (17 (b, s, h)
-            tensors per block with flash attention and no dropout), plus the runtime's own resident set.
+            tensors per block with flash attention and no dropout; under tensor parallelism 4 whole +
+            13/tp, and the buffers of the forward's collectives), plus the runtime's own resident set.
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ FP32_SAVED = {"whole": 4, "split": 13, "sp_split": 2}
 # tp) and the two row-parallel projections' outputs (whole)
 FP32_SELECTIVE = {"whole": 3, "split": 7}
 FP32_BACKWARD_TRANSIENT = 8  # (b, s, h) tensors of gradients alive at once in a block's backward (the MLP's)
+# whole (b, s, h) tensors per block that tensor parallelism keeps besides the saved ones until the backward:
+# the buffers of the forward's two all-reduces (or reduce-scatters) of partial sums. Measured: a tp=4 rank's
+# peak resident set grows by 12.5–14 (b, s, h) per block, where the saved tensors are 7.
+FP32_TP_BUFFERS = 6
 
 
 @dataclass(frozen=True)
@@ -545,8 +552,8 @@ def _in_flight(L: Layout, m: int, r: int) -> float:
 
 
 def _memory_fp32(sh: Shape, stages, L: Layout, m: int, acc) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """fp32 training, as on a CPU: :data:`FP32_BYTES_PER_PARAM` (ZeRO shards them; FSDP keeps the
-    gathered weights of a ZeRO-1/2 rank beside its shard), activations as this code saves them, and the
+    """fp32 training, as on a CPU: :data:`FP32_BYTES_PER_PARAM` (ZeRO shards them; FSDP keeps a shard of
+    weights and gradients beside the gathered ones), activations as this code saves them, and the
     runtime's own memory (``Accelerator.runtime_bytes``, measured by ``loom calibrate``)."""
     h, s, b, tp = sh.h, sh.seq, L.micro_batch, L.tp
     replicas = L.dp * L.ep
@@ -556,16 +563,22 @@ def _memory_fp32(sh: Shape, stages, L: Layout, m: int, acc) -> tuple[dict[str, f
         n = dense + experts
         shard = dense / replicas + experts / L.dp if L.zero else n
         biggest_block = max((sh.layer_params[i] / tp for si in mine for i in stages[si]), default=0.0)
-        if L.zero == 3:  # the shard at rest, two blocks gathered at a time (one prefetched)
-            weights = shard * 4 + 2 * biggest_block * 4
-            grads = shard * 4 + biggest_block * 4
+        # FSDP (data parallelism) keeps a rank's shard of the weights and of the reduced gradients beside
+        # the gathered ones (also when the shard is everything, ZeRO-0); ZeRO-3 gathers two blocks at a
+        # time (one prefetched), ZeRO-2/3 reduce each block's gradients as soon as they are complete
+        fsdp = shard if replicas > 1 else 0.0
+        if L.zero == 3:
+            weights, grads = shard + 2 * biggest_block, shard + biggest_block
+        elif L.zero == 2:
+            weights, grads = n + fsdp, shard + biggest_block
         else:
-            weights = n * 4 + (shard * 4 if L.zero else 0.0)
-            grads = (shard if L.zero == 2 else n) * 4
+            weights, grads = n + fsdp, n + fsdp
+        weights, grads = weights * 4, grads * 4
         optimizer = shard * FP32_BYTES_PER_PARAM["optimizer"]
         layers = sum(len(stages[si]) for si in mine)
         whole, split = FP32_SAVED["whole"], FP32_SAVED["split"]
-        full_layer = (whole - FP32_SAVED["sp_split"] * (1 - 1 / tp) * L.sp + split / tp) * sbh
+        full_layer = (whole - FP32_SAVED["sp_split"] * (1 - 1 / tp) * L.sp + split / tp
+                      + (FP32_TP_BUFFERS if tp > 1 else 0)) * sbh
         if L.recompute == "none":
             per_layer = full_layer
         elif L.recompute == "selective":
@@ -580,6 +593,7 @@ def _memory_fp32(sh: Shape, stages, L: Layout, m: int, acc) -> tuple[dict[str, f
             activations += 4 * s * b * sh.vocab / tp * 4
         gib = 2**30
         per_stage.append({"weights": weights / gib, "grads": grads / gib, "optimizer": optimizer / gib,
-                          "activations": activations / gib, "runtime": acc.runtime_bytes / gib})
+                          "activations": activations / gib,
+                          "runtime": (acc.runtime_bytes + (acc.tp_runtime_bytes if tp > 1 else 0.0)) / gib})
     worst = max(per_stage, key=lambda d: sum(d.values()))
     return dict(worst), per_stage

@@ -58,6 +58,7 @@ class Accelerator:
     dtensor_tensor_s: float = 0.0  # extra per parameter tensor and step when parameters are distributed tensors
     optimizer_param_s: float = 0.0  # per parameter (of this device's shard) and step
     runtime_bytes: float = 0.0  # memory of a process before any model: the framework's own (a CPU's resident set)
+    tp_runtime_bytes: float = 0.0  # ... more of it under tensor parallelism (distributed tensors' machinery)
     precision: str = "bf16"  # what the planner assumes a model trains in here: bf16 mixed precision | fp32
 
     def collective(self, kind: str) -> tuple[float, float] | None:

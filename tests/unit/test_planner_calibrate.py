@@ -103,14 +103,23 @@ def test_calibrated_terms_enter_the_estimate(tmp_path):
 
 def test_fp32_memory_counts_sixteen_bytes_per_parameter(tmp_path):
     cfg = load_config(None, ["model=gpt-tiny", "model.n_layer=4"]).model
-    cluster = parse_cluster("4xcpu", profile=_profile(tmp_path))
-    e = estimate(cfg, Layout(dp=4, micro_batch=4), cluster, 16, 64)
-    n = e.params_per_device
-    gib = 2**30
-    assert (e.memory_gb["weights"], e.memory_gb["grads"], e.memory_gb["optimizer"]) == pytest.approx(
+    profile = _profile(tmp_path)
+    one = estimate(cfg, Layout(micro_batch=16), parse_cluster("1xcpu", profile=profile), 16, 64)
+    n, gib = one.params_per_device, 2**30
+    assert (one.memory_gb["weights"], one.memory_gb["grads"], one.memory_gb["optimizer"]) == pytest.approx(
         (4 * n / gib, 4 * n / gib, 8 * n / gib))
+    cluster = parse_cluster("4xcpu", profile=profile)
+    dp = estimate(cfg, Layout(dp=4, micro_batch=4), cluster, 16, 64)
+    # FSDP keeps its shard (here: all of it) of weights and gradients beside the gathered ones
+    assert dp.memory_gb["weights"] == pytest.approx(8 * n / gib) and dp.memory_gb["grads"] == pytest.approx(8 * n / gib)
     z1 = estimate(cfg, Layout(dp=4, zero=1, micro_batch=4), cluster, 16, 64)
-    assert z1.memory_gb["optimizer"] == pytest.approx(e.memory_gb["optimizer"] / 4)
+    assert z1.memory_gb["optimizer"] == pytest.approx(dp.memory_gb["optimizer"] / 4)
+    assert z1.memory_gb["weights"] == pytest.approx(5 * n / gib)
+    z3 = estimate(cfg, Layout(dp=4, zero=3, micro_batch=4), cluster, 16, 64)
+    assert z3.memory_gb["weights"] < z1.memory_gb["weights"] and z3.memory_gb["grads"] < z1.memory_gb["grads"]
+    # activations shrink with recomputation
+    full = estimate(cfg, Layout(dp=4, micro_batch=4, recompute="full"), cluster, 16, 64)
+    assert full.memory_gb["activations"] < dp.memory_gb["activations"]
     bf16 = estimate(cfg, Layout(dp=4, micro_batch=4), cluster, 16, 64, precision="bf16")
     assert bf16.memory_gb["weights"] == pytest.approx(6 * n / gib) and "runtime" not in bf16.memory_gb
 
