@@ -225,7 +225,7 @@ def cmd_generate(args) -> int:
         ids = ids[-room:]
     idx = torch.tensor([ids] * args.num_samples, device=device)
     out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   seed=args.seed, use_cache=not args.no_cache, stop_token=tok.eos_id)
+                   seed=args.seed, use_cache=not args.no_cache, stop_token=tok.eos_id, vocab_size=tok.vocab_size)
     for i, row in enumerate(out.tolist()):
         new = row[len(ids):]
         if tok.eos_id in new:  # the end of a document ends the sample

@@ -40,8 +40,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, use_cache: bool = True,
-             stop_token: int | None = None) -> torch.Tensor:
+             stop_token: int | None = None, vocab_size: int | None = None) -> torch.Tensor:
     """Continue token ids ``idx`` (B, T) by up to ``max_new_tokens``; returns (B, T + new).
+
+    ``vocab_size``: sample only ids below it (the tokenizer's), when the model's vocabulary is padded
+    past it (rows a tensor-parallel split needs; never a target in training).
 
     Prompt plus new tokens must fit the model's ``block_size`` (learned positions end there).
     Without ``use_cache`` every step recomputes the whole sequence: slower, same result.
@@ -57,7 +60,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     logits = model(idx, cache)[:, -1]  # prefill
     out = idx
     for i in range(max_new_tokens):
-        nxt = sample_next(logits.float(), temperature, top_k, top_p, gen)
+        nxt = sample_next(logits[:, :vocab_size].float(), temperature, top_k, top_p, gen)
         out = torch.cat([out, nxt], dim=1)
         if stop_token is not None and bool((nxt == stop_token).all()):
             break

@@ -18,6 +18,7 @@ weight K split equals the activation's K split is kept:
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from fnmatch import fnmatchcase
 
@@ -150,8 +151,11 @@ def check_strategies(model: nn.Module, strategies: dict[str, str], tp: int) -> N
                               f"valid for it: {', '.join(accepts)}")
         if s == "vocab":
             rows = mod.num_embeddings if isinstance(mod, nn.Embedding) else mod.out_features
-            _divisible(rows, tp, _field(cfg, rows, ("vocab_size", "block_size")), f"{name} splits its rows",
-                       f"or set parallel.strategies {name!r} (and any weight tied to it) to replicate")
+            key = _field(cfg, rows, ("vocab_size", "block_size"))
+            pad = (f"pad the vocabulary, model.vocab_size={padded_vocab(rows, tp)} (rows past the tokenizer's "
+                   "are never targets nor sampled), or ") if key == "model.vocab_size" else ""
+            _divisible(rows, tp, key, f"{name} splits its rows",
+                       f"or {pad}set parallel.strategies {name!r} (and any weight tied to it) to replicate")
     for kind, producers, consumer in _PAIRS:
         for prefix, mod in modules.items():
             if isinstance(mod, kind):
@@ -201,6 +205,18 @@ def _divisible(n: int, tp: int, key: str, why: str, fix: str) -> None:
                           f"choose a tp that divides it (e.g. {', '.join(map(str, ok))}) {fix}")
 
 
+VOCAB_MULTIPLE = 128  # what Megatron-LM pads the vocabulary to (make-vocab-size-divisible-by)
+
+
+def padded_vocab(vocab: int, tp: int) -> int:
+    """``vocab`` if ``tp`` divides it, else the next multiple of lcm(128, tp): the rows a tensor-parallel
+    embedding and output layer need (Megatron-LM pads the same way)."""
+    if vocab % tp == 0:
+        return vocab
+    multiple = math.lcm(VOCAB_MULTIPLE, tp)
+    return -(-vocab // multiple) * multiple
+
+
 def check_divisible(model_cfg: ModelConfig, tp: int, sequence_parallel: bool = False) -> None:
     """The built-in plans' divisibility from the config alone, before any process starts: heads,
     FFN width and vocabulary split over ``tp`` (and the sequence too, under sequence parallelism)."""
@@ -209,7 +225,9 @@ def check_divisible(model_cfg: ModelConfig, tp: int, sequence_parallel: bool = F
     _divisible(model_cfg.ffn, tp, "model.ffn_hidden", "the MLP splits its hidden features",
                "or set parallel.strategies 'layers.*.mlp.*' to replicate")
     _divisible(model_cfg.vocab_size, tp, "model.vocab_size", "tok_emb and lm_head split the vocabulary",
-               "or set parallel.strategies 'tok_emb' and 'lm_head' to replicate")
+               f"or pad the vocabulary, model.vocab_size={padded_vocab(model_cfg.vocab_size, tp)} (rows past "
+               "the tokenizer's are never targets nor sampled), or set parallel.strategies 'tok_emb' and "
+               "'lm_head' to replicate")
     if sequence_parallel:
         _divisible(model_cfg.block_size, tp, "model.block_size", "parallel.sp splits the sequence",
                    "or turn parallel.sp off")

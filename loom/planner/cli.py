@@ -8,9 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loom.config import ConfigError
-from loom.planner.cost import Estimate, Layout, estimate
+from loom.planner.cost import Estimate, Layout, estimate, layout_model
 from loom.planner.hardware import Cluster, parse_cluster
-from loom.planner.search import check_layout, parse_fix, search
+from loom.planner.search import check_layout, fixed_layout, search
 
 TERMS = ("compute", "recompute", "tp", "pp_bubble", "pp_p2p", "dp", "ep")
 
@@ -47,7 +47,7 @@ def cmd_plan(args) -> int:
         raise ConfigError(f"--global-batch {args.global_batch} must be at least 1")
     cluster = parse_cluster(args.cluster, args.profile)
     if args.fix:
-        layout = parse_fix(args.fix)
+        layout = fixed_layout(cfg, args.fix)
         check_layout(cfg, layout, cluster, args.global_batch)
         results = [estimate(cfg, layout, cluster, args.global_batch, seq)]
     else:
@@ -137,6 +137,8 @@ def plan_overrides(path: str | Path) -> tuple[list[str], int]:
 def layout_overrides(layout: Layout, global_batch: int | None) -> list[str]:
     out = [f"parallel.{k}={getattr(layout, k)}" for k in ("dp", "tp", "pp", "ep", "zero", "recompute")]
     out += [f"parallel.sp={str(layout.sp).lower()}"]
+    if layout.vocab_size:  # the vocabulary padded for tp
+        out.append(f"model.vocab_size={layout.vocab_size}")
     if layout.pp > 1:
         out += [f"parallel.schedule={layout.schedule}", f"parallel.virtual_stages={layout.virtual_stages}"]
     if global_batch:
@@ -199,7 +201,7 @@ def auto_config(cfg, world: int, device_type: str):
             k.removeprefix("parallel."): (v == "true" if k == "parallel.sp" else v if not v.isdigit() else int(v))
             for k, v in overrides.items() if k.startswith("parallel.")})
         train = dataclasses.replace(cfg.train, grad_accum=int(overrides.get("train.grad_accum", 1)))
-        candidate = dataclasses.replace(cfg, parallel=parallel, train=train)
+        candidate = dataclasses.replace(cfg, parallel=parallel, train=train, model=layout_model(cfg.model, e.layout))
         try:
             check_plan(plan_from_config(candidate.parallel), candidate, world)
         except ConfigError:

@@ -60,7 +60,7 @@ memory      fp32 training (``precision="fp32"``, what a CPU profile sets): 16 by
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from loom.config import ModelConfig
 from loom.models import build_model, count_params
@@ -104,6 +104,9 @@ class Layout:
     schedule: str = "1f1b"
     virtual_stages: int = 1
     micro_batch: int = 1  # sequences per micro-batch
+    # 0: the model's vocabulary; else the rows of the embedding and output layer, the vocabulary padded
+    # so that tp divides it (``model.vocab_size``; ids past the tokenizer's are never targets or sampled)
+    vocab_size: int = 0
 
     @property
     def world_size(self) -> int:
@@ -116,7 +119,14 @@ class Layout:
             parts.append("sp")
         if self.pp > 1:
             parts.append(self.schedule + (f"v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
+        if self.vocab_size:
+            parts.append(f"vocab={self.vocab_size}")
         return " ".join(parts)
+
+
+def layout_model(cfg: ModelConfig, layout: Layout) -> ModelConfig:
+    """The model ``layout`` trains: ``cfg`` with the layout's padded vocabulary, if it has one."""
+    return replace(cfg, vocab_size=layout.vocab_size) if layout.vocab_size else cfg
 
 
 @dataclass
@@ -301,7 +311,8 @@ def estimate(cfg: ModelConfig, layout: Layout, cluster: Cluster, global_batch: i
     """Predicted step time and memory of ``layout`` training ``cfg`` on ``cluster`` with batches of
     ``global_batch`` sequences of ``seq`` tokens with Adam, in ``precision``: ``bf16`` mixed precision
     or ``fp32`` (default: what the accelerator trains in, bf16 but on a CPU)."""
-    sh = shape or model_shape(cfg, seq)
+    cfg = layout_model(cfg, layout)
+    sh = shape if shape is not None and shape.vocab == cfg.vocab_size else model_shape(cfg, seq)
     L = layout
     acc = cluster.accelerator
     fp32 = (precision or acc.precision) == "fp32"

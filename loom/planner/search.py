@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from loom.config import ConfigError, ModelConfig
-from loom.planner.cost import Estimate, Layout, estimate, model_shape
+from loom.parallel.strategy import padded_vocab
+from loom.planner.cost import Estimate, Layout, estimate, layout_model, model_shape
 from loom.planner.hardware import Cluster
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -30,8 +31,11 @@ def candidates(cfg: ModelConfig, cluster: Cluster, global_batch: int) -> list[La
     experts = cfg.moe.experts
     out = []
     for tp in _divisors(min(world, cluster.devices_per_node)):
-        if cfg.n_head % tp or cfg.ffn % tp or cfg.vocab_size % tp:
+        if cfg.n_head % tp or cfg.ffn % tp:
             continue
+        # a vocabulary tp does not divide is padded, as Megatron-LM does (the plan sets model.vocab_size)
+        vocab = padded_vocab(cfg.vocab_size, tp)
+        vocab = 0 if vocab == cfg.vocab_size else vocab
         for pp in _divisors(world // tp):
             if pp > blocks:
                 continue
@@ -54,7 +58,7 @@ def candidates(cfg: ModelConfig, cluster: Cluster, global_batch: int) -> list[La
                             for recompute in RECOMPUTE:
                                 out.append(Layout(dp=dp, tp=tp, pp=pp, ep=ep, sp=tp > 1, zero=zero,
                                                   recompute=recompute, schedule=schedule, virtual_stages=v,
-                                                  micro_batch=mb))
+                                                  micro_batch=mb, vocab_size=vocab))
     return out
 
 
@@ -64,8 +68,12 @@ def search(cfg: ModelConfig, cluster: Cluster, global_batch: int, seq: int) -> l
     if not layouts:
         raise ConfigError(f"no layout of {cluster.devices} devices splits a batch of {global_batch} sequences "
                           f"for this model; use a batch divisible by more of the device count's factors")
-    shape = model_shape(cfg, seq)
-    estimates = [estimate(cfg, layout, cluster, global_batch, seq, shape=shape) for layout in layouts]
+    shapes = {}  # one per vocabulary size (padded for some tp)
+    estimates = []
+    for layout in layouts:
+        if layout.vocab_size not in shapes:
+            shapes[layout.vocab_size] = model_shape(layout_model(cfg, layout), seq)
+        estimates.append(estimate(cfg, layout, cluster, global_batch, seq, shape=shapes[layout.vocab_size]))
     return sorted(estimates, key=lambda e: (not e.fits, e.step_time_s))
 
 
@@ -89,6 +97,15 @@ def parse_fix(text: str) -> Layout:
     return layout
 
 
+def fixed_layout(cfg: ModelConfig, text: str) -> Layout:
+    """``--fix``'s layout, its vocabulary padded for its tp when tp does not divide it and no
+    ``vocab_size`` is given."""
+    layout = parse_fix(text)
+    if not layout.vocab_size and cfg.vocab_size % layout.tp:
+        layout = replace(layout, vocab_size=padded_vocab(cfg.vocab_size, layout.tp))
+    return layout
+
+
 def check_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, global_batch: int) -> None:
     """Errors that make a fixed layout impossible, one line each."""
     if layout.world_size != cluster.devices:
@@ -101,5 +118,10 @@ def check_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, global_batc
     for name, value in (("model.n_head", cfg.n_head), ("model.ffn", cfg.ffn)):
         if value % layout.tp:
             raise ConfigError(f"--fix tp={layout.tp} does not divide {name}={value}")
+    vocab = layout.vocab_size or cfg.vocab_size
+    if vocab < cfg.vocab_size or vocab % layout.tp:
+        raise ConfigError(f"--fix vocab_size={vocab}: the embedding rows must be at least model.vocab_size="
+                          f"{cfg.vocab_size} and divisible by tp={layout.tp} (e.g. vocab_size="
+                          f"{padded_vocab(cfg.vocab_size, layout.tp)}, or leave it out: it is padded for you)")
     if layout.ep > 1 and (not cfg.moe.experts or cfg.moe.experts % layout.ep):
         raise ConfigError(f"--fix ep={layout.ep} must divide the model's experts ({cfg.moe.experts})")

@@ -31,7 +31,7 @@ import torch
 
 from loom.config import ModelConfig, MoEConfig
 from loom.parallel.plan import Plan
-from loom.planner.cost import Layout, model_shape
+from loom.planner.cost import Layout, layout_model, model_shape
 
 # mesh dimensions that only split a parameter: their placements are ZeRO's, not the layout's
 MODEL_AXES = ("tp", "ep")
@@ -73,6 +73,7 @@ def verify(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None, *, 
     dry run)."""
     import torch.distributed as dist
 
+    cfg = layout_model(cfg, layout)  # the vocabulary padded for tp, if the layout pads it
     plan = plan_of(layout)
     world = plan.world_size
     ranks = default_ranks(plan) if ranks is None else list(ranks)

@@ -49,3 +49,18 @@ def test_greedy_is_argmax_of_full_recomputation(model):
 def test_too_long_a_request_is_an_error(model):
     with pytest.raises(ValueError, match="block_size"):
         generate(model, torch.zeros(1, 60, dtype=torch.long), 10)
+
+
+def test_padded_vocabulary_rows_are_never_sampled():
+    # a vocabulary padded past the tokenizer's 500 ids (for tensor parallelism): make the padded rows
+    # win every argmax and every draw, then ask for the tokenizer's ids only
+    cfg = load_config(None, ["model=gpt-tiny"]).model
+    m = materialize(build_model(cfg), "cpu", seed=3).eval()
+    with torch.no_grad():
+        m.lm_head.weight[500:] = m.lm_head.weight[:1] * 50  # tied to tok_emb: padded ids are never inputs
+    idx = torch.zeros(2, 4, dtype=torch.long)
+    unrestricted = generate(m, idx, 6, temperature=0)
+    assert (unrestricted[:, 4:] >= 500).any()
+    for temperature in (0, 1.0):
+        out = generate(m, idx, 6, temperature=temperature, seed=0, vocab_size=500)
+        assert (out[:, 4:] < 500).all()

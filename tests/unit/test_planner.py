@@ -16,7 +16,7 @@ from loom.parallel.plan import check_plan, plan_from_config
 from loom.planner.cli import layout_overrides
 from loom.planner.cost import Layout, estimate
 from loom.planner.hardware import parse_cluster
-from loom.planner.search import check_layout, parse_fix, search
+from loom.planner.search import check_layout, fixed_layout, parse_fix, search
 
 ANCHORS = Path(__file__).resolve().parents[2].parent / "shared" / "anchors"
 # the rows as given in the anchor file, so the test runs where ../shared is absent (a clean clone)
@@ -196,3 +196,34 @@ def test_plan_json_round_trips_through_the_cli(tmp_path, capsys, loom_logger_res
     assert saved["plan"] == printed[0]["plan"] and saved["global_batch"] == 16
     assert main(["plan", "gpt-tiny", "--cluster", "4xcpu", "--global-batch", "16", "--fix", "dp=3"]) == 2
     assert "but the cluster has 4 devices" in capsys.readouterr().err
+
+
+def test_vocabulary_is_padded_for_tensor_parallelism():
+    # GPT-3's 50257 ids split over no tp > 1: the planner pads them to a multiple of 128, as Megatron-LM
+    # does, and the plan carries the padded size to `loom train`
+    cfg = load_config(None, ["model=gpt3-175b"]).model
+    cluster = parse_cluster("1024xa100-80g")
+    best = next(e for e in search(cfg, cluster, 1536, 2048) if e.fits)
+    assert best.layout.tp > 1 and best.layout.vocab_size == 50304, best.layout.describe()
+    assert "model.vocab_size=50304" in layout_overrides(best.layout, 1536)
+    fixed = fixed_layout(cfg, "dp=16,tp=8,pp=8")
+    assert fixed.vocab_size == 50304
+    check_layout(cfg, fixed, cluster, 1536)
+    # the padded rows cost what they are: more than the unpadded model's head, less than 51200 rows
+    base = dict(dp=16, tp=8, pp=8, sp=True)
+    padded = estimate(cfg, Layout(**base, vocab_size=50304), cluster, 1536, 2048)
+    more = estimate(cfg, Layout(**base, vocab_size=51200), cluster, 1536, 2048)
+    assert padded.params_per_device < more.params_per_device
+    with pytest.raises(ConfigError, match="divisible by tp=8"):
+        check_layout(cfg, fixed_layout(cfg, "dp=16,tp=8,pp=8,vocab_size=50260"), cluster, 1536)
+    with pytest.raises(ConfigError, match="at least model.vocab_size"):
+        check_layout(cfg, fixed_layout(cfg, "dp=16,tp=8,pp=8,vocab_size=256"), cluster, 1536)
+    # a divisible vocabulary is left alone
+    pangu = load_config(None, ["model=pangu-200b"]).model
+    assert fixed_layout(pangu, "dp=16,tp=8,pp=16").vocab_size == 0
+
+
+def test_an_unpadded_vocabulary_error_says_how_to_pad():
+    cfg = load_config(None, ["model=gpt2-124m", "parallel.tp=8"])
+    with pytest.raises(ConfigError, match="model.vocab_size=50304"):
+        check_plan(plan_from_config(cfg.parallel), cfg, 8)
