@@ -147,19 +147,25 @@ def stage_ids(rank: int, pp: int, virtual_stages: int, schedule: str) -> list[in
     return [rank + k * pp for k in range(virtual_stages)]
 
 
+def check_pipeline_shape(schedule: str, virtual_stages: int, v_key: str = "parallel.virtual_stages",
+                         schedule_key: str = "parallel.schedule") -> None:
+    """Raise :class:`ConfigError` when ``schedule`` cannot hold ``virtual_stages`` stages per rank."""
+    v = f"{v_key}={virtual_stages}"
+    if schedule in ("gpipe", "1f1b") and virtual_stages != 1:
+        raise ConfigError(f"{schedule_key}={schedule} runs one stage per rank but {v}; set "
+                          f"{v_key}=1, or use {schedule_key}=interleaved or zero-bubble")
+    if schedule == "interleaved" and virtual_stages < 2:
+        raise ConfigError(f"{schedule_key}=interleaved needs {v_key}>=2 (stages per rank), "
+                          f"got {virtual_stages}; set it, or use {schedule_key}=1f1b")
+    if schedule == "zero-bubble" and virtual_stages != 2:
+        raise ConfigError(f"{schedule_key}=zero-bubble (ZB-V) holds exactly 2 stages per rank, but {v}; "
+                          f"set {v_key}=2")
+
+
 def check_pipeline(cfg: ModelConfig, pp: int, virtual_stages: int, schedule: str, microbatches: int,
                    batch_per_replica: int) -> None:
     """Raise :class:`ConfigError` for a pipeline that cannot run; needs no process group."""
-    v = f"parallel.virtual_stages={virtual_stages}"
-    if schedule in ("gpipe", "1f1b") and virtual_stages != 1:
-        raise ConfigError(f"parallel.schedule={schedule} runs one stage per rank but {v}; set "
-                          "parallel.virtual_stages=1, or use parallel.schedule=interleaved or zero-bubble")
-    if schedule == "interleaved" and virtual_stages < 2:
-        raise ConfigError(f"parallel.schedule=interleaved needs parallel.virtual_stages>=2 (stages per rank), "
-                          f"got {virtual_stages}; set it, or use parallel.schedule=1f1b")
-    if schedule == "zero-bubble" and virtual_stages != 2:
-        raise ConfigError(f"parallel.schedule=zero-bubble (ZB-V) holds exactly 2 stages per rank, but {v}; "
-                          "set parallel.virtual_stages=2")
+    check_pipeline_shape(schedule, virtual_stages)
     stage_layout(cfg, pp * virtual_stages)
     m = f"parallel.microbatches={microbatches}"
     if schedule == "1f1b" and microbatches < pp:

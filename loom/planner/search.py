@@ -19,6 +19,7 @@ from loom.planner.hardware import Cluster
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 RECOMPUTE = ("none", "selective", "full")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
 
 
 def _divisors(n: int) -> list[int]:
@@ -94,6 +95,19 @@ def parse_fix(text: str) -> Layout:
         except ValueError:
             raise ConfigError(f"--fix {text!r}: {key}={value!r} is not a {kind.__name__}") from None
         layout = replace(layout, **{key: parsed})
+    given = {names.get(k.strip(), k.strip()) for k, _, _ in (p.partition("=") for p in text.split(","))}
+    if layout.schedule not in SCHEDULES:
+        raise ConfigError(f"--fix schedule={layout.schedule}: use one of {', '.join(SCHEDULES)}")
+    if layout.recompute not in RECOMPUTE:
+        raise ConfigError(f"--fix recompute={layout.recompute}: use one of {', '.join(RECOMPUTE)}")
+    if "schedule" not in given and layout.virtual_stages > 1:  # v=2 alone means the interleaved schedule
+        layout = replace(layout, schedule="interleaved")
+    if layout.schedule == "zero-bubble" and "virtual_stages" not in given:  # ZB-V: two stages per rank
+        layout = replace(layout, virtual_stages=2)
+    if layout.pp > 1:
+        from loom.parallel.pipeline import check_pipeline_shape
+
+        check_pipeline_shape(layout.schedule, layout.virtual_stages, "--fix v", "--fix schedule")
     return layout
 
 

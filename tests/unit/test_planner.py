@@ -118,10 +118,20 @@ def test_moe_plans_split_experts_over_ep():
     ("tp=8,pp=x", "is not a int"),
     ("tq=8", "is not KEY=VALUE"),
     ("tp", "is not KEY=VALUE"),
+    ("pp=2,schedule=zb", "use one of gpipe, 1f1b, interleaved, zero-bubble"),
+    ("pp=2,recompute=some", "use one of none, selective, full"),
+    ("pp=8,schedule=1f1b,v=2", "runs one stage per rank"),
+    ("pp=8,schedule=zero-bubble,v=3", "exactly 2 stages per rank"),
 ])
 def test_bad_fixed_layouts_are_one_line_errors(text, message):
     with pytest.raises(ConfigError, match=message):
         parse_fix(text)
+
+
+def test_fixed_schedule_follows_from_virtual_stages():
+    assert parse_fix("pp=8,v=2").schedule == "interleaved"
+    assert parse_fix("pp=8,schedule=zero-bubble").virtual_stages == 2
+    assert parse_fix("pp=8,schedule=gpipe") == Layout(pp=8, schedule="gpipe")
 
 
 def test_fixed_layouts_are_checked_against_cluster_model_and_batch():
