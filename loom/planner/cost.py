@@ -66,7 +66,7 @@ from loom.config import ModelConfig
 from loom.models import build_model, count_params
 from loom.planner.hardware import Cluster
 
-# Fitted to Megatron-LM's Table 1 rows in ../shared/anchors (tests/unit/test_planner.py holds them):
+# Fitted to Megatron-LM's Table 1 rows (tests/data/megatron2021_table1_subset.csv, tests/unit/test_planner.py):
 ETA_MAX = 0.65  # matmul efficiency of an infinitely wide layer
 ETA_N0 = 1200.0  # the hidden width at which it is half way there: η = η_max · h / (h + n₀)
 DP_OVERLAP = 0.4  # share of the backward that hides the data-parallel gradient reduction

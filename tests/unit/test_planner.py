@@ -1,5 +1,5 @@
 """The planner against published runs: Megatron-LM's GPT runs on A100s (Narayanan et al. 2021,
-Table 1) and PanGu-α 200B on 2048 Ascend 910s (Zeng et al. 2021), from ../shared/anchors, plus the
+Table 1) and PanGu-α 200B on 2048 Ascend 910s (Zeng et al. 2021; the Megatron rows in tests/data/), plus the
 search, its inputs and ``loom train --plan``."""
 
 from __future__ import annotations
@@ -18,25 +18,24 @@ from loom.planner.cost import Layout, estimate
 from loom.planner.hardware import parse_cluster
 from loom.planner.search import check_layout, fixed_layout, parse_fix, search
 
-ANCHORS = Path(__file__).resolve().parents[2].parent / "shared" / "anchors"
-# the rows as given in the anchor file, so the test runs where ../shared is absent (a clean clone)
-MEGATRON_ROWS = [
-    # params_billion, heads, hidden, layers, tp, pp, dp, gpus, global_batch, tflops_per_gpu
-    (1.7, 24, 2304, 24, 1, 1, 32, 32, 512, 137),
-    (7.5, 32, 4096, 36, 4, 1, 32, 128, 512, 142),
-    (39.1, 64, 8192, 48, 8, 2, 32, 512, 1536, 138),
-    (145.6, 96, 12288, 80, 8, 8, 24, 1536, 2304, 148),
-    (529.6, 128, 20480, 105, 8, 35, 9, 2520, 2520, 163),
-]
+# Megatron-LM's Table 1 rows (published figures, the file names its source), read as given
+ANCHOR_FILE = Path(__file__).resolve().parents[1] / "data" / "megatron2021_table1_subset.csv"
+FIELDS = ("params_billion", "heads", "hidden", "layers", "tp", "pp", "dp", "gpus", "global_batch", "tflops_per_gpu")
 
 
-def test_the_rows_are_those_of_the_anchor_file():
-    path = ANCHORS / "megatron2021_table1_subset.csv"
-    if not path.is_file():
-        pytest.skip("../shared/anchors is not beside this checkout")
-    rows = list(csv.DictReader(line for line in path.read_text().splitlines() if not line.startswith("#")))
-    assert [(float(r["params_billion"]), int(r["hidden"]), int(r["tp"]), int(r["pp"]), float(r["tflops_per_gpu"]))
-            for r in rows] == [(r[0], r[2], r[4], r[5], r[9]) for r in MEGATRON_ROWS]
+def _anchor_rows() -> list[tuple]:
+    rows = csv.DictReader(line for line in ANCHOR_FILE.read_text().splitlines() if not line.startswith("#"))
+    return [tuple(float(r[k]) if k == "params_billion" else int(r[k]) for k in FIELDS) for r in rows]
+
+
+MEGATRON_ROWS = _anchor_rows()
+
+
+def test_the_anchor_rows_are_whole_layouts():
+    assert len(MEGATRON_ROWS) == 5
+    for _, heads, hidden, layers, tp, pp, dp, gpus, batch, tflops in MEGATRON_ROWS:
+        assert tp * pp * dp == gpus and hidden % heads == 0 and heads % tp == 0 and layers >= pp
+        assert batch % dp == 0 and 0 < tflops < 312  # below the A100's bf16 peak
 
 
 def _megatron(row):
