@@ -80,7 +80,7 @@ def search(cfg: ModelConfig, cluster: Cluster, global_batch: int, seq: int) -> l
 
 def parse_fix(text: str) -> Layout:
     """``tp=8,pp=16,dp=16,zero=1,recompute=full,mb=1,schedule=interleaved,v=2`` -> a Layout."""
-    layout = Layout()
+    layout, given = Layout(), set()
     names = {"mb": "micro_batch", "v": "virtual_stages", "micro_batch": "micro_batch",
              "virtual_stages": "virtual_stages"}
     for item in filter(None, (p.strip() for p in text.split(","))):
@@ -95,7 +95,7 @@ def parse_fix(text: str) -> Layout:
         except ValueError:
             raise ConfigError(f"--fix {text!r}: {key}={value!r} is not a {kind.__name__}") from None
         layout = replace(layout, **{key: parsed})
-    given = {names.get(k.strip(), k.strip()) for k, _, _ in (p.partition("=") for p in text.split(","))}
+        given.add(key)
     if layout.schedule not in SCHEDULES:
         raise ConfigError(f"--fix schedule={layout.schedule}: use one of {', '.join(SCHEDULES)}")
     if layout.recompute not in RECOMPUTE:
