@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from loom.config import load_config
-from loom.planner.calibrate import main_calibrate, run_on_ranks
+from loom.parallel.launch import run_on_ranks
+from loom.planner.calibrate import main_calibrate
 from loom.planner.cost import Layout, estimate
 from loom.planner.hardware import parse_cluster
 

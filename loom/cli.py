@@ -1,4 +1,4 @@
-"""``loom`` on the command line: train | generate | eval | export | plot | describe | plan.
+"""``loom`` on the command line: train | generate | eval | export | plot | describe | plan | calibrate.
 
 Configuration errors are one line on stderr and exit code 2, before any work starts.
 """

@@ -11,8 +11,12 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import socket
+import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -82,3 +86,35 @@ def launch_local(nproc: int, entrypoint, *args) -> dict:
         return elastic_launch(config, entrypoint)(*args)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_entry(rank: int, world_size: int, port: int, fn, args: tuple, out_dir: str, threads: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=10))
+    try:
+        result = fn(*args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(world_size: int, fn: Callable, *args, threads: int | None = None) -> list:
+    """``fn(*args)`` on ``world_size`` fresh processes of this machine joined by a gloo process group
+    (measurements, tests); returns what each rank returned (anything ``torch.save`` writes). ``fn`` must
+    be importable (a module-level function). ``threads``: intra-op threads per process (default: the
+    cores divided among the processes, at least 1, as ``torchrun`` does)."""
+    import torch.multiprocessing as mp
+
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_gloo_entry, args=(world_size, free_port(), fn, args, out, threads),
+                           nprocs=world_size, join=True, start_method="spawn")
+        return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

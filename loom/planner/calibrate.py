@@ -37,15 +37,15 @@ import math
 import os
 import platform
 import resource
-import socket
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from loom.parallel.launch import run_on_ranks
 
 PROFILE_VERSION = 1
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
@@ -119,42 +119,6 @@ def fit_block(points: Sequence[tuple[float, float, float]]) -> dict:
         inv_r, n0_over_r = fit_linear([cols[1]], [t - t0 for _, _, t in points])[0], 0.0
     return {"overhead_s": t0, "rate": 1.0 / inv_r if inv_r > 0 else math.inf,
             "half_width": n0_over_r / inv_r if inv_r > 0 else 0.0}
-
-
-# --------------------------------------------------------------------------------------------
-# Processes
-# --------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, fn, args: tuple, out_dir: str, threads: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=10))
-    try:
-        result = fn(*args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def run_on_ranks(world_size: int, fn: Callable, *args, threads: int | None = None) -> list:
-    """``fn(*args)`` on ``world_size`` fresh processes of this machine joined by a gloo process group;
-    returns what each rank returned. ``threads``: intra-op threads per process (default: the cores
-    divided among the processes, at least 1, as ``torchrun`` does)."""
-    import torch.multiprocessing as mp
-
-    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
-    with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_entry, args=(world_size, free_port(), fn, args, out, threads), nprocs=world_size,
-                           join=True, start_method="spawn")
-        return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
 # --------------------------------------------------------------------------------------------

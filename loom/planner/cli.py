@@ -134,19 +134,26 @@ def plan_overrides(path: str | Path) -> tuple[list[str], int]:
     return layout_overrides(layout, d.get("global_batch")), layout.world_size
 
 
-def layout_overrides(layout: Layout, global_batch: int | None) -> list[str]:
-    out = [f"parallel.{k}={getattr(layout, k)}" for k in ("dp", "tp", "pp", "ep", "zero", "recompute")]
-    out += [f"parallel.sp={str(layout.sp).lower()}"]
+def layout_settings(layout: Layout, global_batch: int | None) -> dict[str, object]:
+    """The config settings (``section.key`` -> value) that train with ``layout`` and ``global_batch``."""
+    keys = ("dp", "tp", "pp", "ep", "zero", "recompute", "sp")
+    out: dict[str, object] = {f"parallel.{k}": getattr(layout, k) for k in keys}
     if layout.vocab_size:  # the vocabulary padded for tp
-        out.append(f"model.vocab_size={layout.vocab_size}")
+        out["model.vocab_size"] = layout.vocab_size
     if layout.pp > 1:
-        out += [f"parallel.schedule={layout.schedule}", f"parallel.virtual_stages={layout.virtual_stages}"]
+        out.update({"parallel.schedule": layout.schedule, "parallel.virtual_stages": layout.virtual_stages})
     if global_batch:
         per_replica = global_batch // (layout.dp * layout.ep)
         steps = max(1, per_replica // layout.micro_batch)
-        out.append(f"train.batch_size={global_batch}")
-        out.append(f"parallel.microbatches={steps}" if layout.pp > 1 else f"train.grad_accum={steps}")
+        out["train.batch_size"] = global_batch
+        out["parallel.microbatches" if layout.pp > 1 else "train.grad_accum"] = steps
     return out
+
+
+def layout_overrides(layout: Layout, global_batch: int | None) -> list[str]:
+    """:func:`layout_settings` as ``key=value`` overrides."""
+    settings = layout_settings(layout, global_batch)
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,11 +203,10 @@ def auto_config(cfg, world: int, device_type: str):
     for e in search(cfg.model, cluster, cfg.train.batch_size, cfg.model.block_size):
         if not e.fits:
             break
-        overrides = dict(o.split("=", 1) for o in layout_overrides(e.layout, cfg.train.batch_size))
+        settings = layout_settings(e.layout, cfg.train.batch_size)
         parallel = dataclasses.replace(cfg.parallel, auto=False, **{
-            k.removeprefix("parallel."): (v == "true" if k == "parallel.sp" else v if not v.isdigit() else int(v))
-            for k, v in overrides.items() if k.startswith("parallel.")})
-        train = dataclasses.replace(cfg.train, grad_accum=int(overrides.get("train.grad_accum", 1)))
+            k.removeprefix("parallel."): v for k, v in settings.items() if k.startswith("parallel.")})
+        train = dataclasses.replace(cfg.train, grad_accum=settings.get("train.grad_accum", 1))
         candidate = dataclasses.replace(cfg, parallel=parallel, train=train, model=layout_model(cfg.model, e.layout))
         try:
             check_plan(plan_from_config(candidate.parallel), candidate, world)

@@ -486,13 +486,13 @@ def _stage_params(sh: Shape, stages: list[list[int]], si: int, L: Layout) -> tup
         split, whole = split + sh.first_split, whole + sh.first_whole
     if si == len(stages) - 1:
         split, whole = split + sh.last_split, whole + sh.last_whole
-        if 0 not in _holder(si, len(stages), L):  # the output projection's own copy of the embedding
+        if 0 not in _holder(si, L):  # the output projection's own copy of the embedding
             split += sh.tied
     experts = sum(sh.expert_params[i] for i in blocks)
     return split / L.tp + whole, experts / L.ep
 
 
-def _holder(si: int, n_stages: int, L: Layout) -> list[int]:
+def _holder(si: int, L: Layout) -> list[int]:
     """All stages held by the pipeline rank that holds stage ``si``."""
     for held in rank_stages(L):
         if si in held:
@@ -531,15 +531,7 @@ def _memory(sh: Shape, stages, L: Layout, m: int, acc, fp32: bool = False
             per_layer = sbh * (34 / L.tp if L.sp else 10 + 24 / L.tp)
         else:
             per_layer = 2 * sbh / (L.tp if L.sp else 1)
-        if L.pp == 1:
-            in_flight = 1
-        elif L.schedule == "gpipe":
-            in_flight = m
-        elif L.virtual_stages > 1:
-            in_flight = min(m, L.pp * (1 + (L.pp - 1) / (L.pp * L.virtual_stages)))
-        else:
-            in_flight = min(m, L.pp - r)
-        activations = per_layer * layers * in_flight
+        activations = per_layer * layers * _in_flight(L, m, r)
         if L.recompute == "full":  # one layer's activations live while it is recomputed
             activations += sbh * (10 + 24 / L.tp + 5 * a * s / (h * L.tp))
         if len(stages) - 1 in mine:
