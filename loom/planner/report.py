@@ -32,8 +32,8 @@ from typing import NamedTuple
 
 from loom.planner.cost import MEMORY_HEADROOM, Estimate
 from loom.planner.hardware import Cluster
+from loom.planner.search import SCHEDULES
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
 KINDS = ("weights", "grads", "optimizer", "activations")
 BLUE, ORANGE, GREEN, RED, PURPLE = "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"
 MEMORY_COLORS = {"weights": BLUE, "grads": ORANGE, "optimizer": GREEN, "activations": PURPLE}

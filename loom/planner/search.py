@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from loom.config import ConfigError, ModelConfig
+from loom.config import CHOICES, ConfigError, ModelConfig
 from loom.parallel.strategy import padded_vocab
 from loom.planner.cost import Estimate, Layout, estimate, layout_model, model_shape
 from loom.planner.hardware import Cluster
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
-RECOMPUTE = ("none", "selective", "full")
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
+RECOMPUTE = CHOICES["parallel.recompute"]
+SCHEDULES = CHOICES["parallel.schedule"]
 
 
 def _divisors(n: int) -> list[int]:
