@@ -99,7 +99,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, fp32 master weights) | fp64 (checking numerics)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10
@@ -150,7 +150,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.tokenizer": ("auto", "bpe", "jieba-sp"),
     "train.optimizer": ("adamw", "lamb"),
     "train.schedule": ("cosine", "constant"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("fp32", "bf16", "fp16", "fp64"),
     "train.progress": ("auto", "bar", "log", "none"),
     "parallel.schedule": ("gpipe", "1f1b", "interleaved", "zero-bubble"),
     "parallel.recompute": ("none", "selective", "full"),

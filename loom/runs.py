@@ -26,6 +26,7 @@ from loom.config import Config, ConfigError, config_to_yaml, load_config
 from loom.data import PreparedData, Tokenizer, load_tokenizer, prepare_data
 from loom.models import GPT, build_model, materialize
 from loom.train.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
+from loom.train.precision import param_dtype
 
 
 class RunError(ValueError):
@@ -100,7 +101,7 @@ def load_for_inference(run_dir: Path, device: str = "auto") -> tuple[Config, GPT
     if ckpt is None:
         raise RunError(f"{str(run_dir)!r} has no complete checkpoint yet (checkpoints/step_*)")
     dev = resolve_device(device, key="--device")
-    model = materialize(build_model(cfg.model), dev, cfg.train.seed)
+    model = materialize(build_model(cfg.model).to(param_dtype(cfg.train.precision)), dev, cfg.train.seed)
     load_checkpoint(ckpt, model)
     model.eval()
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")

@@ -11,7 +11,7 @@ token and the layer returns the gate-weighted sum of their outputs. Three router
 ``noisy-topk``  Shazeer et al. 2017: H = x·W_g + N(0,1)·softplus(x·W_noise) while training, top k,
                 softmax over the k kept; importance and load losses, w·(CV(importance)² + CV(load)²).
 
-Every router is computed in fp32 and adds the router z-loss (Zoph et al. 2022), β·mean(logsumexp²).
+Every router is computed in at least fp32 and adds the router z-loss (Zoph et al. 2022), β·mean(logsumexp²).
 
 **Groups.** Capacity and the auxiliary losses are defined per *group* of tokens, as in GShard, and a
 group is one sequence of the batch. Expert capacity is ``ceil(k · T · capacity_factor / E)`` tokens
@@ -40,6 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is in a narrower float dtype (bf16, fp16); float32 and float64 as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 # Per layer and forward pass, what the trainer reports (summed over passes and devices):
 # tokens routed to each expert before the capacity cut (E values), then these.
@@ -83,8 +88,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, group_size: int) -> Routing:
         """``x``: (N, C) tokens, ``N / group_size`` groups of consecutive tokens."""
         with torch.autocast(x.device.type, enabled=False):
-            x = x.float()
-            logits = F.linear(x, self.gate.weight.float())  # (N, E)
+            x = at_least_fp32(x)
+            logits = F.linear(x, self.gate.weight.to(x.dtype))  # (N, E)
             z = torch.logsumexp(logits, dim=-1).pow(2).mean() * self.z_weight
             if self.kind == "noisy-topk":
                 return self._noisy_topk(x, logits, group_size, z)
@@ -101,13 +106,13 @@ class Router(nn.Module):
         # f_i: fraction of the group's tokens whose first choice is i; P_i: mean probability of i
         e = self.n_experts
         g = logits.size(0) // group_size
-        first = F.one_hot(experts[:, 0], e).float().view(g, group_size, e).mean(dim=1)  # (G, E)
+        first = F.one_hot(experts[:, 0], e).to(probs.dtype).view(g, group_size, e).mean(dim=1)  # (G, E)
         mean_p = probs.view(g, group_size, e).mean(dim=1)  # (G, E)
         aux = self.aux_weight * e * (first * mean_p).sum(dim=-1).mean()
         return Routing(experts, gates, active, aux, z)
 
     def _noisy_topk(self, x: torch.Tensor, clean: torch.Tensor, group_size: int, z: torch.Tensor) -> Routing:
-        std = F.softplus(F.linear(x, self.noise.weight.float())) + 1e-2  # (N, E)
+        std = F.softplus(F.linear(x, self.noise.weight.to(x.dtype))) + 1e-2  # (N, E)
         noisy = clean + torch.randn_like(clean) * std if self.training else clean
         k, e = self.k, self.n_experts
         top = noisy.topk(min(k + 1, e), dim=-1)
@@ -228,10 +233,11 @@ class MoE(nn.Module):
     @torch.no_grad()
     def _record(self, route: Routing, dropped: torch.Tensor, groups: int) -> None:
         routed = route.experts[route.active]
-        load = torch.bincount(routed, minlength=self.n_experts).float()
-        extra = torch.stack([torch.tensor(float(routed.numel()), device=load.device), dropped.float(),
-                             route.aux_loss.detach().float() * groups, route.z_loss.detach().float() * groups,
-                             torch.tensor(float(groups), device=load.device)])
+        f64 = torch.float64  # counts exact, losses as computed (float64 under fp64)
+        load = torch.bincount(routed, minlength=self.n_experts).to(f64)
+        extra = torch.stack([torch.tensor(float(routed.numel()), device=load.device, dtype=f64), dropped.to(f64),
+                             route.aux_loss.detach().to(f64) * groups, route.z_loss.detach().to(f64) * groups,
+                             torch.tensor(float(groups), device=load.device, dtype=f64)])
         self.stats.append(torch.cat([load, extra]))
 
 

@@ -21,7 +21,8 @@ from :func:`loom.parallel.mesh.dense_data_mesh`) and each MoE layer's experts, a
 have no replica to talk to and FSDP leaves them alone.
 
 Mixed precision (``param_dtype``): blocks compute and all-gather in bf16/fp16 while the sharded
-fp32 parameters are the master weights and gradients are reduced in fp32.
+fp32 parameters are the master weights and gradients are reduced in fp32. Without it (fp32, fp64)
+everything stays in the parameters' own dtype.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def apply_data_parallel(module: nn.Module, dp_mesh: DeviceMesh, zero: int, param
     ``module.layers`` is a ModuleDict of blocks, each made its own group. Parameters are gathered
     again for backward (``reshard_after_forward``) under ZeRO-3 only, unless told otherwise. With
     ``expert_parallel`` the experts of MoE layers go over ``expert_mesh`` (None: not at all)."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # gradients are reduced in the master weights' dtype: fp32 under autocast, float64 under fp64
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype is not None else None)
     policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     reshard = zero == 3 if reshard_after_forward is None else reshard_after_forward
     ignored: set[nn.Parameter] = set()

@@ -24,14 +24,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from loom.models import GPT
-from loom.models.moe import STAT_FIELDS, moe_layers
+from loom.models.moe import STAT_FIELDS, at_least_fp32, moe_layers
 from loom.parallel.data import apply_data_parallel, set_gradient_sync
 from loom.parallel.expert import apply_expert_parallel, expert_grad_factor
 from loom.parallel.mesh import dense_data_mesh, expert_data_mesh, is_distributed
 from loom.parallel.plan import Plan
 from loom.parallel.recompute import apply_recompute
 from loom.train.evaluate import lm_loss
-from loom.train.precision import DTYPES, autocast
+from loom.train.precision import autocast, compute_dtype
 
 LossScale = Callable[[torch.Tensor], torch.Tensor]
 
@@ -169,7 +169,7 @@ class ParallelModel:
         if not self.moe_names:
             return None
         width = self.modules[0].cfg.moe.experts + len(STAT_FIELDS)
-        out = torch.zeros(len(self.moe_names), width, device=self.device)
+        out = torch.zeros(len(self.moe_names), width, device=self.device, dtype=torch.float64)
         for name, moe in self._moe_layers():
             if moe.stats and self.counts_stats:
                 out[self.moe_names.index(name)] = torch.stack(moe.stats).sum(0).to(self.device)
@@ -186,7 +186,9 @@ class ParallelModel:
         a piece replicated over ``c`` ranks is counted 1/c by each. One all-reduce adds them up.
         (Gradients are in their parameters' layouts by now: no partial sums.)"""
         stage_ranks = self.plan.world_size // self.plan.pp
-        total = torch.zeros((), device=self.device, dtype=torch.float32)
+        # float64 accumulation: the sum's rounding is then far below that of any fp32 term, so the
+        # clipping coefficient does not depend on the order in which a layout adds the pieces
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
         for name, p in self.named_parameters():
             if p.grad is None:
                 continue
@@ -198,7 +200,7 @@ class ParallelModel:
                     mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate())
                 g = g.to_local()
             copies *= 2 if name in self.shared_across_stages else 1
-            total += g.detach().float().pow(2).sum() / copies
+            total += at_least_fp32(g.detach()).pow(2).sum().double() / copies
         if is_distributed():
             dist.all_reduce(total)
         return total.sqrt()
@@ -268,7 +270,7 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
         apply_recompute(m.layers, plan.recompute, plan.recompute_every)
 
     if plan.data_parallel > 1:
-        param_dtype = None if precision == "fp32" else DTYPES[precision]
+        param_dtype = compute_dtype(precision)
         # the zero-bubble schedule splits each backward in two; FSDP must keep the parameters
         # gathered in between (resharding after forward would lose gradients)
         reshard = plan.zero == 3 and not (plan.pp > 1 and plan.schedule == "zero-bubble")

@@ -307,7 +307,7 @@ class Pipeline:
             grads[0].add_(other)  # a + b == b + a in floating point: both ranks get the same sum
 
 
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 def _send_tensor(t: torch.Tensor, group, peer: int) -> None:

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.data import eval_batches
+from loom.models.moe import at_least_fp32
 from loom.train.precision import autocast
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    """Mean next-token cross-entropy in at least fp32 (float64 stays float64); logits (B, T, V),
+    targets (B, T)."""
+    return F.cross_entropy(at_least_fp32(logits).flatten(0, 1), targets.flatten())
 
 
 @torch.no_grad()

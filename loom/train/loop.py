@@ -47,7 +47,7 @@ from loom.train.evaluate import val_record
 from loom.train.memory import check_training_state_fits
 from loom.train.metrics import MetricsFile, peak_flops
 from loom.train.optim import build_optimizer, lr_at
-from loom.train.precision import LossScaler
+from loom.train.precision import LossScaler, param_dtype
 
 log = logging.getLogger("loom.train")
 
@@ -110,8 +110,8 @@ class Trainer:
         self.coord = coordinates(mesh) if mesh is not None else None
         self.replica = self.coord.data(self.plan.ep) if self.coord else 0  # which slice of each batch
         torch.manual_seed(t.seed + (self.replica * 7919 + self.coord.pp * 104729 if self.coord else 0))
-        self.model: ParallelModel = parallelize(build_model(cfg.model), self.plan, mesh, self.device,
-                                                t.precision, t.seed)
+        self.model: ParallelModel = parallelize(build_model(cfg.model).to(param_dtype(t.precision)), self.plan,
+                                                mesh, self.device, t.precision, t.seed)
         self.optimizers = self._build_optimizers()
         self.scaler = LossScaler(self.device, t.precision)
         self.sampler = BatchSampler(data.train, cfg.model.block_size, t.batch_size, t.seed)
@@ -162,14 +162,17 @@ class Trainer:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
-        total = torch.zeros(2, device=self.device)  # (loss sum, 1 where this rank knows the loss)
+        # (loss sum, 1 where this rank knows the loss), in float64 whatever the precision: a reduction
+        # that must not round differently under different layouts
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
         for i in range(t.grad_accum):
             x, y = self.sampler.batch(step, rows=self.rows(i))
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             loss = self.model.forward_backward(x, y, lambda v: self.scaler.scale(v / t.grad_accum),
                                                last_micro_step=i == t.grad_accum - 1)
             if loss is not None:
-                total += torch.stack([loss.float() / t.grad_accum, torch.ones((), device=self.device) / t.grad_accum])
+                total += torch.stack([loss.double(), torch.ones((), device=self.device, dtype=torch.float64)]) \
+                    / t.grad_accum
         self.model.after_backward()
         moe = self.model.take_moe_stats()
         if moe is not None:
@@ -281,7 +284,8 @@ class Trainer:
         split; each replica scores its rows of every batch."""
         t = self.cfg.train
         self.model.train(False)
-        parts = torch.zeros(2, device=self.device)  # (sum of losses × tokens, tokens) on ranks that know
+        # (sum of losses × tokens, tokens) on ranks that know, in float64 as in train_step
+        parts = torch.zeros(2, device=self.device, dtype=torch.float64)
         replicas = self.plan.data_parallel
         split = replicas * (self.plan.microbatches if self.plan.pp > 1 else 1)
         for x, y in eval_batches(self.data.val, self.cfg.model.block_size, t.batch_size, t.eval_batches):
@@ -293,7 +297,8 @@ class Trainer:
             xs, ys = x[first:first + per].to(self.device), y[first:first + per].to(self.device)
             loss = self.model.loss(xs, ys)
             if loss is not None:
-                parts += torch.stack([loss.float() * ys.numel(), torch.tensor(float(ys.numel()), device=self.device)])
+                parts += torch.stack([loss.double() * ys.numel(),
+                                      torch.tensor(float(ys.numel()), device=self.device, dtype=torch.float64)])
         self.model.train(True)
         # every rank of a replica's last stage knows its loss: its tp ranks hold the same numbers
         loss_sum, tokens = (all_reduce_sum(parts) / self.plan.tp).tolist()
@@ -343,7 +348,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         pending = state.get("pending_losses", torch.zeros(0)).to(self.device)
         # as (sum, count) pairs from every rank, which mean_over_replicas turns back into the same values
-        self.interval.losses = [torch.stack([v, torch.ones((), device=self.device)]) for v in pending]
+        self.interval.losses = [torch.stack([v, torch.ones((), device=self.device, dtype=v.dtype)]) for v in pending]
         moe = state.get("pending_moe", torch.zeros(0)).to(self.device)
         if moe.numel():  # the coordinator holds the sum; the others add nothing
             self.interval.moe = moe if self.process.is_coordinator else torch.zeros_like(moe)

@@ -52,6 +52,8 @@ def check_training_state_fits(cfg: Config, device: torch.device, plan=None, loca
             grads /= shard if plan.zero >= 2 else 1
             weights /= shard if plan.zero == 3 else 1
             per_device += count * (weights + grads + moments)
+    if cfg.train.precision == "fp64":
+        per_device *= 2  # every one of those bytes in float64
     need, free = per_device * (local_processes if device.type == "cpu" else 1), available_bytes(device)
     if free is not None and need > free:
         raise ConfigError(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from loom.data.dataset import cache_root
 from loom.runs import write_text_atomic
-from loom.train.precision import autocast
+from loom.train.precision import autocast, param_dtype
 
 # Dense peak FLOP/s from vendor datasheets, by a substring of torch.cuda.get_device_name().
 # Order matters: the first match wins ("H100 PCIe" before "H100").
@@ -40,7 +40,7 @@ def peak_flops(device: torch.device, precision: str) -> float:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peaks in GPU_PEAK_FLOPS:
-            if key in name:
+            if key in name and precision in peaks:
                 return peaks[precision]
         return measure_matmul_flops(device, precision)
     return cpu_peak_flops(precision)
@@ -69,12 +69,12 @@ def cpu_model() -> str:
 
 
 def measure_matmul_flops(device: torch.device, precision: str, n: int | None = None, seconds: float = 0.5) -> float:
-    """Best FLOP/s of an n×n by n×n ``F.linear`` on fp32 inputs under the autocast that training
-    uses for ``precision``: the rate the model's own matrix multiplies can reach."""
+    """Best FLOP/s of an n×n by n×n ``F.linear`` on inputs of the weights' dtype under the autocast
+    that training uses for ``precision``: the rate the model's own matrix multiplies can reach."""
     n = n or (4096 if device.type == "cuda" else 1024)
     gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
-    a = torch.randn(n, n, device=device, generator=gen)
-    b = torch.randn(n, n, device=device, generator=gen)
+    a = torch.randn(n, n, device=device, generator=gen, dtype=param_dtype(precision))
+    b = torch.randn(n, n, device=device, generator=gen, dtype=param_dtype(precision))
     best, end = 0.0, time.perf_counter() + seconds
     with autocast(device, precision):
         while time.perf_counter() < end or best == 0.0:

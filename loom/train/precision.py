@@ -1,9 +1,16 @@
-"""Mixed precision: bf16 or fp16 autocast with fp32 master weights, and dynamic loss scaling.
+"""Precision: bf16 or fp16 autocast with fp32 master weights, dynamic loss scaling, and float64.
 
 fp16's narrow range makes small gradients underflow, so the loss is multiplied by a scale before
 the backward pass (Micikevicius et al. 2018). ``torch.amp.GradScaler`` does the scaling: when a
 step's gradients hold inf or NaN the optimizer step is skipped and the scale halved; after a run of
 good steps the scale grows again. bf16 has fp32's range and needs no scaling.
+
+``fp64`` keeps weights, gradients, optimizer state, activations and the loss in float64. It is not
+for speed: it is how a layout is shown to compute exactly what one device computes. In float32 the
+different summation orders of two layouts leave rounding noise of ~1e-7 per operation, which Adam's
+first step turns into full-size updates for elements whose gradient is ~0; in float64 that noise is
+~1e-16 and stays far below Adam's epsilon, so two correct layouts agree to ~1e-13 while a real
+layout error still shows at full size (docs/testing.md).
 """
 
 from __future__ import annotations
@@ -15,12 +22,23 @@ import torch
 
 log = logging.getLogger("loom.train")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+AUTOCAST = ("bf16", "fp16")  # precisions that compute in a lower dtype than the weights are kept in
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """The dtype the weights (master weights under autocast) and the optimizer state are kept in."""
+    return torch.float64 if precision == "fp64" else torch.float32
+
+
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """The dtype the forward computes in when it differs from the weights' (autocast), else None."""
+    return DTYPES[precision] if precision in AUTOCAST else None
 
 
 def autocast(device: torch.device, precision: str):
-    """The forward-pass context for ``precision``: a no-op for fp32."""
-    if precision == "fp32":
+    """The forward-pass context for ``precision``: a no-op for fp32 and fp64."""
+    if precision not in AUTOCAST:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 

@@ -27,6 +27,7 @@ RESUME_SETTINGS = ["model.dropout=0.1", "train.grad_accum=2", "train.grad_clip=0
 @pytest.mark.parametrize("extra", [
     ["model=gpt-tiny", "train.optimizer=adamw"],
     ["model=pangu-tiny", "train.optimizer=lamb", "train.precision=bf16"],
+    ["model=gpt-tiny", "train.precision=fp64"],  # float64 weights and optimizer state round-trip too
     # a checkpoint between two log records: the first record after the resume must average the
     # same steps as the uninterrupted run's
     ["model=gpt-tiny", "train.log_every=3"],
@@ -47,6 +48,8 @@ def test_resume_equals_an_uninterrupted_run_step_for_step(tiny_config, tmp_path,
     assert all(a[s] == b[s] for s in a), (a, b)  # exact, not approximate
     pa, pb = final_params(whole), final_params(cut)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    want = torch.float64 if "train.precision=fp64" in extra else torch.float32
+    assert all(v.dtype == want for v in pa.values() if v.is_floating_point())
 
 
 def test_a_crash_mid_save_never_leaves_a_checkpoint_that_looks_valid(tiny_config, tmp_path, monkeypatch):

@@ -56,3 +56,16 @@ def test_bf16_autocast_runs_matmuls_in_bf16_and_needs_no_scaler():
         assert (x @ w).dtype == torch.bfloat16
     scaler = LossScaler(torch.device("cpu"), "bf16")
     assert not scaler.enabled and scaler.loss_scale == 1.0
+
+
+def test_fp64_keeps_float64_and_casts_only_upwards():
+    from loom.models.moe import at_least_fp32
+    from loom.train.precision import compute_dtype, param_dtype
+
+    assert param_dtype("fp64") == torch.float64 and param_dtype("bf16") == torch.float32
+    assert compute_dtype("fp64") is None and compute_dtype("fp32") is None and compute_dtype("bf16") == torch.bfloat16
+    for dtype, want in [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                        (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]:
+        assert at_least_fp32(torch.ones(2, dtype=dtype)).dtype == want
+    with autocast(torch.device("cpu"), "fp64"):
+        assert (torch.ones(2, 2, dtype=torch.float64) @ torch.ones(2, 2, dtype=torch.float64)).dtype == torch.float64
