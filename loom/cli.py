@@ -147,9 +147,11 @@ def cmd_train(args) -> int:
 
 
 def _run_train(cfg, resume: str | None) -> int:
+    from loom.parallel.launch import shutdown_process_group
     from loom.train.loop import train
 
     summary = train(cfg, Path(resume), resume=True) if resume else train(cfg)
+    shutdown_process_group()  # every rank got here: leave the job in order (see its docstring)
     return 0 if summary.get("finished", True) else 130  # 130: stopped by Ctrl-C, checkpoint saved
 
 

@@ -8,7 +8,9 @@ and joins the default process group here: NCCL when it drives a GPU, gloo on CPU
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import os
 import signal
 import socket
@@ -70,6 +72,35 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown_process_group() -> None:
+    """Leave the job in order: wait until every rank is done communicating, destroy the process
+    groups, and free them *now*.
+
+    ``destroy_process_group`` only drops torch's own references: the device mesh, FSDP and DTensor
+    parameters keep theirs in reference cycles, so each group's gloo threads (a transport loop and
+    two run loops per group) live on until the interpreter tears itself down at exit, in no fixed
+    order, with the other ranks already gone. A thread destroyed there while still joinable is
+    ``std::terminate`` — "terminate called without an active exception", a worker dead of
+    SIGABRT after its work was done. Collecting the cycles here joins those threads while the
+    interpreter is whole. Idempotent; a no-op without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    gc.collect()
+
+
+def native_threads() -> list[str]:
+    """Names of this process's native threads (Linux; empty elsewhere), e.g. ``gloo_tcp_loop``."""
+    names = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+    except OSError:
+        pass
+    return sorted(names)
+
+
 def launch_local(nproc: int, entrypoint, *args) -> dict:
     """Run ``entrypoint(*args)`` in ``nproc`` local worker processes joined by a local rendezvous;
     returns each local rank's return value. A failed worker raises ``ChildFailedError``."""
@@ -94,27 +125,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class WorkerFailed(RuntimeError):
+    """A process of :func:`run_on_ranks` failed: its rank, how it ended, and its last output."""
+
+
 def _gloo_entry(rank: int, world_size: int, port: int, fn, args: tuple, out_dir: str, threads: int) -> None:
+    # this process's output goes to a file, so that a dead worker's last words can be reported
+    log = os.open(Path(out_dir) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    for fd in (1, 2):
+        os.dup2(log, fd)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=10))
-    try:
-        result = fn(*args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    result = fn(*args)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    del result
+    shutdown_process_group()
 
 
 def run_on_ranks(world_size: int, fn: Callable, *args, threads: int | None = None) -> list:
     """``fn(*args)`` on ``world_size`` fresh processes of this machine joined by a gloo process group
     (measurements, tests); returns what each rank returned (anything ``torch.save`` writes). ``fn`` must
     be importable (a module-level function). ``threads``: intra-op threads per process (default: the
-    cores divided among the processes, at least 1, as ``torchrun`` does)."""
+    cores divided among the processes, at least 1, as ``torchrun`` does).
+
+    A worker that raises or dies raises :class:`WorkerFailed` naming its rank, its exception or
+    signal, and the tail of what it printed."""
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_gloo_entry, args=(world_size, free_port(), fn, args, out, threads),
-                           nprocs=world_size, join=True, start_method="spawn")
+        try:
+            mp.start_processes(_gloo_entry, args=(world_size, free_port(), fn, args, out, threads),
+                               nprocs=world_size, join=True, start_method="spawn")
+        except ProcessException as e:
+            raise WorkerFailed(_failure_report(e, world_size, Path(out))) from None
         return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def _failure_report(e, world_size: int, out: Path, lines: int = 30) -> str:
+    """``rank R of N died of SIGABRT (signal 6)`` / ``raised ...``, then its last output."""
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    rank = e.error_index
+    if isinstance(e, ProcessExitedException) and e.signal_name:
+        how = f"died of {e.signal_name} (signal {abs(e.exit_code)})"
+    elif isinstance(e, ProcessExitedException):
+        how = f"exited with code {e.exit_code}"
+    else:  # ProcessRaisedException: the message holds the worker's traceback
+        trace = str(e).strip().splitlines()
+        how = f"raised {trace[-1] if trace else 'an exception'}\n" + "\n".join(f"  | {t}" for t in trace[1:])
+    log = out / f"rank{rank}.log"
+    tail = log.read_text(errors="replace").splitlines()[-lines:] if log.is_file() else []
+    said = "\n".join(f"  | {line}" for line in tail) if tail else "  (it printed nothing)"
+    return f"rank {rank} of {world_size} {how}\nits last {len(tail)} lines of output:\n{said}"
