@@ -3,10 +3,16 @@ the global mean loss of every step and every parameter's full value at the end.
 
 ``train_layouts`` runs on every rank of a gloo job (through ``harness.run_on_ranks``) and trains
 each layout in turn; ``train_single`` is the one-process reference, run in the test process.
+
+Everything runs in float64 (``train.precision=fp64``) unless a layout says otherwise, and
+:func:`assert_matches` holds a layout to float64 rounding (docs/testing.md explains the numbers).
+A layout entry ``sabotage:NAME`` breaks the layout on purpose (:data:`SABOTAGE`), to show that the
+comparison catches a real layout error.
 """
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +25,12 @@ from loom.parallel.mesh import all_reduce_sum
 from loom.train.loop import Trainer
 
 STEPS = 5
+# float64 parity: two correct layouts differ by ~1e-14 (summation order); a real error by >1e-4
+RTOL = 1e-10
+# ... and an element whose value is itself rounding noise (k_proj.bias: softmax ignores a shift shared
+# by all keys, so its gradient is 0 up to rounding) is compared in absolute terms: a step moves weights
+# by ~lr = 1e-3, nine orders of magnitude more
+ATOL = 1e-12
 
 MODELS = {
     # every pipeline layout below splits these into at least pp × virtual_stages = 4 stages
@@ -29,7 +41,7 @@ MODELS = {
     "glam": ["model=glam-tiny", "model.moe.random_routing=false"],
 }
 COMMON = ["model.block_size=32", "train.batch_size=8", "train.warmup_steps=2", "train.steps=10",
-          "train.progress=none", "train.device=cpu", "train.grad_clip=0.5", "train.lr=1e-3"]
+          "train.progress=none", "train.device=cpu", "train.grad_clip=0.5", "train.lr=1e-3", "train.precision=fp64"]
 
 
 def tiny_data(vocab: int = 512, n: int = 20_000, seed: int = 0) -> SimpleNamespace:
@@ -47,7 +59,7 @@ def tiny_data(vocab: int = 512, n: int = 20_000, seed: int = 0) -> SimpleNamespa
 
 
 def config(model: str, layout: list[str]):
-    return load_config(None, [*MODELS[model], *COMMON, *layout])
+    return load_config(None, [*MODELS[model], *COMMON, *(o for o in layout if not o.startswith("sabotage:"))])
 
 
 def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -60,6 +72,11 @@ def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def _train(model: str, layout: list[str], process: Process, steps: int = STEPS) -> dict:
+    with _sabotaged([o.split(":", 1)[1] for o in layout if o.startswith("sabotage:")]):
+        return _train_as_configured(model, layout, process, steps)
+
+
+def _train_as_configured(model: str, layout: list[str], process: Process, steps: int) -> dict:
     trainer = Trainer(config(model, layout), None, tiny_data(), process=process, device=torch.device("cpu"))
     losses, moe = [], []
     for step in range(steps):
@@ -70,6 +87,42 @@ def _train(model: str, layout: list[str], process: Process, steps: int = STEPS) 
             trainer.interval.moe = None
     val = trainer.evaluate()["val_loss"] if model in ("gpt", "switch") else None
     return {"losses": losses, "params": full_parameters(trainer), "val_loss": val, "moe": moe}
+
+
+def assert_matches(got: dict, ref: dict) -> None:
+    """``got`` (a layout's result) equals ``ref`` (one process's) to float64 rounding: every step's
+    loss and the validation loss within :data:`RTOL`, every parameter element within
+    ``ATOL + RTOL·|ref|``. Raises AssertionError naming what differs, and by how much."""
+    _same_steps_and_names(got, ref)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=RTOL, atol=0,
+                               msg=lambda m: f"losses per step differ: {m}")
+    for name, p in ref["params"].items():
+        q = got["params"][name]
+        assert q.dtype == p.dtype, f"{name}: {q.dtype} under the layout, {p.dtype} on one process"
+        rel = ((q - p).norm() / p.norm().clamp_min(1e-300)).item()
+        torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, n=name, r=rel: f"{n} after the steps (norm-relative {r:.1e}): {m}")
+    if ref["val_loss"] is not None:
+        assert abs(got["val_loss"] - ref["val_loss"]) <= RTOL * abs(ref["val_loss"]), \
+            f"validation loss {got['val_loss']!r} != {ref['val_loss']!r}"
+
+
+def assert_matches_roughly(got: dict, ref: dict, loss_rtol: float, matrix_rtol: float) -> None:
+    """The production precisions' check: every step's loss within ``loss_rtol``, every weight matrix
+    within ``matrix_rtol`` of its norm. Biases and norms are left to the float64 suite: they start
+    at 0 or 1, and Adam turns the rounding noise of a ~0 gradient into full-size steps."""
+    _same_steps_and_names(got, ref)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=loss_rtol, atol=0,
+                               msg=lambda m: f"losses per step differ: {m}")
+    for name, p in ref["params"].items():
+        if p.dim() >= 2:
+            rel = ((got["params"][name] - p).norm() / p.norm()).item()
+            assert rel <= matrix_rtol, f"{name}: norm-relative difference {rel:.2e} > {matrix_rtol:g}"
+
+
+def _same_steps_and_names(got: dict, ref: dict) -> None:
+    assert len(got["losses"]) == len(ref["losses"]), "a layout ran a different number of steps"
+    assert sorted(got["params"]) == sorted(ref["params"]), "a layout lost or renamed parameters"
 
 
 def train_single(model: str, layout: list[str] | None = None, steps: int = STEPS) -> dict:
@@ -92,7 +145,7 @@ def merge_ranks(results: list[dict], key) -> dict:
     return {**results[0][key], "params": params}
 
 
-def _process() -> Process:
+def process_of_this_rank() -> Process:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -105,7 +158,7 @@ def train_and_save(model: str, layout: list[str], run_dir: str, steps: int) -> l
     from pathlib import Path
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config(model, layout), Path(run_dir), tiny_data(), process=_process(),
+    trainer = Trainer(config(model, layout), Path(run_dir), tiny_data(), process=process_of_this_rank(),
                       device=torch.device("cpu"))
     losses = [trainer.mean_over_replicas(trainer.train_step(s)[0]).item() for s in range(steps)]
     trainer.save(steps)
@@ -117,8 +170,74 @@ def resume_and_train(model: str, layout: list[str], run_dir: str, steps: int) ->
     """Resume ``run_dir``'s newest checkpoint under ``layout`` and train up to ``steps`` steps."""
     from pathlib import Path
 
-    trainer = Trainer(config(model, layout), Path(run_dir), tiny_data(), resume=True, process=_process(),
+    trainer = Trainer(config(model, layout), Path(run_dir), tiny_data(), resume=True, process=process_of_this_rank(),
                       device=torch.device("cpu"))
     losses = [trainer.mean_over_replicas(trainer.train_step(s)[0]).item() for s in range(trainer.start_step, steps)]
     trainer.metrics.close() if trainer.metrics else None
     return losses
+
+
+# ------------------------------------------------------------------------------------------
+# Layouts broken on purpose: the parity check must fail on each
+# ------------------------------------------------------------------------------------------
+
+
+def _bias_on_every_rank():
+    """Tensor parallelism that adds a row-split projection's bias on every tp rank before the
+    partial sums are reduced (so the sum holds tp copies of it): the classic Megatron-LM slip."""
+    from loom.parallel import tensor
+
+    original = tensor.apply_tensor_parallel
+
+    def broken(model, tp_mesh, strategies, sequence_parallel):
+        original(model, tp_mesh, strategies, sequence_parallel)
+        extra = tp_mesh.size() - 1
+        for name, mod in model.named_modules():
+            if strategies.get(name) == "rowwise" and getattr(mod, "bias", None) is not None:
+                mod.register_forward_hook(lambda m, args, out: out + extra * m.bias.to_local())
+
+    return _patched(tensor, "apply_tensor_parallel", broken)
+
+
+def _dropped_microbatch():
+    """A pipeline that leaves the first micro-batch of every step out of the gradient (its loss is
+    still computed and reported, so only the parameters can tell)."""
+    from loom.parallel import pipeline
+
+    original_step, original_loss = pipeline.Pipeline.step, pipeline._scaled_loss
+    seen = {"count": 0}
+
+    def step(self, x, y):
+        seen["count"] = 0
+        return original_step(self, x, y)
+
+    def scaled_loss(output, target, *, loss_fn, n):
+        seen["count"] += 1
+        loss = original_loss(output, target, loss_fn=loss_fn, n=n)
+        return loss * 0 if seen["count"] == 1 else loss
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(_patched(pipeline.Pipeline, "step", step))
+    stack.enter_context(_patched(pipeline, "_scaled_loss", scaled_loss))
+    return stack
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+SABOTAGE = {"bias_on_every_rank": _bias_on_every_rank, "dropped_microbatch": _dropped_microbatch}
+
+
+@contextlib.contextmanager
+def _sabotaged(names: list[str]):
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(SABOTAGE[name]())
+        yield

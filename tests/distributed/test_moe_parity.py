@@ -1,5 +1,5 @@
 """Expert parallelism gives one process's training: the same losses, routing, dropped tokens and
-auxiliary losses at every step, and the same parameters at the end (fp32, relative 1e-5).
+auxiliary losses at every step, and the same parameters at the end (float64, relative 1e-10).
 
 Two sparse models: Switch (top-1, an MoE layer in each of 4 blocks, 8 experts) and GLaM-style top-2
 (an MoE layer in every other block; random routing off, since its draws, like dropout's, come from
@@ -16,9 +16,7 @@ import torch
 
 from loom.models.moe import STAT_FIELDS
 from tests.distributed.harness import run_on_ranks
-from tests.distributed.parity import STEPS, merge_ranks, train_layouts, train_single
-
-RTOL = 1e-5
+from tests.distributed.parity import RTOL, STEPS, assert_matches, merge_ranks, train_layouts, train_single
 
 TWO_RANKS = {
     "ep2": ["parallel.ep=2"],
@@ -60,20 +58,12 @@ def _results(world: int) -> tuple:
 def _check(model: str, layout: list[str], world: int) -> None:
     ref = _reference(model, *(o for o in layout if not o.startswith("parallel.")))
     got = merge_ranks(list(_results(world)), (model, *layout))
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=RTOL, atol=0)
     assert len(got["moe"]) == len(ref["moe"]) == STEPS
     for step, (g, r) in enumerate(zip(got["moe"], ref["moe"])):
         counts = slice(0, g.size(1) - 3)  # load per expert, routed, dropped (integers)
         assert torch.equal(g[:, counts], r[:, counts]), f"step {step}: routing differs\n{g[:, counts]}\n{r[:, counts]}"
         torch.testing.assert_close(g[:, -3:], r[:, -3:], rtol=RTOL, atol=0)  # aux, z-loss sums; groups
-    assert sorted(got["params"]) == sorted(ref["params"]), "a layout lost or renamed parameters"
-    for name, p in ref["params"].items():
-        if name.endswith("k_proj.bias"):  # no effect on any output: see test_parity.py
-            continue
-        err = (got["params"][name] - p).norm().item() / p.norm().clamp_min(1e-12).item()
-        assert err <= RTOL, f"{name}: relative difference {err:.2e} after {STEPS} steps"
-    if ref["val_loss"] is not None:
-        assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=RTOL)
+    assert_matches(got, ref)
 
 
 @pytest.mark.parametrize(("model", "name", "layout"), _cases(2), ids=[f"{m}-{n}" for m, n, _ in _cases(2)])
@@ -94,8 +84,8 @@ def test_the_reference_routes_drops_and_learns(model):
     stats = torch.stack(ref["moe"])  # (steps, layers, experts + fields)
     assert stats[..., -N_FIELDS + 1].sum() > 0, "no token was ever dropped: capacity is not exercised"
     assert (stats[..., : -N_FIELDS] > 0).all(), "an expert never received a token"
-    assert (ref["losses"][0] - ref["losses"][-1]) / ref["losses"][0] > 100 * RTOL
+    assert (ref["losses"][0] - ref["losses"][-1]) / ref["losses"][0] > 1e6 * RTOL
     for name, p in ref["params"].items():
         if ".experts.w" in name:
             moved = (p - start["params"][name]).norm() / p.norm()
-            assert moved > 100 * RTOL, f"{name} moved only {moved:.1e}"
+            assert moved > 1e6 * RTOL, f"{name} moved only {moved:.1e}"

@@ -14,6 +14,7 @@ from loom.models import build_model, materialize
 from loom.parallel.pipeline import build_pipeline
 from loom.train.evaluate import lm_loss
 from tests.distributed.harness import run_on_ranks
+from tests.distributed.parity import ATOL, RTOL
 
 SEED = 0
 # (preset, schedule, virtual_stages, microbatches, batch)
@@ -38,8 +39,8 @@ def _check_case(preset, schedule, v, microbatches, batch) -> dict:
     """Run one case on this rank; return the mismatches found (none when all agree) and the layout."""
     cfg = _cfg(preset)
     errors: list[str] = []
-    ref = materialize(build_model(cfg), "cpu", SEED)
-    pipe = build_pipeline(build_model(cfg), dist.group.WORLD, schedule=schedule, microbatches=microbatches,
+    ref = materialize(build_model(cfg).double(), "cpu", SEED)  # float64, as the parity suite
+    pipe = build_pipeline(build_model(cfg).double(), dist.group.WORLD, schedule=schedule, microbatches=microbatches,
                           virtual_stages=v, loss_fn=lm_loss, device="cpu")
     for m in pipe.modules:  # the same weights as the single-process model, loaded by name
         m.to_empty(device="cpu")
@@ -54,7 +55,7 @@ def _check_case(preset, schedule, v, microbatches, batch) -> dict:
 
     def close(what, got, want):
         try:
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
         except AssertionError as e:
             errors.append(f"{what}: {str(e).splitlines()[1:4]}")
 

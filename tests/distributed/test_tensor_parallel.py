@@ -1,4 +1,5 @@
-"""Tensor and sequence parallelism over 2 gloo processes reproduce the single-process loss and gradients."""
+"""Tensor and sequence parallelism over 2 gloo processes reproduce the single-process loss and gradients
+(float64, at the parity suite's tolerance: tests/distributed/parity.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from tests.distributed.harness import run_on_ranks
+from tests.distributed.parity import ATOL, RTOL
 
 SHRINK = ["model.block_size=16", "model.dropout=0.0"]
 MINDSPORE = {  # PanGu-α's reference strategies, in MindSpore's notation
@@ -55,13 +57,13 @@ def _worker(cases) -> dict:
         idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=gen)
         tgt = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=gen)
 
-        ref = materialize(build_model(cfg), "cpu", seed=0)
+        ref = materialize(build_model(cfg).double(), "cpu", seed=0)
         ref_loss = F.cross_entropy(ref(idx).flatten(0, 1), tgt.flatten())
         ref_loss.backward()
 
         strategies = resolve_strategies(build_model(cfg), strategy_table(cfg.arch), overrides, tp=2, dp=1)
         if on_meta:  # as the trainer does: split first, allocate and initialize the shards after
-            model = build_model(cfg)
+            model = build_model(cfg).double()
             apply_tensor_parallel(model, mesh, strategies, sequence_parallel=sp)
             model.to_empty(device="cpu")
             with torch.no_grad():
@@ -69,7 +71,7 @@ def _worker(cases) -> dict:
                     p.to_local().copy_(distribute_tensor(ref.get_parameter(n).detach(), mesh, p.placements,
                                                          src_data_rank=None).to_local())
         else:
-            model = materialize(build_model(cfg), "cpu", seed=0)
+            model = materialize(build_model(cfg).double(), "cpu", seed=0)
             apply_tensor_parallel(model, mesh, strategies, sequence_parallel=sp)
         seen = {}  # the residual stream between blocks: this rank's half of the sequence under sp
         model.layers["0"].register_forward_hook(lambda m, a, y: seen.update(stream=tuple(y.shape)))
@@ -105,9 +107,9 @@ def test_loss_and_gradients_equal_single_process(results, case):
         assert got["tied"]
         assert got["stream"] == got["expected_stream"]
         assert all(p[0].is_shard() or p[0].is_replicate() for p in got["placements"].values())
-        assert got["loss"] == pytest.approx(got["ref_loss"], rel=1e-5), f"rank {rank}"
+        assert got["loss"] == pytest.approx(got["ref_loss"], rel=RTOL), f"rank {rank}"
         for n, g in got["grads"].items():
-            torch.testing.assert_close(g, got["ref_grads"][n], rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(g, got["ref_grads"][n], rtol=RTOL, atol=ATOL, msg=lambda m: f"{n}: {m}")
 
 
 def test_layouts(results):
