@@ -26,11 +26,11 @@ from tests.cli.test_cli import loom
     (["--nproc", "2", "parallel.ep=2"], "is dense"),
     (["--nproc", "3", "model=switch-tiny", "parallel.ep=3"], "must divide model.moe.experts=8"),
 ])
-def test_bad_layouts_are_one_line_and_exit_code_2_before_launch(args, fragment, tmp_path):
-    proc = loom("train", "model=gpt-tiny", *args, cwd=tmp_path, check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+def test_bad_layouts_are_one_line_and_exit_code_2_before_launch(args, fragment, tmp_path, loom_cli):
+    code, _, err = loom_cli("train", "model=gpt-tiny", *args, cwd=tmp_path)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert lines[0].startswith("loom: error:") and fragment in lines[0], lines[0]
     assert not (tmp_path / "runs").exists()  # no process was started, nothing was written
 

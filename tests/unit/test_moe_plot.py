@@ -6,7 +6,6 @@ import random
 import pytest
 
 from loom.plot import _pick_layers, moe_history, plot_expert_load, plot_run
-from tests.cli.test_cli import loom
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -81,17 +80,17 @@ def test_many_layers_are_sampled_evenly():
     assert _pick_layers(names[:5]) == names[:5]
 
 
-def test_loom_plot_prints_every_file_written(tmp_path):
+def test_loom_plot_prints_every_file_written(tmp_path, loom_cli):
     run = write_run(tmp_path / "run")
-    out = loom("plot", str(run)).stdout.split()
+    out = loom_cli("plot", str(run))[1].split()
     assert out == [str(run / "loss.png"), str(run / "expert_load.png")]
-    out = loom("plot", str(run), "--out", str(tmp_path / "curve.png")).stdout.split()
+    out = loom_cli("plot", str(run), "--out", str(tmp_path / "curve.png"))[1].split()
     assert out == [str(tmp_path / "curve.png"), str(tmp_path / "curve_expert_load.png")]
     assert_png(tmp_path / "curve_expert_load.png")
 
 
-def test_describe_an_moe_preset():
-    lines = dict(line.split(maxsplit=1) for line in loom("describe", "switch-base").stdout.splitlines())
+def test_describe_an_moe_preset(loom_cli):
+    lines = dict(line.split(maxsplit=1) for line in loom_cli("describe", "switch-base")[1].splitlines())
     assert lines["parameters"].startswith("7,393,344,000")
     assert lines["MoE"] == ("12 of 24 blocks (every 2nd block): 128 experts of ffn 3072, router switch, top_k=1, "
                             "capacity factor 1.25")
@@ -99,7 +98,7 @@ def test_describe_an_moe_preset():
     assert "N = active matmul params" in lines["FLOPs/token"]
 
 
-def test_describe_a_dense_preset_has_no_moe_lines():
-    out = loom("describe", "gpt-tiny").stdout
+def test_describe_a_dense_preset_has_no_moe_lines(loom_cli):
+    out = loom_cli("describe", "gpt-tiny")[1]
     assert "MoE" not in out and "active" not in out
     assert "(training, PaLM's 6N + 12LHQT)\n" in out
