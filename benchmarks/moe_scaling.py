@@ -49,8 +49,8 @@ def bench(preset: str, seq: int, batch: int, experts: int, capacity_factor: floa
     """One configuration, in this process: the row of the table."""
     from loom.config import load_config
     from loom.models import build_model, count_params, flops_per_token, materialize, matmul_params
-    from loom.models.moe import STAT_FIELDS, moe_layers
-    from loom.train.evaluate import lm_loss
+    from loom.models.common import STAT_FIELDS, moe_layers
+    from loom.tasks import lm_loss
     from loom.train.optim import build_optimizer
 
     if threads:

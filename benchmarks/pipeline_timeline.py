@@ -63,11 +63,13 @@ def _timeline(overrides: list[str]) -> list[list]:
     """On every rank: train a few steps under ``overrides``; return each step's events but the first."""
     from loom.config import load_config
     from loom.parallel.launch import Process
-    from loom.train.loop import Trainer
+    from loom.parallel.plan import resolve_plan
+    from loom.train.trainer import Trainer
 
     cfg = load_config(None, [*MODEL, *COMMON, *overrides])
     rank, world = dist.get_rank(), dist.get_world_size()
-    trainer = Trainer(cfg, None, _data(), process=Process(rank, world, rank), device=torch.device("cpu"))
+    trainer = Trainer(cfg, resolve_plan(cfg, world), None, _data(), process=Process(rank, world, rank),
+                      device=torch.device("cpu"))
     schedule = trainer.model.pipeline.schedule
     stages = getattr(schedule, "_stages", None) or [schedule._stage]
     events: list = []

@@ -32,8 +32,9 @@ import torch
 
 from loom.config import load_config
 from loom.parallel.launch import run_on_ranks
+from loom.parallel.plan import Plan, resolve_plan
 from loom.planner.calibrate import main_calibrate
-from loom.planner.cost import Layout, estimate
+from loom.planner.cost import estimate
 from loom.planner.hardware import parse_cluster
 
 NPROC = 4
@@ -75,12 +76,12 @@ def _measure(model: list[str], layout: list[str], warmup: int, steps: int) -> di
     import torch.distributed as dist
 
     from loom.parallel.launch import Process
-    from loom.train.loop import Trainer
+    from loom.train.trainer import Trainer
 
     cfg = load_config(None, overrides(layout, model))
     rank, world = dist.get_rank(), dist.get_world_size()
-    trainer = Trainer(cfg, None, synthetic_data(cfg.model.vocab_size), process=Process(rank, world, rank),
-                      device=torch.device("cpu"))
+    trainer = Trainer(cfg, resolve_plan(cfg, world), None, synthetic_data(cfg.model.vocab_size),
+                      process=Process(rank, world, rank), device=torch.device("cpu"))
     times, cpu = [], []
     for step in range(warmup + steps):
         dist.barrier()
@@ -108,23 +109,19 @@ def measure(name: str, layout: list[str], warmup: int, steps: int, rounds: int, 
             "rounds": per_round}
 
 
-def to_layout(layout: list[str], model: list[str]) -> tuple[Layout, int, int]:
-    """The cost model's Layout, global batch and sequence length of a benchmark layout."""
+def to_plan(layout: list[str], model: list[str]) -> tuple[Plan, int, int]:
+    """The plan a benchmark layout trains with (the engine's own, which the cost model reads as it is),
+    its global batch and sequence length."""
     cfg = load_config(None, overrides(layout, model))
-    p, t = cfg.parallel, cfg.train
-    replicas = p.dp * p.ep
-    micro = t.batch_size // (replicas * t.grad_accum * (p.microbatches if p.pp > 1 else 1))
-    lay = Layout(dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep, sp=p.sp, zero=p.zero, recompute=p.recompute,
-                 schedule=p.schedule, virtual_stages=p.virtual_stages, micro_batch=micro)
-    return lay, t.batch_size, cfg.model.block_size
+    return resolve_plan(cfg, NPROC), cfg.train.batch_size, cfg.model.block_size
 
 
 def predict(row: dict, profile: Path, model: list[str]) -> dict:
     cfg = load_config(None, overrides(row["overrides"], model)).model
-    lay, batch, seq = to_layout(row["overrides"], model)
-    est = estimate(cfg, lay, parse_cluster(f"{NPROC}xcpu", profile=profile), batch, seq)
+    plan, batch, seq = to_plan(row["overrides"], model)
+    est = estimate(cfg, plan, parse_cluster(f"{NPROC}xcpu", profile=profile), batch, seq)
     return {**row, "pred_step_s": est.step_time_s, "pred_rss_mib": est.memory_gb_per_device * 1024,
-            "pred_time_s": est.time_s, "pred_memory_gb": est.memory_gb, "plan": lay.describe()}
+            "pred_time_s": est.time_s, "pred_memory_gb": est.memory_gb, "plan": est.describe()}
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -20,8 +20,8 @@ import torch
 
 from loom.config import load_config
 from loom.models import build_model, count_params, flops_per_token, materialize
-from loom.runs import resolve_device
-from loom.train.evaluate import lm_loss
+from loom.parallel.launch import resolve_device
+from loom.tasks import lm_loss
 from loom.train.metrics import peak_flops
 from loom.train.optim import build_optimizer
 from loom.train.precision import LossScaler, autocast

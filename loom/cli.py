@@ -13,9 +13,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from loom.config import ConfigError
 from loom.data import DataError
-from loom.runs import RunError
+from loom.errors import ConfigError, RunError
 from loom.train.checkpoint import CheckpointError
 
 USER_ERRORS = (ConfigError, DataError, RunError, CheckpointError)
@@ -123,57 +122,57 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args) -> int:
     from loom.config import load_config
-    from loom.runs import load_resume_config
+    from loom.parallel.launch import env_world_size, resolve_device
+    from loom.planner.auto import plan_job
+    from loom.train.rundir import load_resume_config
 
     overrides = [*args.overrides, *([f"data.path={args.data}"] if args.data else [])]
+    settings = None
     if args.plan:
-        from loom.planner.cli import plan_overrides
+        from loom.planner.cli import read_plan
 
-        from_plan, world = plan_overrides(args.plan)
-        overrides = [*from_plan, *overrides]
-        if args.nproc == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        settings, world = read_plan(args.plan)
+        if args.nproc == 1 and env_world_size() == 1:
             args.nproc = world  # the plan's number of processes, unless told otherwise
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run's own config.yaml; pass changes as key=value overrides")
-        cfg = load_resume_config(Path(args.resume), overrides)
+        cfg = load_resume_config(Path(args.resume), overrides, settings)
     else:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, settings)
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be at least 1")
-    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return _launch_train(cfg, args.nproc, args.resume)
-    return _run_train(cfg, args.resume)
+    launching = args.nproc > 1 and env_world_size() == 1
+    world = args.nproc if launching else env_world_size()
+    device = resolve_device(cfg.train.device)
+    # the one place the job's layout is decided; everything below receives it
+    cfg, plan = plan_job(cfg, world, device.type)
+    if launching:
+        return _launch_train(cfg, plan, args.nproc, args.resume, device)
+    return _run_train(cfg, plan, args.resume)
 
 
-def _run_train(cfg, resume: str | None) -> int:
+def _run_train(cfg, plan, resume: str | None) -> int:
     from loom.parallel.launch import shutdown_process_group
-    from loom.train.loop import train
+    from loom.train.job import train
 
-    summary = train(cfg, Path(resume), resume=True) if resume else train(cfg)
+    summary = train(cfg, plan, Path(resume), resume=True) if resume else train(cfg, plan)
     shutdown_process_group()  # every rank got here: leave the job in order (see its docstring)
     return 0 if summary.get("finished", True) else 130  # 130: stopped by Ctrl-C, checkpoint saved
 
 
-def _launch_train(cfg, nproc: int, resume: str | None) -> int:
-    """Check everything that can be checked here, then start ``nproc`` workers."""
+def _launch_train(cfg, plan, nproc: int, resume: str | None, device) -> int:
+    """Check what the processes need of this machine, then start ``nproc`` workers."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from loom.parallel.launch import launch_local
-    from loom.parallel.plan import check_plan, plan_from_config
-    from loom.runs import resolve_device
-    from loom.train.loop import resolve_data_parallel
     from loom.train.memory import check_training_state_fits
 
-    cfg = resolve_data_parallel(cfg, nproc)
-    plan = plan_from_config(cfg.parallel)
-    check_plan(plan, cfg, nproc)
-    device = resolve_device(cfg.train.device)
     if device.type == "cuda" and torch_device_count() < nproc:
         raise ConfigError(f"--nproc {nproc} needs {nproc} GPUs; this machine has {torch_device_count()}")
     check_training_state_fits(cfg, device, plan, local_processes=nproc)
     try:
-        results = launch_local(nproc, _train_worker, cfg, resume)
+        results = launch_local(nproc, _train_worker, cfg, plan, resume)
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
         if codes == {2}:  # a user error: the coordinator has printed it
@@ -183,11 +182,11 @@ def _launch_train(cfg, nproc: int, resume: str | None) -> int:
     return max(results.values())
 
 
-def _train_worker(cfg, resume: str | None) -> int:
+def _train_worker(cfg, plan, resume: str | None) -> int:
     """One process of a local job (started by the elastic launcher)."""
     _setup_logging()
     try:
-        return _run_train(cfg, resume)
+        return _run_train(cfg, plan, resume)
     except USER_ERRORS as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"loom: error: {e}", file=sys.stderr)
@@ -201,7 +200,7 @@ def torch_device_count() -> int:
 
 
 def cmd_export(args) -> int:
-    from loom.runs import export_safetensors
+    from loom.infer.export import export_safetensors
 
     out = export_safetensors(Path(args.run_dir), Path(args.out) if args.out else None)
     print(out)
@@ -212,7 +211,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from loom.infer.generate import generate
-    from loom.runs import load_for_inference
+    from loom.infer.load import load_for_inference
 
     _check_sampling(args)
     cfg, model, tok, _ = load_for_inference(Path(args.run_dir), args.device)
@@ -251,24 +250,27 @@ def _check_sampling(args) -> None:
 def cmd_eval(args) -> int:
     import json
 
-    from loom.runs import load_for_inference, prepare_run_data
-    from loom.train.evaluate import evaluate
+    from loom.config import task_name
+    from loom.infer.evaluate import evaluate
+    from loom.infer.load import load_for_inference
+    from loom.tasks import build_task
+    from loom.train.rundir import prepare_run_data
 
     if args.batches is not None and args.batches < 1:
         raise ConfigError(f"--batches={args.batches} must be >= 1")
     run_dir = Path(args.run_dir)
     cfg, model, _, step = load_for_inference(run_dir, args.device)
     data = prepare_run_data(cfg, run_dir / "tokenizer")  # the tokens this model was trained on
+    task = build_task(task_name(cfg), data, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
     device = next(model.parameters()).device
-    result = evaluate(model, data.val, cfg.model.block_size, cfg.train.batch_size,
-                      args.batches or cfg.train.eval_batches, device, cfg.train.precision)
+    result = evaluate(model, task, args.batches or cfg.train.eval_batches, device, cfg.train.precision)
     print(json.dumps({"step": step, **result, "unigram_entropy_nats": data.meta.get("unigram_entropy_nats")}))
     return 0
 
 
 def cmd_plot(args) -> int:
     from loom.plot import plot_run
-    from loom.runs import check_run_dir
+    from loom.train.rundir import check_run_dir
 
     for out in plot_run(check_run_dir(Path(args.run_dir)), Path(args.out) if args.out else None):
         print(out)
@@ -277,10 +279,10 @@ def cmd_plot(args) -> int:
 
 def cmd_describe(args) -> int:
     from loom.config import load_config
-    from loom.models import PRESETS, PUBLISHED_PARAMS, build_model, count_params, flops_per_token
+    from loom.models import build_model, count_params, flops_per_token, presets, published_params
 
     if args.list or args.model is None:
-        for name, shape in PRESETS.items():
+        for name, shape in presets().items():
             print(f"{name:12s} " + " ".join(f"{k}={v}" for k, v in shape.items()))
         return 0
     if any(not o.startswith("model.") for o in args.overrides):
@@ -294,19 +296,18 @@ def cmd_describe(args) -> int:
                   f"vocab {cfg.vocab_size}, seq {cfg.block_size}"),
         ("parameters", f"{n:,} ({n / 1e9:.3f} B)"),
     ]
-    if cfg.preset in PUBLISHED_PARAMS:
-        pub = PUBLISHED_PARAMS[cfg.preset]
+    if cfg.preset in published_params():
+        pub = published_params()[cfg.preset]
         rows.append(("published", f"{pub / 1e9:.3f} B ({100 * (n / pub - 1):+.2f}%)"))
     moe = cfg.moe
     if moe.experts:  # a dense model's description stays as it was
-        from loom.models import matmul_params, n_moe_layers
+        from loom.models import matmul_params, n_blocks, n_moe_layers
 
-        n_blocks = cfg.n_layer - 1 if cfg.arch == "pangu" else cfg.n_layer  # PanGu's last block is the query layer
         every = "every block" if moe.every == 1 else f"every {moe.every}{_ordinal(moe.every)} block"
         capacity = f"capacity factor {moe.capacity_factor:g}" if moe.capacity_factor else "no capacity limit"
         active = matmul_params(cfg)
         rows += [
-            ("MoE", f"{n_moe_layers(cfg)} of {n_blocks} blocks ({every}): {moe.experts} experts of ffn "
+            ("MoE", f"{n_moe_layers(cfg)} of {n_blocks(cfg)} blocks ({every}): {moe.experts} experts of ffn "
                     f"{cfg.expert_ffn}, router {moe.router}, top_k={moe.top_k}, {capacity}"),
             ("active", f"{active:,} ({active / 1e9:.3f} B) matmul params a token meets (its top_k experts, the "
                        f"router, attention, dense MLPs, output projection)"),

@@ -2,10 +2,11 @@
 
     loom train model=pangu-mini model.n_layer=4 train.steps=200
 
-``model=NAME`` selects a preset from :mod:`loom.presets`; the preset fills every model field
-that the file or the command line does not set. Parsing and type checks are OmegaConf's; the checks
-that need the field's meaning (shapes that cannot work, values out of range) are ours. Every problem
-is raised as :class:`ConfigError` with one line naming the key, the value, and what would be valid.
+``model=NAME`` selects a preset of a model family (each family's folder under :mod:`loom.models` holds
+its presets); the preset fills every model field that the file or the command line does not set.
+Parsing and type checks are OmegaConf's; the checks that need the field's meaning (shapes that cannot
+work, values out of range) are ours. Every problem is raised as :class:`ConfigError` with one line
+naming the key, the value, and what would be valid.
 """
 
 from __future__ import annotations
@@ -20,59 +21,14 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from loom import models, tasks
 from loom.data.tokenizer import MIN_VOCAB_SIZE
-from loom.presets import DEFAULT_PRESET, PRESETS
+from loom.errors import ConfigError
+from loom.models.config import DEFAULT_PRESET, ModelConfig, MoEConfig
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line meant for the user."""
-
-
-@dataclass
-class MoEConfig:
-    """Sparse Mixture-of-Experts feed-forward layers (docs/moe.md). ``experts=0``: a dense model."""
-
-    experts: int = 0  # experts per MoE layer; 0 keeps every block's dense MLP
-    every: int = 1  # every k-th block gets the MoE layer (blocks k-1, 2k-1, ...); GLaM and Switch: 2
-    router: str = "switch"  # switch (top-1) | top2 (GShard/GLaM) | noisy-topk (Shazeer et al. 2017)
-    top_k: int = 1  # experts per token: 1 for switch, 2 for top2, any for noisy-topk
-    random_routing: bool = True  # top2: keep the second expert with probability 2·gate (GShard); false: always
-    capacity_factor: float = 1.25  # expert capacity = ceil(k · tokens per sequence / experts × this); 0: none
-    aux_loss_weight: float = 0.01  # α of the load-balancing loss
-    z_loss_weight: float = 0.001  # router z-loss (Zoph et al. 2022); 0 disables
-    expert_ffn: Optional[int] = None  # hidden width of each expert; None: the model's ffn
-
-    def is_moe_block(self, i: int) -> bool:
-        """Whether decoder block ``i`` (0-based) holds an MoE layer instead of the dense MLP."""
-        return self.experts > 0 and (i + 1) % self.every == 0
-
-
-@dataclass
-class ModelConfig:
-    preset: str = DEFAULT_PRESET
-    arch: str = "gpt"  # gpt | pangu
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 192
-    ffn_hidden: Optional[int] = None  # None: 4 * n_embd
-    vocab_size: int = 4096
-    block_size: int = 256
-    dropout: float = 0.0
-    bias: bool = True
-    layer_norm_eps: float = 1e-5
-    moe: MoEConfig = field(default_factory=MoEConfig)
-
-    @property
-    def expert_ffn(self) -> int:
-        return self.moe.expert_ffn if self.moe.expert_ffn is not None else self.ffn
-
-    @property
-    def ffn(self) -> int:
-        return self.ffn_hidden if self.ffn_hidden is not None else 4 * self.n_embd
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+__all__ = ["CHOICES", "Config", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "ParallelConfig",
+           "TrainConfig", "config_to_yaml", "load_config", "task_name", "validate"]
+PRESETS = models.presets()
 
 
 @dataclass
@@ -86,6 +42,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    task: str = "auto"  # what the model learns (its batches, loss, metrics): auto (the family's own) | causal_lm
     steps: int = 600
     batch_size: int = 16  # sequences per optimizer step
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size / grad_accum each)
@@ -145,7 +102,8 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.arch": ("gpt", "pangu"),
+    "model.arch": tuple(models.families()),
+    "train.task": ("auto", *tasks.names()),
     "model.moe.router": ("switch", "top2", "noisy-topk"),
     "data.tokenizer": ("auto", "bpe", "jieba-sp"),
     "train.optimizer": ("adamw", "lamb"),
@@ -163,20 +121,39 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a validated :class:`Config` from an optional YAML file and ``key=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                settings: dict[str, Any] | None = None) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file, ``settings`` (``section.key`` ->
+    value, e.g. a saved plan's layout) and ``key=value`` overrides, each over the one before."""
     file_cfg = _read_yaml(path) if path else OmegaConf.create({})
+    set_cfg = OmegaConf.create(_nested(settings or {}))
     cli_cfg = _parse_overrides(overrides or [])
-    preset = _preset_name(file_cfg, cli_cfg)
+    preset = _preset_name(file_cfg, set_cfg, cli_cfg)
     base = OmegaConf.structured(Config)
     try:
         base.model = OmegaConf.merge(base.model, {"preset": preset, **PRESETS[preset]})
-        merged = OmegaConf.merge(base, file_cfg, cli_cfg)
+        merged = OmegaConf.merge(base, file_cfg, set_cfg, cli_cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg
+
+
+def task_name(cfg: Config) -> str:
+    """The task ``cfg`` trains: ``train.task``, or the model family's own for ``auto``."""
+    return cfg.train.task if cfg.train.task != "auto" else models.spec_of(cfg.model).tasks[0]
+
+
+def _nested(settings: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in settings.items():
+        *path, leaf = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
 
 
 def config_to_yaml(cfg: Config) -> str:
@@ -271,6 +248,10 @@ def validate(cfg: Config) -> None:
                               + _did_you_mean(str(value), allowed))
     _validate_model(cfg.model)
     _validate_train(cfg.train)
+    spec = models.spec_of(cfg.model)
+    if cfg.train.task != "auto" and cfg.train.task not in spec.tasks:
+        raise ConfigError(f"train.task={cfg.train.task} is not one model.arch={cfg.model.arch} is trained for; "
+                          f"valid: auto, {', '.join(spec.tasks)}")
     _validate_parallel(cfg.parallel)
     if not 0.0 < cfg.data.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 0.5)")
@@ -301,9 +282,9 @@ def _validate_model(m: ModelConfig) -> None:
         divisors = [h for h in range(1, m.n_head * 2 + 1) if m.n_embd % h == 0][-4:]
         raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
                           f"heads that divide it: {', '.join(map(str, divisors))}")
-    if m.arch == "pangu" and m.n_layer < 2:
-        raise ConfigError(f"model.n_layer={m.n_layer}: PanGu-α needs at least 2 layers "
-                          "(decoder blocks plus the top query layer)")
+    spec = models.spec_of(m)
+    if spec.validate is not None:
+        spec.validate(m)
     _check("model.dropout", m.dropout, 0.0, 1.0, high_open=True)
     _check("model.layer_norm_eps", m.layer_norm_eps, 0.0, low_open=True)
     _validate_moe(m)
@@ -315,7 +296,7 @@ def _validate_moe(m: ModelConfig) -> None:
     if e.experts == 0:
         return
     _check("model.moe.every", e.every, low=1)
-    n_blocks = m.n_layer - 1 if m.arch == "pangu" else m.n_layer
+    n_blocks = models.spec_of(m).n_blocks(m)
     if e.every > n_blocks:
         raise ConfigError(f"model.moe.every={e.every} leaves no MoE layer among the model's {n_blocks} "
                           f"decoder blocks; choose every <= {n_blocks}")

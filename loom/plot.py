@@ -11,8 +11,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from loom.runs import RunError, read_json  # noqa: E402
-from loom.train.metrics import read_metrics  # noqa: E402
+from loom.errors import RunError  # noqa: E402
+from loom.files import read_json  # noqa: E402
+from loom.files import read_jsonl as read_metrics  # noqa: E402
 
 MAX_HEATMAPS = 8  # MoE layers drawn as heatmaps; a deeper model shows evenly spaced ones
 

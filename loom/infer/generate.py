@@ -9,8 +9,7 @@ al. 2020) filtering of the distribution.
 from __future__ import annotations
 
 import torch
-
-from loom.models import GPT
+from torch import nn
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -38,7 +37,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 
 @torch.no_grad()
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, use_cache: bool = True,
              stop_token: int | None = None, vocab_size: int | None = None) -> torch.Tensor:
     """Continue token ids ``idx`` (B, T) by up to ``max_new_tokens``; returns (B, T + new).

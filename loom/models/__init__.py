@@ -1,29 +1,35 @@
-"""Models, written once for a single device. Nothing here imports ``torch.distributed``."""
+"""Models, written once for a single device; nothing here imports ``torch.distributed``.
+
+Each family lives in its own folder (``gpt/``, ``pangu/``) with its model, presets, shard strategies
+and pipeline split, and registers a :class:`~loom.models.spec.ModelSpec`; shared building blocks are
+in ``common/``. Everything outside this package reads a family through its spec.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from loom.config import ModelConfig
-from loom.models.gpt import GPT
-from loom.models.pangu import PanGuAlpha
-from loom.presets import PRESETS, PUBLISHED_PARAMS
+from loom.models import gpt, pangu  # noqa: F401  (each registers its family)
+from loom.models.config import DEFAULT_PRESET, ModelConfig, MoEConfig
+from loom.models.costs import ModelCosts, PartCost
+from loom.models.costs import model_costs as _model_costs
+from loom.models.registry import families, presets, published_params, register, spec_of
+from loom.models.spec import ModelSpec, PipelineSplit, Sharding
 
-ARCHS: dict[str, type[GPT]] = {"gpt": GPT, "pangu": PanGuAlpha}
+__all__ = ["DEFAULT_PRESET", "ModelConfig", "ModelCosts", "ModelSpec", "MoEConfig", "PartCost", "PipelineSplit",
+           "Sharding", "build_model", "costs", "count_params", "families", "flops_per_token", "materialize",
+           "matmul_params", "n_blocks", "n_moe_layers", "presets", "published_params", "register", "spec_of"]
 
-__all__ = ["GPT", "PanGuAlpha", "PRESETS", "PUBLISHED_PARAMS", "build_model", "materialize",
-           "count_params", "flops_per_token", "n_moe_layers"]
 
-
-def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> GPT:
+def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> nn.Module:
     """Construct the model without allocating or initializing weights (on the meta device by
     default), so that any size can be described, planned and parallelized before it exists."""
     with torch.device(device):
-        return ARCHS[cfg.arch](cfg)
+        return spec_of(cfg).build(cfg)
 
 
-def materialize(model: GPT, device: torch.device | str, seed: int) -> GPT:
+def materialize(model: nn.Module, device: torch.device | str, seed: int) -> nn.Module:
     """Allocate a meta-device model's storage on ``device`` and initialize it from ``seed``."""
     model.to_empty(device=device)
     model.init_weights(seed)
@@ -35,25 +41,33 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a shared one once
 
 
+def costs(cfg: ModelConfig, seq: int | None = None) -> ModelCosts:
+    """The cost description of ``cfg``'s model at sequence length ``seq`` (default: its block size):
+    parameters and forward FLOPs per token of each block and of the first and last stage's modules."""
+    spec = spec_of(cfg)
+    fn = spec.costs or _model_costs
+    return fn(build_model(cfg), spec, seq or cfg.block_size)
+
+
+def n_blocks(cfg: ModelConfig) -> int:
+    """Blocks in the model's block container (what pipeline stages share out)."""
+    return spec_of(cfg).n_blocks(cfg)
+
+
 def n_moe_layers(cfg: ModelConfig) -> int:
-    """Decoder blocks whose feed-forward layer is a Mixture-of-Experts."""
-    n_blocks = cfg.n_layer - 1 if cfg.arch == "pangu" else cfg.n_layer
-    return sum(cfg.moe.is_moe_block(i) for i in range(n_blocks))
+    """Blocks whose feed-forward layer is a Mixture-of-Experts."""
+    return sum(cfg.moe.is_moe_block(i) for i in range(n_blocks(cfg)))
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in a matrix multiply per token: every attention and MLP matrix,
-    and the output projection (the input embedding is a lookup and costs no FLOPs). In an MoE
-    layer a token meets the router and its ``top_k`` experts only (the *active* parameters)."""
-    c, moe = cfg.n_embd, n_moe_layers(cfg)
-    attention, dense = 4 * c * c, 2 * c * cfg.ffn
-    sparse = c * cfg.moe.experts + cfg.moe.top_k * 2 * c * cfg.expert_ffn
-    return cfg.n_layer * attention + (cfg.n_layer - moe) * dense + moe * sparse + c * cfg.vocab_size
+    """Weights that take part in a matrix multiply per token: every attention and MLP matrix and
+    the output projection (an embedding lookup multiplies nothing); in an MoE layer a token meets
+    the router and its ``top_k`` experts only (the *active* parameters)."""
+    return costs(cfg).matmul_params
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
-    """Training FLOPs per token as PaLM defines them (Chowdhery et al. 2022, appendix B):
-    6 N for the matrix multiplies forward and backward, plus 12 L H Q T for attention scores,
-    where H·Q = n_embd and T the sequence length. Recomputation is not counted (model FLOPs)."""
-    t = seq_len or cfg.block_size
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.n_embd * t
+    """Training FLOPs per token as PaLM defines them (Chowdhery et al. 2022, appendix B): 6 N for the
+    matrix multiplies forward and backward, plus 12 L H Q T for attention scores, where H·Q = n_embd
+    and T the sequence length. Recomputation is not counted (model FLOPs)."""
+    return costs(cfg, seq_len).training_flops

@@ -34,10 +34,12 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 
 def apply_data_parallel(module: nn.Module, dp_mesh: DeviceMesh, zero: int, param_dtype: torch.dtype | None,
-                        offload: bool = False, reshard_after_forward: bool | None = None,
-                        expert_mesh: DeviceMesh | None = None, expert_parallel: bool = False) -> None:
+                        blocks: str, own_groups: tuple[str, ...] = (), offload: bool = False,
+                        reshard_after_forward: bool | None = None, expert_mesh: DeviceMesh | None = None,
+                        expert_parallel: bool = False) -> None:
     """Shard (or replicate) ``module`` over ``dp_mesh`` (dims: replicate, shard), in place.
-    ``module.layers`` is a ModuleDict of blocks, each made its own group. Parameters are gathered
+    ``module.<blocks>`` is a ModuleDict of blocks, each made its own group, as are the submodules
+    named in ``own_groups`` (where this part of the model holds them). Parameters are gathered
     again for backward (``reshard_after_forward``) under ZeRO-3 only, unless told otherwise. With
     ``expert_parallel`` the experts of MoE layers go over ``expert_mesh`` (None: not at all)."""
     # gradients are reduced in the master weights' dtype: fp32 under autocast, float64 under fp64
@@ -45,7 +47,7 @@ def apply_data_parallel(module: nn.Module, dp_mesh: DeviceMesh, zero: int, param
     policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     reshard = zero == 3 if reshard_after_forward is None else reshard_after_forward
     ignored: set[nn.Parameter] = set()
-    for block in module.layers.values():
+    for block in getattr(module, blocks).values():
         experts = getattr(block.mlp, "experts", None)
         if expert_parallel and experts is not None:
             if expert_mesh is not None:
@@ -55,9 +57,9 @@ def apply_data_parallel(module: nn.Module, dp_mesh: DeviceMesh, zero: int, param
                 ignored.update(experts.parameters())
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=policy,
                     ignored_params=ignored or None)
-    top = getattr(module, "top_query_layer", None)
-    if top is not None:
-        fully_shard(top, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=policy)
+    held = dict(module.named_modules())
+    for name in (n for n in own_groups if n in held):
+        fully_shard(held[name], mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=policy)
     fully_shard(module, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=policy,
                 ignored_params=ignored or None)
 

@@ -3,7 +3,7 @@
 
 Each ep rank holds ``E / ep`` whole experts (its expert weights are DTensors sharded along the expert
 dimension: never replicated across ep) and its own slice of the batch. An MoE layer routes its own
-tokens exactly as on one device (:mod:`loom.models.moe`: routing, capacity and the auxiliary losses are
+tokens exactly as on one device (:mod:`loom.models.common.moe`: routing, capacity and the auxiliary losses are
 per sequence), sorts them by expert, and then, in place of running all E experts itself:
 
 1. tells every ep rank how many tokens it will send for each of that rank's experts (all-to-all of
@@ -29,9 +29,9 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from loom.models.moe import Experts, MoE, expert_ffn
+from loom.models.common.moe import Experts, MoE, expert_ffn
 
-EXPERT_PARAM = ".experts."  # in the name of every expert weight, e.g. layers.1.mlp.experts.w1
+EXPERT_PARAM = ".experts."  # in the name of every expert weight (an MoE layer's ``experts`` module)
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import gc
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from loom.runs import resolve_device
+from loom.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,20 @@ class Process:
     @property
     def is_coordinator(self) -> bool:
         return self.rank == 0
+
+
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` as a device that exists here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise ConfigError(f"{key}={name!r} is not valid; choose auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"{key}={name!r} but this machine has {count} CUDA device(s); use cpu or auto")
+    return device
 
 
 def env_world_size() -> int:

@@ -3,11 +3,13 @@
     pipeline split -> tensor/sequence parallel -> expert parallel -> recomputation -> data parallel / ZeRO
     -> allocate on the device -> initialize each parameter (or its shard) from the seed
 
-The model arrives on the meta device, written for one device; what comes back is a
-:class:`ParallelModel`: this rank's part(s) of it, and the operations the training loop needs
+The model arrives on the meta device, written for one device, with its family's spec (what its
+modules are: :class:`~loom.models.spec.ModelSpec`) and the task's loss; what comes back is a
+:class:`ParallelModel`: this rank's part(s) of it, and the operations the training step needs
 (forward+backward of a batch, the loss for evaluation, the global gradient norm) done the same way
 under every layout. Parameters are initialized by name (``model.initial_value``) after sharding,
 so every layout starts from the single-device weights without ever holding the whole model.
+Precision is the caller's: the training step runs these operations under its autocast.
 """
 
 from __future__ import annotations
@@ -23,17 +25,16 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from loom.models import GPT
-from loom.models.moe import STAT_FIELDS, at_least_fp32, moe_layers
+from loom.models import ModelSpec
+from loom.models.common import STAT_FIELDS, at_least_fp32, moe_layers
 from loom.parallel.data import apply_data_parallel, set_gradient_sync
 from loom.parallel.expert import apply_expert_parallel, expert_grad_factor
 from loom.parallel.mesh import dense_data_mesh, expert_data_mesh, is_distributed
 from loom.parallel.plan import Plan
 from loom.parallel.recompute import apply_recompute
-from loom.train.evaluate import lm_loss
-from loom.train.precision import autocast, compute_dtype
 
 LossScale = Callable[[torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> mean loss
 
 
 def _identity_scale(loss: torch.Tensor) -> torch.Tensor:
@@ -47,11 +48,11 @@ class ParallelModel:
     plan: Plan
     mesh: DeviceMesh | None
     device: torch.device
-    precision: str
+    loss_fn: LossFn  # the task's: (the model's outputs, targets) -> the mean loss
     modules: list[nn.Module]  # one per pipeline stage held here (one when pp=1)
     pipeline: object | None = None  # loom.parallel.pipeline.Pipeline
     loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    # names of parameters held by two ranks of the pipeline (the tied embedding): counted once in norms
+    # names of parameters held by two ranks of the pipeline (tied across stages): counted once in norms
     shared_across_stages: frozenset[str] = frozenset()
     _loss_scale: LossScale = _identity_scale  # what the pipeline's loss is multiplied by before backward
     _raw_losses: list = field(default_factory=list)  # this step's micro-batch losses, unscaled
@@ -86,40 +87,46 @@ class ParallelModel:
 
     # -- a step ----------------------------------------------------------------------------
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: LossScale, last_micro_step: bool = True
-                         ) -> torch.Tensor | None:
-        """Forward and backward of this replica's batch ``x, y`` (B, T); gradients accumulate as
-        those of ``scale(mean loss)``. Returns the detached mean loss where it is known (every rank
-        without a pipeline, the last stage's ranks with one), else None."""
+    def forward_backward(self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor, scale: LossScale,
+                         last_micro_step: bool = True) -> torch.Tensor | None:
+        """Forward and backward of this replica's batch (``inputs``: what the model reads; ``targets``:
+        what the loss reads); gradients accumulate as those of ``scale(mean loss)``. Returns the
+        detached mean loss where it is known (every rank without a pipeline, the last stage's ranks
+        with one)."""
         set_gradient_sync(self.modules, self.plan.zero, last_micro_step)
-        # the MoE auxiliary losses enter backward with the factor the language-model loss gets
+        # the MoE auxiliary losses enter backward with the factor the task's loss gets
         aux_scale = float(scale(torch.ones((), device=self.device)))
         for _, moe in self._moe_layers():
             moe.aux_grad_scale = aux_scale / (self.plan.microbatches if self.pipeline is not None else 1)
         if self.pipeline is not None:
-            return self._pipeline_step(x, y, scale)
-        with autocast(self.device, self.precision):
-            logits = self.modules[0](x)
+            return self._pipeline_step(inputs, targets, scale)
+        outputs = self.modules[0](*inputs)
         with self.loss_context():
-            loss = lm_loss(logits, y)
+            loss = self.loss_fn(outputs, targets)
             scale(loss).backward()
         return _local(loss.detach())
 
     @torch.no_grad()
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """Mean loss of ``x, y`` without gradients (evaluation), where it is known."""
-        with autocast(self.device, self.precision):
-            logits = self.modules[0](x) if self.pipeline is None else self.pipeline.forward(x)
-        if logits is None:
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """The model's outputs for ``inputs`` without gradients, where they are known (every rank
+        without a pipeline, the last stage's ranks with one). Under tensor parallelism they may be a
+        DTensor split over the vocabulary: reduce them inside :attr:`loss_context`."""
+        return self.modules[0](*inputs) if self.pipeline is None else self.pipeline.forward(inputs)
+
+    @torch.no_grad()
+    def loss(self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor | None:
+        """Mean loss of a batch without gradients (evaluation), where it is known."""
+        outputs = self.forward(inputs)
+        if outputs is None:
             return None
         with self.loss_context():
-            return _local(lm_loss(logits, y))
+            return _local(self.loss_fn(outputs, targets))
 
-    def _pipeline_step(self, x, y, scale: LossScale) -> torch.Tensor | None:
+    def _pipeline_step(self, inputs, targets, scale: LossScale) -> torch.Tensor | None:
         self._loss_scale, self._raw_losses = scale, []
         # the schedule runs the backward too: a vocabulary-parallel loss needs its context around both
-        with autocast(self.device, self.precision), self.loss_context():
-            self.pipeline.step(x, y)
+        with self.loss_context():
+            self.pipeline.step(inputs, targets)
         if not self._pipeline_started:
             # torch's stages learn their shapes with one extra forward first, on placeholder inputs
             # past the first stage: not a forward of this batch, so its MoE statistics are dropped
@@ -131,10 +138,10 @@ class ParallelModel:
         raw = self._raw_losses[-self.plan.microbatches:]
         return torch.stack(raw).mean() if raw else None
 
-    def pipeline_loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def pipeline_loss_fn(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The per-micro-batch loss the pipeline schedule differentiates (micro-batches are of
         equal size, so the mean of theirs is the batch's)."""
-        loss = lm_loss(logits, y)
+        loss = self.loss_fn(outputs, targets)
         self._raw_losses.append(_local(loss.detach()))
         return self._loss_scale(loss)
 
@@ -142,8 +149,8 @@ class ParallelModel:
         """Gradients every rank must agree on before the optimizer step. A gradient that came out
         in another layout than its parameter is brought to the parameter's: partial sums (a
         sequence-parallel LayerNorm's weight, summed over sequence shards) are reduced, a replicated
-        gradient of a vocabulary-split embedding keeps this rank's rows. Then the tied embedding's
-        two halves are added across pipeline stages."""
+        gradient of a vocabulary-split embedding keeps this rank's rows. Then the two halves of a
+        parameter tied across pipeline stages are added."""
         for p in self.parameters():
             g = p.grad
             if isinstance(g, DTensor) and isinstance(p, DTensor) and tuple(g.placements) != tuple(p.placements):
@@ -225,20 +232,24 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.device, precision: str,
-                seed: int, materialize: bool = True) -> ParallelModel:
-    """Apply ``plan`` to the meta-device ``model`` on ``mesh`` and initialize it from ``seed``.
-    ``materialize=False`` stops before allocating: the parameters stay on the meta device (sharded
-    as the plan says), for counting what each rank would hold (:mod:`loom.planner.verify`)."""
-    pm = ParallelModel(plan=plan, mesh=mesh, device=device, precision=precision, modules=[model],
+def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh | None, *, spec: ModelSpec, loss_fn: LossFn,
+                device: torch.device, seed: int, mixed_precision: torch.dtype | None = None,
+                materialize: bool = True) -> ParallelModel:
+    """Apply ``plan`` to the meta-device ``model`` (of the family ``spec``) on ``mesh`` and initialize
+    it from ``seed``. ``loss_fn(outputs, targets)``: the task's mean loss. ``mixed_precision``: the
+    dtype the forward computes in under autocast (bf16, fp16), which data parallelism then gathers
+    parameters in; None: the parameters' own. ``materialize=False`` stops before allocating: the
+    parameters stay on the meta device (sharded as the plan says), for counting what each rank would
+    hold (:mod:`loom.planner.verify`)."""
+    split, sharding = spec.pipeline, spec.sharding
+    pm = ParallelModel(plan=plan, mesh=mesh, device=device, loss_fn=loss_fn, modules=[model],
                        moe_names=tuple(name for name, _ in moe_layers(model)))
     if plan.tp > 1:  # resolved on the whole model: a pipeline stage holds only some of the named modules
-        from loom.models.plans import strategy_table
         from loom.parallel.strategy import resolve_strategies
 
-        strategies = resolve_strategies(model, strategy_table(model.cfg.arch), dict(plan.strategies), plan.tp, plan.dp)
+        strategies = resolve_strategies(model, sharding.table, dict(plan.strategies), plan.tp, plan.dp)
     if mesh is None or plan.world_size == 1:
-        apply_recompute(model.layers, plan.recompute, plan.recompute_every)
+        apply_recompute(getattr(model, split.blocks), plan.recompute, plan.recompute_every)
         if materialize:
             _materialize(pm.modules, device, seed, tie=model.tie_weights)
         return pm
@@ -246,20 +257,20 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
     if plan.pp > 1:
         from loom.parallel.pipeline import build_pipeline
 
-        pipe = build_pipeline(model, mesh["pp"], schedule=plan.schedule, microbatches=plan.microbatches,
+        pipe = build_pipeline(model, split, mesh["pp"], schedule=plan.schedule, microbatches=plan.microbatches,
                               virtual_stages=plan.virtual_stages, loss_fn=pm.pipeline_loss_fn, device=device)
         pm.pipeline, pm.modules = pipe, list(pipe.modules)
-        if not (pipe.is_first and pipe.is_last):  # the tied embedding lives on two ranks
-            pm.shared_across_stages = frozenset({"tok_emb.weight"} if (pipe.is_first or pipe.is_last) else ())
+        pm.shared_across_stages = pipe.tied_names()
 
     if plan.tp > 1:
-        from loom.parallel.tensor import apply_tensor_parallel, loss_context
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        from loom.parallel.tensor import apply_tensor_parallel, vocab_parallel
 
         for m in pm.modules:
-            apply_tensor_parallel(m, mesh["tp"], strategies, plan.sp)
-        head = [m for m in pm.modules if getattr(m, "lm_head", None) is not None]
-        if head:
-            pm.loss_context = lambda: loss_context(head[0])
+            apply_tensor_parallel(m, mesh["tp"], strategies, plan.sp, sharding)
+        if vocab_parallel(*pm.modules):
+            pm.loss_context = loss_parallel
 
     if plan.ep > 1:
         for m in pm.modules:
@@ -267,17 +278,17 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
     pm.counts_stats = mesh["tp"].get_local_rank() == 0  # tp ranks see the same tokens
 
     for m in pm.modules:
-        apply_recompute(m.layers, plan.recompute, plan.recompute_every)
+        apply_recompute(getattr(m, split.blocks), plan.recompute, plan.recompute_every)
 
     if plan.data_parallel > 1:
-        param_dtype = compute_dtype(precision)
         # the zero-bubble schedule splits each backward in two; FSDP must keep the parameters
         # gathered in between (resharding after forward would lose gradients)
         reshard = plan.zero == 3 and not (plan.pp > 1 and plan.schedule == "zero-bubble")
         dense_mesh = dense_data_mesh(mesh, plan.zero)
         expert_mesh = expert_data_mesh(mesh) if plan.dp > 1 else None
         for m in pm.modules:
-            apply_data_parallel(m, dense_mesh, plan.zero, param_dtype, offload=plan.offload != "none",
+            apply_data_parallel(m, dense_mesh, plan.zero, mixed_precision, blocks=split.blocks,
+                                own_groups=sharding.own_groups, offload=plan.offload != "none",
                                 reshard_after_forward=reshard, expert_mesh=expert_mesh, expert_parallel=plan.ep > 1)
     if materialize:
         _materialize(pm.modules, device, seed, offload=plan.offload != "none",
@@ -288,7 +299,7 @@ def parallelize(model: GPT, plan: Plan, mesh: DeviceMesh | None, device: torch.d
 @torch.no_grad()
 def _materialize(modules: list[nn.Module], device: torch.device, seed: int, tie: Callable[[], None],
                  offload: bool = False) -> None:
-    """Allocate each module's (sharded) parameters, re-tie the embedding (``tie``), and fill them
+    """Allocate each module's (sharded) parameters, re-tie tied ones (``tie``), and fill them
     with the single-device initial values: every rank computes a parameter's full initial value
     and keeps its own slice."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

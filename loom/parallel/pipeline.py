@@ -15,14 +15,18 @@ torch.distributed.pipelining's, named by ``parallel.schedule``:
   Parameter there. (torch's ScheduleInterleavedZeroBubble would loop stages like ``interleaved``.)
 
 Each stage is a copy of the whole model (made on the meta device) with the other blocks deleted
-from ``layers``, so parameter names (``layers.5.attn.q_proj.weight``) are those of the single-device
-model and checkpoints load into any layout. The model files are not changed: a copy's ``forward`` is
-replaced by one that runs ``embed`` (first stage), its blocks, and ``head`` (last stage).
+from its block container and the children that only the first or only the last stage runs deleted
+elsewhere (the family's :class:`~loom.models.spec.PipelineSplit` names them), so parameter names are
+those of the single-device model and checkpoints load into any layout. The model files are not
+changed: a copy's ``forward`` is replaced by one that runs ``embed`` (first stage), its blocks, and
+``head`` (last stage). What passes between stages is one tensor or a tuple of them (a task's stages
+may carry more than the hidden states).
 
-The input and output embeddings are tied. Where the first and last stages are on different ranks the
-last stage's copy keeps ``tok_emb`` (unused in its forward, but it names the shared weight
-``tok_emb.weight`` there too) and :meth:`Pipeline.sync_tied_grads` sums the two gradients after each
-step; both copies start equal and take equal steps, so they stay equal.
+Tied parameters (an output projection that is the input embedding): where the first and last stages
+are on different ranks, the last stage's copy keeps the first-stage module that owns the tied tensor
+(unused in its forward, but it gives the shared weight its name there too) and
+:meth:`Pipeline.sync_tied_grads` sums the two gradients after each step; both copies start equal and
+take equal steps, so they stay equal.
 
 Composing with tensor parallel and FSDP: apply them in place to ``Pipeline.modules`` after
 :func:`build_pipeline` and before the first step; the stages learn shapes (and DTensor layouts) on
@@ -31,8 +35,8 @@ those of the mean loss over this replica's batch (each micro-batch's loss is div
 number; torch's ``scale_grads`` is off); FSDP's reduce-scatter then averages over replicas. Measured
 on gloo (pp=2 × dp=2): gpipe, 1f1b and interleaved match one process with FSDP as it comes; zero-bubble
 needs ``reshard_after_forward=False`` on its FSDP modules (else weight gradients go missing in the
-split backward), and ``fully_shard`` makes two Parameters of rank 0's shared embedding, both named
-``tok_emb.weight``, which the optimizer must both hold (``sync_tied_grads`` keeps them equal).
+split backward), and ``fully_shard`` makes two Parameters of rank 0's tied weight, both of one name,
+which the optimizer must both hold (``sync_tied_grads`` keeps them equal).
 """
 
 from __future__ import annotations
@@ -55,13 +59,8 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 
-from loom.config import ConfigError, ModelConfig
-
-# The model's children: the embeddings run on the first stage, ``layers`` is split, ``drop`` holds
-# nothing, and every other child (ln_f, lm_head, PanGu's top query layer) belongs to the head.
-EMBED_MODULES = ("tok_emb", "pos_emb")
-SHARED_MODULES = ("layers", "drop")
-
+from loom.errors import ConfigError
+from loom.models import ModelConfig, PipelineSplit, costs, n_blocks
 
 # --------------------------------------------------------------------------------------------
 # Layout: which blocks each stage holds, and which stages each rank holds
@@ -75,41 +74,34 @@ class StageSpec:
     index: int
     blocks: range  # block indices, contiguous
     embed: bool  # runs the embedding (first stage)
-    head: bool  # runs ln_f, PanGu's top query layer and the output projection (last stage)
+    head: bool  # runs the head: final norm, output projection (last stage)
     flops: float  # forward FLOPs per token, the cost the split balances
 
 
-def n_blocks(cfg: ModelConfig) -> int:
-    """Decoder blocks in ``layers``: PanGu-α spends its last layer on the top query layer."""
-    return cfg.n_layer - 1 if cfg.arch == "pangu" else cfg.n_layer
-
-
-def block_flops(cfg: ModelConfig, i: int = 0) -> float:
-    """Forward FLOPs per token of block ``i``: 2 per weight (4C² attention, 2·C·ffn MLP) plus the
-    attention scores and weighted sum over T positions (4·C·T); 24C² + 4CT when ffn = 4C. An MoE
-    block costs its router and ``top_k`` experts instead of the MLP."""
-    c = cfg.n_embd
-    ffn = (c * cfg.moe.experts + cfg.moe.top_k * 2 * c * cfg.expert_ffn) if cfg.moe.is_moe_block(i) \
-        else 2 * c * cfg.ffn
-    return 8.0 * c * c + 2.0 * ffn + 4.0 * c * cfg.block_size
-
-
 def stage_layout(cfg: ModelConfig, n_stages: int) -> list[StageSpec]:
-    """Split the blocks into ``n_stages`` contiguous stages of at least one block each so that the
-    most expensive stage is as cheap as possible; among such splits, the most even one (least sum of
-    squared costs). The embedding (a lookup and an add, C FLOPs) is counted on the first stage, the
-    head (2·C·V for the output projection, plus a block for PanGu's top query layer) on the last."""
+    """Split the model's blocks into ``n_stages`` contiguous stages by the forward FLOPs of its cost
+    description (:func:`loom.models.costs`): :func:`balanced_stages`."""
     n = n_blocks(cfg)
     if n < n_stages:
         raise ConfigError(f"model.n_layer={cfg.n_layer} gives {n} blocks, which cannot fill "
                           f"parallel.pp × parallel.virtual_stages = {n_stages} stages; "
                           "lower parallel.pp or parallel.virtual_stages, or raise model.n_layer")
+    c = costs(cfg)
+    # the embedding multiplies nothing: its lookup and add (n_embd per token) keep the first stage from
+    # looking free
+    return balanced_stages([b.flops for b in c.blocks], c.first.flops + cfg.n_embd, c.last.flops, n_stages)
+
+
+def balanced_stages(blocks: list[float], first: float, last: float, n_stages: int) -> list[StageSpec]:
+    """Split blocks of costs ``blocks`` into ``n_stages`` contiguous stages of at least one block
+    each so that the most expensive stage is as cheap as possible; among such splits, the most even
+    one (least sum of squared costs). ``first`` counts on the first stage (the embedding), ``last``
+    on the last (the head)."""
+    n = len(blocks)
     prefix = [0.0]
-    for i in range(n):
-        prefix.append(prefix[-1] + block_flops(cfg, i))
-    embed = float(cfg.n_embd)
-    top_query = 8.0 * cfg.n_embd ** 2 + 4.0 * cfg.n_embd * (cfg.ffn + cfg.block_size)
-    head = 2.0 * cfg.n_embd * cfg.vocab_size + (top_query if cfg.arch == "pangu" else 0.0)
+    for f in blocks:
+        prefix.append(prefix[-1] + f)
+    embed, head = first, last
 
     def cost(s: int, i: int, j: int) -> float:  # stage s holding blocks i..j-1
         return prefix[j] - prefix[i] + (embed if s == 0 else 0.0) + (head if s == n_stages - 1 else 0.0)
@@ -185,26 +177,41 @@ def check_pipeline(cfg: ModelConfig, pp: int, virtual_stages: int, schedule: str
 # --------------------------------------------------------------------------------------------
 
 
-def _run_stage(model: nn.Module, x: torch.Tensor, *, embed: bool, head: bool) -> torch.Tensor:
-    """A stage copy's forward: token ids or hidden states in, hidden states or logits out."""
-    if embed:
-        x = model.embed(x)
-    for block in model.layers.values():
-        x = block(x)
-    return model.head(x) if head else x
+def _run_stage(model: nn.Module, *args, embed: bool, head: bool, blocks: str):
+    """A stage copy's forward: the task's inputs or the previous stage's state (one tensor or a tuple)
+    in, the next state or the model's output out."""
+    h = model.embed(*args) if embed else (args if len(args) > 1 else args[0])
+    for block in getattr(model, blocks).values():
+        h = block(*h) if isinstance(h, tuple) else block(h)
+    if head:
+        h = model.head(*h) if isinstance(h, tuple) else model.head(h)
+    return h
 
 
-def stage_module(model: nn.Module, spec: StageSpec, keep_tok_emb: bool = False) -> nn.Module:
-    """A copy of ``model`` that holds and runs only stage ``spec``; ``keep_tok_emb`` keeps the input
-    embedding on a last stage that is not the first, so the tied weight keeps its name there."""
+def stage_module(model: nn.Module, split: PipelineSplit, spec: StageSpec, keep_tied: bool = False) -> nn.Module:
+    """A copy of ``model`` that holds and runs only stage ``spec``; ``keep_tied`` keeps, on a last stage
+    that is not the first, the first-stage modules that own a tied parameter, so it keeps its name."""
     m = copy.deepcopy(model)
-    for name in [k for k in m.layers if int(k) not in spec.blocks]:
-        del m.layers[name]
-    for name in [k for k, _ in m.named_children() if k not in SHARED_MODULES]:
-        needed = spec.embed if name in EMBED_MODULES else spec.head
-        if not needed and not (name == "tok_emb" and keep_tok_emb):
+    container = getattr(m, split.blocks)
+    for name in [k for k in container if int(k) not in spec.blocks]:
+        del container[name]
+    tied_owners = {b.rsplit(".", 1)[0].split(".")[0] for _, b in split.tied} if keep_tied else set()
+    for name, child in list(m.named_children()):
+        if name == split.blocks:
+            continue
+        if name in split.first:
+            needed = spec.embed or name in tied_owners
+        elif name in split.last:
+            needed = spec.head
+        elif next(child.parameters(), None) is None:
+            needed = True  # parameterless (a dropout): harmless anywhere
+        else:
+            raise ValueError(f"{type(model).__name__}.{name} holds parameters but its family's pipeline split "
+                             "names it neither first- nor last-stage")
+        if not needed:
             delattr(m, name)
-    m.forward = types.MethodType(functools.partial(_run_stage, embed=spec.embed, head=spec.head), m)
+    m.forward = types.MethodType(functools.partial(_run_stage, embed=spec.embed, head=spec.head,
+                                                   blocks=split.blocks), m)
     return m
 
 
@@ -221,14 +228,14 @@ class Pipeline:
 
     ``modules``: this rank's stage copies, in stage order (what an optimizer, TP and FSDP act on);
     ``stage_ids``: their stage indices; ``is_first`` / ``is_last``: whether this rank holds the first /
-    last stage (the one that reads tokens / the one that computes the loss)."""
+    last stage (the one that reads the task's inputs / the one that computes the loss)."""
 
-    def __init__(self, modules: list[nn.Module], stage_ids: list[int], owner: dict[int, int],
+    def __init__(self, modules: list[nn.Module], stage_ids: list[int], owner: dict[int, int], split: PipelineSplit,
                  group: dist.ProcessGroup, schedule: str, microbatches: int, loss_fn: Callable, device: torch.device):
         n_stages = len(owner)
-        self.modules, self.stage_ids, self.group = modules, stage_ids, group
+        self.modules, self.stage_ids, self.group, self.split = modules, stage_ids, group, split
         self.is_first, self.is_last = 0 in stage_ids, n_stages - 1 in stage_ids
-        # the pp rank across the tied embedding: the last stage's for the first stage's rank, and vice versa
+        # the pp rank across the tied parameters: the last stage's for the first stage's rank, and vice versa
         self.tied_peer = owner[n_stages - 1] if self.is_first else owner[0]
         self.tied_stages = {0, n_stages - 1}
         self.owner = owner  # stage -> pp rank
@@ -244,52 +251,67 @@ class Pipeline:
         self.schedule = cls(stages[0] if schedule in ("gpipe", "1f1b") else stages,
                             n_microbatches=microbatches, loss_fn=scaled, scale_grads=False)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """Forward and backward over the batch ``x`` (B, T) with targets ``y``, split into micro-batches;
-        accumulates into ``.grad`` the gradient of the mean loss over the batch. Returns that loss
-        (detached) on the rank holding the last stage, None elsewhere. Only the first stage's rank
-        reads ``x`` and only the last stage's reads ``y``; every pp rank must call it."""
+    def step(self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor | None:
+        """Forward and backward over the batch (``inputs``: what the first stage reads, each (B, ...);
+        ``targets``: what the loss reads), split into micro-batches along the rows; accumulates into
+        ``.grad`` the gradient of the mean loss over the batch. Returns that loss (detached) on the
+        rank holding the last stage, None elsewhere. Only the first stage's rank reads ``inputs`` and
+        only the last stage's reads ``targets``; every pp rank must call it."""
         losses: list[torch.Tensor] = []
-        args = (x,) if self.is_first else ()
-        self.schedule.step(*args, target=y if self.is_last else None, losses=losses, return_outputs=False)
+        args = tuple(inputs) if self.is_first else ()
+        self.schedule.step(*args, target=targets if self.is_last else None, losses=losses, return_outputs=False)
         return torch.stack(losses).sum().detach() if self.is_last else None
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Forward only (evaluation): the whole batch ``x`` (B, T) through the stages in order, each
-        rank running its stages and passing activations on; returns the logits on the rank holding the
-        last stage (None elsewhere). Works for every placement of stages, the V of zero-bubble included."""
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """Forward only (evaluation): the whole batch through the stages in order, each rank running its
+        stages and passing the state on; returns the model's output on the rank holding the last stage
+        (None elsewhere). Works for every placement of stages, the V of zero-bubble included."""
         me = dist.get_rank(self.group)
+        device = inputs[0].device
         h = None
         for s in range(len(self.owner)):
             if self.owner[s] != me:
                 continue
             if s == 0:
-                h = x
+                h = tuple(inputs)
             elif self.owner[s - 1] != me:
-                h = _recv_tensor(self.group, self.owner[s - 1], x.device)
-            h = self.modules[self.stage_ids.index(s)](h)
+                h = _recv_tensors(self.group, self.owner[s - 1], device)
+            h = self.modules[self.stage_ids.index(s)](*(h if isinstance(h, tuple) else (h,)))
             if s + 1 < len(self.owner) and self.owner[s + 1] != me:
-                _send_tensor(h, self.group, self.owner[s + 1])
+                _send_tensors(h if isinstance(h, tuple) else (h,), self.group, self.owner[s + 1])
         return h if self.is_last else None
 
     def tie_weights(self) -> None:
-        """Tie ``lm_head.weight`` to ``tok_emb.weight`` in each copy, and across the copies on this rank
-        (ZB-V's first and last stages) make them one Parameter. Call again after ``to_empty()``, which
-        replaces parameters one by one and so unties them (as ``GPT.init_weights`` does)."""
-        shared = None
-        for m in self.modules:
-            if hasattr(m, "tok_emb"):
-                shared = shared if shared is not None else m.tok_emb.weight
-                m.tok_emb.weight = shared
-                if hasattr(m, "lm_head"):
-                    m.lm_head.weight = shared
+        """Make each tied pair one Parameter in each copy, and across the copies on this rank (ZB-V's
+        first and last stages). Call again after ``to_empty()``, which replaces parameters one by one
+        and so unties them."""
+        for tied, source in self.split.tied:
+            shared = None
+            for m in self.modules:
+                if _has_parameter(m, source):
+                    shared = shared if shared is not None else m.get_parameter(source)
+                    _set_parameter(m, source, shared)
+                    if _has_module(m, tied.rsplit(".", 1)[0]):
+                        _set_parameter(m, tied, shared)
+
+    def tied_names(self) -> frozenset[str]:
+        """Names of the parameters two pipeline ranks hold (the sources of tied pairs, where the first
+        and last stages are on different ranks): counted once in norms."""
+        if self.is_first and self.is_last or not (self.is_first or self.is_last):
+            return frozenset()
+        return frozenset(source for _, source in self.split.tied)
 
     def sync_tied_grads(self) -> None:
-        """Sum the gradient of the tied embedding over its copies: between the first stage's rank and the
-        last stage's, or on one rank that holds both as two Parameters (which ``fully_shard`` makes of
+        """Sum the gradient of each tied parameter over its copies: between the first stage's rank and
+        the last stage's, or on one rank that holds both as two Parameters (which ``fully_shard`` makes of
         one). A no-op on the other ranks and where one Parameter serves both."""
-        copies = [m.tok_emb.weight for m, s in zip(self.modules, self.stage_ids) if s in self.tied_stages]
+        for _, source in self.split.tied:
+            self._sync_one(source)
+
+    def _sync_one(self, source: str) -> None:
+        copies = [m.get_parameter(source) for m, s in zip(self.modules, self.stage_ids)
+                  if s in self.tied_stages and _has_parameter(m, source)]
         for p in copies:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -307,23 +329,51 @@ class Pipeline:
             grads[0].add_(other)  # a + b == b + a in floating point: both ranks get the same sum
 
 
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+def _has_module(m: nn.Module, name: str) -> bool:
+    try:
+        m.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
-def _send_tensor(t: torch.Tensor, group, peer: int) -> None:
-    """Send a (B, T, C) activation with its shape and dtype first, so the receiver needs no guess."""
-    t = t.full_tensor() if hasattr(t, "full_tensor") else t
-    header = torch.tensor([*t.shape, _DTYPES.index(t.dtype)], dtype=torch.int64, device=t.device)
-    dist.send(header, group=group, group_dst=peer)
-    dist.send(t.contiguous(), group=group, group_dst=peer)
+def _has_parameter(m: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return _has_module(m, owner) and isinstance(getattr(m.get_submodule(owner), leaf, None), nn.Parameter)
 
 
-def _recv_tensor(group, peer: int, device: torch.device) -> torch.Tensor:
-    header = torch.empty(4, dtype=torch.int64, device=device)
-    dist.recv(header, group=group, group_src=peer)
-    out = torch.empty(header[:3].tolist(), dtype=_DTYPES[int(header[3])], device=device)
-    dist.recv(out, group=group, group_src=peer)
-    return out
+def _set_parameter(m: nn.Module, name: str, p: nn.Parameter) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(m.get_submodule(owner), leaf, p)
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.bool]
+
+
+def _send_tensors(ts: tuple[torch.Tensor, ...], group, peer: int) -> None:
+    """Send tensors with their count, shapes and dtypes first, so the receiver needs no guess."""
+    ts = tuple(t.full_tensor() if hasattr(t, "full_tensor") else t for t in ts)
+    dist.send(torch.tensor([len(ts)], dtype=torch.int64, device=ts[0].device), group=group, group_dst=peer)
+    for t in ts:
+        header = torch.tensor([t.dim(), _DTYPES.index(t.dtype), *t.shape], dtype=torch.int64, device=t.device)
+        dist.send(torch.tensor([header.numel()], dtype=torch.int64, device=t.device), group=group, group_dst=peer)
+        dist.send(header, group=group, group_dst=peer)
+        dist.send(t.contiguous(), group=group, group_dst=peer)
+
+
+def _recv_tensors(group, peer: int, device: torch.device) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    count = torch.empty(1, dtype=torch.int64, device=device)
+    dist.recv(count, group=group, group_src=peer)
+    out = []
+    for _ in range(int(count)):
+        size = torch.empty(1, dtype=torch.int64, device=device)
+        dist.recv(size, group=group, group_src=peer)
+        header = torch.empty(int(size), dtype=torch.int64, device=device)
+        dist.recv(header, group=group, group_src=peer)
+        t = torch.empty(header[2:].tolist(), dtype=_DTYPES[int(header[1])], device=device)
+        dist.recv(t, group=group, group_src=peer)
+        out.append(t)
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def _scaled_loss(output: torch.Tensor, target: torch.Tensor, *, loss_fn: Callable, n: int) -> torch.Tensor:
@@ -331,16 +381,17 @@ def _scaled_loss(output: torch.Tensor, target: torch.Tensor, *, loss_fn: Callabl
     return loss_fn(output, target) / n
 
 
-def build_pipeline(model: nn.Module, pp_mesh_or_group, *, schedule: str, microbatches: int, virtual_stages: int,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def build_pipeline(model: nn.Module, split: PipelineSplit, pp_mesh_or_group, *, schedule: str, microbatches: int,
+                   virtual_stages: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    device: torch.device | str) -> Pipeline:
-    """Split ``model`` (the whole model, on the meta device) into ``pp × virtual_stages`` stages and
-    return this rank's :class:`Pipeline`. ``pp_mesh_or_group`` is the pp axis: a 1-D DeviceMesh or a
-    ProcessGroup. ``loss_fn(logits, targets)`` is a mean over the micro-batch's tokens."""
+    """Split ``model`` (the whole model, on the meta device) into ``pp × virtual_stages`` stages as its
+    family's ``split`` says and return this rank's :class:`Pipeline`. ``pp_mesh_or_group`` is the pp
+    axis: a 1-D DeviceMesh or a ProcessGroup. ``loss_fn(outputs, targets)`` is a mean over the
+    micro-batch."""
     group = pp_mesh_or_group.get_group() if isinstance(pp_mesh_or_group, DeviceMesh) else pp_mesh_or_group
     pp, rank = dist.get_world_size(group), dist.get_rank(group)
     specs = stage_layout(model.cfg, pp * virtual_stages)
     owner = {s: r for r in range(pp) for s in stage_ids(r, pp, virtual_stages, schedule)}
     ids = stage_ids(rank, pp, virtual_stages, schedule)
-    modules = [stage_module(model, specs[s], keep_tok_emb=specs[s].head) for s in ids]
-    return Pipeline(modules, ids, owner, group, schedule, microbatches, loss_fn, torch.device(device))
+    modules = [stage_module(model, split, specs[s], keep_tied=specs[s].head) for s in ids]
+    return Pipeline(modules, ids, owner, split, group, schedule, microbatches, loss_fn, torch.device(device))

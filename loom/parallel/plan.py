@@ -1,16 +1,19 @@
 """A Plan: the layout of one training job as frozen, serializable data.
 
-The config (or, later, the planner) makes a Plan; only :mod:`loom.parallel.parallelize` reads it.
-Everything that can be said about a layout without starting a process is checked here, so that a
-layout that cannot work is one line and exit code 2 before anything launches.
+The config's ``parallel`` section (:func:`resolve_plan`) or the planner (``parallel.auto``, ``loom plan
+--out``) makes a Plan, once, at the top of a job; it is passed down, and only
+:mod:`loom.parallel.parallelize` applies it. Everything that can be said about a layout without
+starting a process is checked here (:func:`check_plan`), so that a layout that cannot work is one
+line and exit code 2 before anything launches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, fields
 
-from loom.config import Config, ConfigError, ParallelConfig
+from loom.config import Config, ConfigError
 
 # One process per device; its coordinate on each axis. dp is split in two mesh dimensions so that
 # hybrid sharding (shard inside a group, replicate across groups) is the same code as plain ZeRO.
@@ -34,6 +37,7 @@ class Plan:
     offload: str = "none"
     mesh_order: tuple[str, ...] = ("pp", "dp", "ep", "tp")  # outermost first; the last shares the fastest link
     strategies: tuple[tuple[str, str], ...] = ()  # (module pattern, strategy) overrides, in order
+    grad_accum: int = 1  # accumulation micro-steps per optimizer step (each runs the pipeline's micro-batches)
 
     @property
     def world_size(self) -> int:
@@ -47,6 +51,10 @@ class Plan:
     @property
     def dp_replicate(self) -> int:
         return self.dp // self.shard_group
+
+    def micro_batch(self, global_batch: int) -> int:
+        """Sequences in each micro-batch of one replica when a step holds ``global_batch``."""
+        return global_batch // (self.data_parallel * self.microbatches * self.grad_accum)
 
     def describe(self) -> str:
         """A short human-readable layout, e.g. ``dp=2 tp=2 zero=1 sp``."""
@@ -63,6 +71,8 @@ class Plan:
                                                           if self.recompute_every > 1 else ""))
         if self.offload != "none":
             parts.append(f"offload={self.offload}")
+        if self.grad_accum > 1:
+            parts.append(f"accum={self.grad_accum}")
         return " ".join(parts)
 
     def to_dict(self) -> dict:
@@ -97,12 +107,45 @@ def full_mesh_order(order) -> tuple[str, ...]:
     return tuple(order)
 
 
-def plan_from_config(p: ParallelConfig) -> Plan:
+def plan_from_config(cfg: Config) -> Plan:
+    """The Plan that ``cfg``'s ``parallel`` section and ``train.grad_accum`` say, as written."""
+    p = cfg.parallel
     shard = (p.shard_group or p.dp) if p.zero else 1
     return Plan(dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep, sp=p.sp, zero=p.zero, shard_group=shard,
                 microbatches=p.microbatches, schedule=p.schedule, virtual_stages=p.virtual_stages,
                 recompute=p.recompute, recompute_every=p.recompute_every, offload=p.offload,
-                mesh_order=full_mesh_order(p.mesh_order), strategies=tuple(p.strategies.items()))
+                mesh_order=full_mesh_order(p.mesh_order), strategies=tuple(p.strategies.items()),
+                grad_accum=cfg.train.grad_accum)
+
+
+def with_plan(cfg: Config, plan: Plan) -> Config:
+    """``cfg`` saying ``plan`` in its ``parallel`` section and ``train.grad_accum`` (what a run
+    directory's ``config.yaml`` records, and what resumes it)."""
+    parallel = dataclasses.replace(
+        cfg.parallel, auto=False, dp=plan.dp, tp=plan.tp, pp=plan.pp, ep=plan.ep, sp=plan.sp, zero=plan.zero,
+        shard_group=plan.shard_group if plan.zero and plan.shard_group != plan.dp else 0,
+        microbatches=plan.microbatches, schedule=plan.schedule, virtual_stages=plan.virtual_stages,
+        recompute=plan.recompute, recompute_every=plan.recompute_every, offload=plan.offload,
+        mesh_order=list(plan.mesh_order), strategies=dict(plan.strategies))
+    return dataclasses.replace(cfg, parallel=parallel, train=dataclasses.replace(cfg.train, grad_accum=plan.grad_accum))
+
+
+def resolve_plan(cfg: Config, world_size: int) -> Plan:
+    """The Plan of ``cfg`` on ``world_size`` processes, with the defaults that depend on them:
+    ``parallel.dp`` left at 1 takes the processes that tensor, pipeline and expert parallelism leave,
+    ``world_size / (tp × pp × ep)`` (when that divides; otherwise :func:`check_plan` says what is
+    wrong), and a pipeline left at one micro-batch gets one per stage (when the batch splits so),
+    since a single micro-batch leaves every stage but one idle. (``parallel.auto`` is the planner's:
+    :func:`loom.planner.auto.plan_job`.)"""
+    plan = plan_from_config(cfg)
+    others = plan.tp * plan.pp * plan.ep
+    if plan.dp == 1 and world_size > 1 and world_size % others == 0:
+        dp = world_size // others
+        plan = dataclasses.replace(plan, dp=dp, shard_group=(cfg.parallel.shard_group or dp) if plan.zero else 1)
+    per_replica = cfg.train.batch_size // plan.grad_accum // plan.data_parallel
+    if plan.pp > 1 and plan.microbatches == 1 and per_replica % plan.pp == 0:
+        plan = dataclasses.replace(plan, microbatches=plan.pp)
+    return plan
 
 
 def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
@@ -143,19 +186,21 @@ def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(f"parallel.offload={plan.offload} is not supported with parallel.ep>1 yet; "
                               "use parallel.zero to shard the expert and optimizer state instead")
     t = cfg.train
-    per_step = t.batch_size // t.grad_accum
+    if t.batch_size % plan.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={plan.grad_accum}; "
+                          "each micro-batch must hold whole sequences")
+    per_step = t.batch_size // plan.grad_accum
     replicas = plan.data_parallel
     if per_step % replicas:
         what = f"parallel.dp × parallel.ep = {replicas}" if plan.ep > 1 else f"parallel.dp={plan.dp}"
-        raise ConfigError(f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} = {per_step} "
+        raise ConfigError(f"train.batch_size={t.batch_size} / train.grad_accum={plan.grad_accum} = {per_step} "
                           f"sequences per micro-step cannot be split over {what} replicas; "
                           f"make it a multiple of {replicas}")
     if plan.tp > 1 or plan.strategies:
-        from loom.models import build_model
-        from loom.models.plans import strategy_table
+        from loom.models import build_model, spec_of
 
         # on the meta device: names, shapes and divisibility of every operator's strategy
-        resolve_strategies(build_model(cfg.model), strategy_table(cfg.model.arch), dict(plan.strategies),
+        resolve_strategies(build_model(cfg.model), spec_of(cfg.model).sharding.table, dict(plan.strategies),
                            plan.tp, plan.dp)
     if plan.pp > 1 or plan.virtual_stages > 1:
         check_pipeline(cfg.model, plan.pp, plan.virtual_stages, plan.schedule, plan.microbatches,

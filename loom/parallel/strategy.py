@@ -24,9 +24,11 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from loom.config import ConfigError, ModelConfig
-from loom.models.layers import MLP, Attention
-from loom.models.plans import STRATEGIES
+from loom.errors import ConfigError
+from loom.models.common import MLP, Attention
+from loom.models.config import ModelConfig
+
+STRATEGIES = ("colwise", "rowwise", "vocab", "replicate")
 
 VALID = ("valid: colwise, rowwise, vocab, replicate, or MindSpore MatMul notation such as ((dp,1),(mp,1)) "
          "(colwise), ((dp,mp),(mp,1)) or ((dp,mp),(1,mp)) (rowwise), ((dp,1),(1,1)) (replicate)")
@@ -133,7 +135,6 @@ def check_strategies(model: nn.Module, strategies: dict[str, str], tp: int) -> N
     or MLP whose projections do not pair up, or a tied weight split two ways. Names of modules that
     ``model`` does not hold (another pipeline stage's) are skipped."""
     cfg = getattr(model, "cfg", None)
-    lm_head = getattr(model, "lm_head", None)
     modules = dict(model.named_modules())
     paired = {f"{prefix}.{c}" for prefix, mod in modules.items() for kind, producers, consumer in _PAIRS
               if isinstance(mod, kind) for c in (*producers, consumer)}
@@ -142,10 +143,10 @@ def check_strategies(model: nn.Module, strategies: dict[str, str], tp: int) -> N
             continue  # held by another pipeline stage
         mod = modules[name]
         accepts = next((v for t, v in _ACCEPTS.items() if isinstance(mod, t)), ("replicate",))
-        if mod is lm_head:
+        if isinstance(mod, nn.Linear) and name not in paired:
+            # an output projection: split over its outputs (the vocabulary), or whole; colwise/rowwise
+            # only for the projections of attention and MLP, which pair up
             accepts = ("vocab", "replicate")
-        elif isinstance(mod, nn.Linear) and name not in paired:
-            accepts = ("replicate",)  # colwise/rowwise only for the projections of attention and MLP
         if s not in accepts:
             raise ConfigError(f"parallel.strategies: {s!r} cannot apply to {name!r} ({type(mod).__name__}); "
                               f"valid for it: {', '.join(accepts)}")
@@ -215,19 +216,3 @@ def padded_vocab(vocab: int, tp: int) -> int:
         return vocab
     multiple = math.lcm(VOCAB_MULTIPLE, tp)
     return -(-vocab // multiple) * multiple
-
-
-def check_divisible(model_cfg: ModelConfig, tp: int, sequence_parallel: bool = False) -> None:
-    """The built-in plans' divisibility from the config alone, before any process starts: heads,
-    FFN width and vocabulary split over ``tp`` (and the sequence too, under sequence parallelism)."""
-    _divisible(model_cfg.n_head, tp, "model.n_head", "attention splits by whole heads",
-               "or set parallel.strategies 'layers.*.attn.*' to replicate")
-    _divisible(model_cfg.ffn, tp, "model.ffn_hidden", "the MLP splits its hidden features",
-               "or set parallel.strategies 'layers.*.mlp.*' to replicate")
-    _divisible(model_cfg.vocab_size, tp, "model.vocab_size", "tok_emb and lm_head split the vocabulary",
-               f"or pad the vocabulary, model.vocab_size={padded_vocab(model_cfg.vocab_size, tp)} (rows past "
-               "the tokenizer's are never targets nor sampled), or set parallel.strategies 'tok_emb' and "
-               "'lm_head' to replicate")
-    if sequence_parallel:
-        _divisible(model_cfg.block_size, tp, "model.block_size", "parallel.sp splits the sequence",
-                   "or turn parallel.sp off")

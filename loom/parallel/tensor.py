@@ -36,36 +36,32 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
 
-from loom.models.layers import MLP, Attention, Block
-from loom.models.moe import MoE
+from loom.models import Sharding
+from loom.models.common import MLP, Attention, Block, MoE
 from loom.parallel.strategy import check_strategies
 
-# Embeddings looked up by position return (T, C): their sequence dimension is 0, not 1.
-POSITIONAL = ("pos_emb", "top_query_emb")
-# ... and this one is looked up inside the sequence-parallel region: PanGu-α's ``head`` takes the
-# positions from the local sequence length, so under sp each rank passes ``past + arange(T / tp)``.
-LOCAL_POSITIONS = ("top_query_emb",)
-VOCAB_PARALLEL = "_loom_vocab_parallel"  # set on an lm_head whose logits are split over the vocabulary
+VOCAB_PARALLEL = "_loom_vocab_parallel"  # set on an output projection whose outputs are split over the vocabulary
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dict[str, str],
-                          sequence_parallel: bool) -> None:
+                          sequence_parallel: bool, sharding: Sharding) -> None:
     """Split ``model`` in place over the 1-D ``tp_mesh`` by ``strategies`` (module name -> name,
     from :func:`~loom.parallel.strategy.resolve_strategies`; modules with weights not named there
-    are replicated).
+    are replicated). ``sharding``: the family's facts about its modules (positional embeddings, an
+    attention fed from outside the stream).
 
     Works on a meta-device model (then nothing is communicated: initialize the DTensor parameters
     afterwards) and on one with weights, which rank 0's copy defines. Every parameter becomes a
-    DTensor on ``tp_mesh``; names do not change; ``lm_head.weight`` stays tied to ``tok_emb.weight``.
-    With ``vocab`` on ``lm_head`` the logits are a DTensor split over the vocabulary: compute the
-    loss and call backward inside :func:`loss_context`."""
+    DTensor on ``tp_mesh``; names do not change; tied parameters stay tied. A Linear outside attention
+    and MLP reads the stream; with ``vocab`` its outputs (logits) are a DTensor split over the
+    vocabulary: compute the loss and call backward inside :func:`loss_context`."""
     check_strategies(model, strategies, tp_mesh.size())
     on_meta = any(p.is_meta for p in model.parameters())
     src = None if on_meta else 0  # meta tensors hold nothing to scatter or broadcast
     stream = Shard(1) if sequence_parallel else Replicate()  # residual stream (B, T, C)
-    positional = Shard(0) if sequence_parallel else Replicate()  # position embeddings (T, C)
-    head, emb = getattr(model, "lm_head", None), getattr(model, "tok_emb", None)
-    tied = head is not None and emb is not None and head.weight is emb.weight
+    # embeddings looked up by position return (T, C): their sequence dimension is 0, not 1
+    positional = Shard(0) if sequence_parallel else Replicate()
+    tied = _tied_groups(model)
     parents = {f"{n}.{c}" if n else c: m for n, m in model.named_modules() for c, _ in m.named_children()}
     moe_prefixes: list[str] = []
     for name, mod in list(model.named_modules()):
@@ -80,7 +76,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
         if isinstance(mod, nn.LayerNorm):
             # Inside a block it feeds colwise projections: hand them the whole sequence as a
             # replicated DTensor (one gather for q, k and v; their partial input gradients sum
-            # before the single reduce-scatter/all-reduce). Elsewhere (ln_f) it is the stream.
+            # before the single reduce-scatter/all-reduce). Elsewhere (a final norm) it is the stream.
             feeds = isinstance(parent, Block)
             if sequence_parallel:
                 styles = [SequenceParallel(use_local_output=not feeds)]
@@ -90,8 +86,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
             else:
                 styles = [_Replicated(Replicate(), Replicate(), local=not feeds)]
         elif isinstance(mod, nn.Embedding):
-            out, idx = (positional if leaf in POSITIONAL else stream), Replicate()
-            if sequence_parallel and leaf in LOCAL_POSITIONS:
+            out, idx = (positional if name in sharding.positional else stream), Replicate()
+            if sequence_parallel and name in sharding.local_positions:
+                # looked up inside the sequence-parallel region, from positions past + arange(T / tp)
                 mod.register_forward_pre_hook(partial(_rank_positions, tp_mesh))
                 idx = Shard(0)  # each rank's positions, shifted to its own slice
             styles = [RowwiseParallel(input_layouts=idx, output_layouts=out) if strategy == "vocab"
@@ -104,7 +101,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
                 styles = [RowwiseParallel(output_layouts=stream)]
             else:
                 styles = [_Replicated(Replicate(), stream if consumer else Replicate())]
-        elif mod is head:
+        elif isinstance(mod, nn.Linear):  # an output projection: reads the stream
             styles = [ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
                       if strategy == "vocab" else _Replicated(stream, Replicate())]
             setattr(mod, VOCAB_PARALLEL, strategy == "vocab")
@@ -112,14 +109,26 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
             styles = [_Replicated(Replicate(), Replicate())]
         for style in styles:
             parallelize_module(mod, tp_mesh, style, src_data_rank=src)
-    top = getattr(model, "top_query_layer", None)
-    if sequence_parallel and top is not None:
-        # PanGu-α's top query layer: the query (position embeddings expanded over the batch) arrives
-        # as this rank's sequence slice; keys and values come from ln_1, already gathered.
-        parallelize_module(top.attn, tp_mesh, PrepareModuleInput(
-            input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)))
-    if tied:
-        head.weight = emb.weight  # distributed one by one above: tie them again
+    if sequence_parallel:
+        modules = dict(model.named_modules())
+        for name in (n for n in sharding.outside_query if n in modules):  # a pipeline stage may lack it
+            # the query arrives as this rank's sequence slice; keys and values come from a LayerNorm
+            # that already gathered them
+            parallelize_module(modules[name], tp_mesh, PrepareModuleInput(
+                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)))
+    for owners in tied:  # distributed one by one above: tie them again
+        first_owner, first_leaf = owners[0]
+        for owner, leaf in owners[1:]:
+            setattr(owner, leaf, getattr(first_owner, first_leaf))
+
+
+def _tied_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """(module, attribute) of every parameter that several modules share, grouped by parameter."""
+    seen: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mod in model.modules():
+        for leaf, p in mod.named_parameters(recurse=False):
+            seen.setdefault(id(p), []).append((mod, leaf))
+    return [owners for owners in seen.values() if len(owners) > 1]
 
 
 def _rank_positions(mesh: DeviceMesh, module: nn.Module, args: tuple) -> tuple:
@@ -175,10 +184,13 @@ class _WholeOnEachRank(ParallelStyle):
         return module
 
 
-def loss_context(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Where to compute the cross-entropy and call backward: torch's ``loss_parallel()`` when the
-    logits are split over the vocabulary (each rank reduces its slice of the softmax: the whole
-    logits are never gathered), otherwise a no-op."""
-    if any(getattr(m, VOCAB_PARALLEL, False) for m in model.modules()):
-        return loss_parallel()
-    return contextlib.nullcontext()
+def vocab_parallel(*models: nn.Module) -> bool:
+    """Whether an output projection of ``models`` splits its outputs over the vocabulary."""
+    return any(getattr(m, VOCAB_PARALLEL, False) for model in models for m in model.modules())
+
+
+def loss_context(*models: nn.Module) -> contextlib.AbstractContextManager:
+    """Where to compute the loss and call backward: torch's ``loss_parallel()`` when an output
+    projection of ``models`` splits its outputs over the vocabulary (each rank reduces its slice of
+    the softmax: the whole logits are never gathered), otherwise a no-op."""
+    return loss_parallel() if vocab_parallel(*models) else contextlib.nullcontext()

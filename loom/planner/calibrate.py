@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from loom.parallel.launch import run_on_ranks
+from loom.planner.fit import fit_block, fit_collective
 
 PROFILE_VERSION = 1
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
@@ -56,69 +57,6 @@ def default_profile_path() -> Path:
     from loom.data.dataset import cache_root
 
     return cache_root(None) / "calibration.json"
-
-
-# --------------------------------------------------------------------------------------------
-# Fitting (pure functions: tested on synthetic timings)
-# --------------------------------------------------------------------------------------------
-
-
-def fit_linear(columns: Sequence[Sequence[float]], y: Sequence[float], relative: bool = True,
-               nonneg: bool = True) -> list[float]:
-    """Least-squares coefficients c of ``y ≈ Σ c_j · columns[j]``, weighting each point by 1/y
-    (``relative``: errors count relative to the measured time, so that microsecond latencies and
-    second-long transfers fit together). With ``nonneg`` a negative coefficient is dropped (set to 0)
-    and the rest refitted, so a fitted latency or overhead is never below zero."""
-    cols = [list(map(float, c)) for c in columns]
-    ys = [float(v) for v in y]
-    w = [1.0 / v if relative and v > 0 else 1.0 for v in ys]
-    active = list(range(len(cols)))
-    while True:
-        a = torch.tensor([[cols[j][i] * w[i] for j in active] for i in range(len(ys))], dtype=torch.float64)
-        b = torch.tensor([ys[i] * w[i] for i in range(len(ys))], dtype=torch.float64)
-        # scale the columns so that their magnitudes (seconds vs bytes) do not upset the solver
-        scale = a.abs().amax(0).clamp_min(1e-300)
-        sol = torch.linalg.lstsq(a / scale, b[:, None], driver="gelsd").solution[:, 0] / scale
-        coef = dict(zip(active, sol.tolist()))
-        neg = [j for j in active if coef[j] < 0]
-        if not (nonneg and neg) or len(active) == 1:
-            return [max(0.0, coef.get(j, 0.0)) if nonneg else coef.get(j, 0.0) for j in range(len(cols))]
-        active.remove(min(neg, key=lambda j: coef[j]))
-
-
-def collective_factors(kind: str, n: int) -> tuple[float, float]:
-    """(bytes factor, latency steps) of a collective over ``n`` ranks in the cost model's convention:
-    its time is ``bytes_factor · nbytes / bandwidth + steps · latency``."""
-    if kind == "send_recv":
-        return 1.0, 1.0
-    if kind == "all_reduce":
-        return 2 * (n - 1) / n, 2 * (n - 1)
-    return (n - 1) / n, n - 1
-
-
-def fit_collective(kind: str, n: int, nbytes: Sequence[float], seconds: Sequence[float]) -> dict:
-    """``t = a + c · nbytes`` fitted to the timings, turned into the cost model's latency (per step)
-    and bus bandwidth (bytes/s) for a collective of ``kind`` over ``n`` ranks."""
-    a, c = fit_linear([[1.0] * len(nbytes), nbytes], seconds)
-    factor, steps = collective_factors(kind, n)
-    bandwidth = factor / c if c > 0 else math.inf
-    return {"latency_s": a / steps, "bandwidth": bandwidth, "intercept_s": a, "s_per_byte": c}
-
-
-def block_regressors(flops: float, width: float) -> tuple[float, float, float]:
-    """Columns of the block-time fit ``t = t₀ + flops/R + flops · (n₀/R) / h``."""
-    return 1.0, flops, flops / width
-
-
-def fit_block(points: Sequence[tuple[float, float, float]]) -> dict:
-    """(FLOPs, width h, seconds) triples -> ``{"overhead_s": t₀, "rate": R, "half_width": n₀}`` of
-    ``t = t₀ + FLOPs / (R · h / (h + n₀))``."""
-    cols = list(zip(*(block_regressors(f, h) for f, h, _ in points)))
-    t0, inv_r, n0_over_r = fit_linear(cols, [t for _, _, t in points])
-    if inv_r <= 0:  # all points at one width: no separate n₀
-        inv_r, n0_over_r = fit_linear([cols[1]], [t - t0 for _, _, t in points])[0], 0.0
-    return {"overhead_s": t0, "rate": 1.0 / inv_r if inv_r > 0 else math.inf,
-            "half_width": n0_over_r / inv_r if inv_r > 0 else 0.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +140,7 @@ def _measure_blocks(shapes: Sequence[tuple[int, int, int]], min_seconds: float) 
     from torch import nn
 
     from loom.config import load_config
-    from loom.models.layers import Block
+    from loom.models.common import Block
     from loom.parallel.recompute import apply_recompute
 
     out = []
@@ -229,7 +167,9 @@ def _measure_trainer(layout: list[str], layers: Sequence[int], width: int, steps
     after the second only, as in gradient accumulation), and gradient clipping + optimizer step."""
     from loom.config import load_config
     from loom.parallel.launch import Process
-    from loom.train.loop import Trainer
+    from loom.parallel.plan import resolve_plan
+    from loom.tasks import to_device
+    from loom.train.trainer import Trainer
 
     n = dist.get_world_size()
     world = 1 if not layout else n
@@ -238,8 +178,8 @@ def _measure_trainer(layout: list[str], layers: Sequence[int], width: int, steps
     trainers = []
     for depth in layers:
         cfg = load_config(None, [*_tiny_overrides(depth, width, 8), f"train.batch_size={2 * n}", *layout])
-        trainers.append(Trainer(cfg, None, synthetic_data(cfg.model.vocab_size), process=process,
-                                device=torch.device("cpu")))
+        trainers.append(Trainer(cfg, resolve_plan(cfg, world), None, synthetic_data(cfg.model.vocab_size),
+                                process=process, device=torch.device("cpu")))
 
     def optimizer_step(trainer):
         trainer.model.clip_grads_(1.0)
@@ -251,7 +191,8 @@ def _measure_trainer(layout: list[str], layers: Sequence[int], width: int, steps
     for step in range(steps + 2):
         for trainer, t in zip(trainers, times):
             model = trainer.model
-            x, y = trainer.sampler.batch(step, rows=trainer.rows(0))
+            batch = to_device(trainer.task.train_batch(step, trainer.step.rows(0)), torch.device("cpu"))
+            x, y = trainer.task.inputs(batch), trainer.task.targets(batch)
             dist.barrier()
             c0 = time.process_time()
             model.forward_backward(x, y, lambda v: v)
@@ -259,11 +200,11 @@ def _measure_trainer(layout: list[str], layers: Sequence[int], width: int, steps
             c1 = time.process_time()
             optimizer_step(trainer)
             c2 = time.process_time()
-            half = max(1, x.shape[0] // 2)
+            half = max(1, y.shape[0] // 2)
             dist.barrier()
             c3 = time.process_time()
-            model.forward_backward(x[:half], y[:half], lambda v: v, last_micro_step=False)
-            model.forward_backward(x[-half:], y[-half:], lambda v: v, last_micro_step=True)
+            model.forward_backward(tuple(t[:half] for t in x), y[:half], lambda v: v, last_micro_step=False)
+            model.forward_backward(tuple(t[-half:] for t in x), y[-half:], lambda v: v, last_micro_step=True)
             model.after_backward()
             c4 = time.process_time()
             optimizer_step(trainer)

@@ -1,16 +1,16 @@
-"""``loom plan``: search (or evaluate) layouts of a model on a cluster and print them ranked; and the
-bridge from a saved plan to ``loom train --plan``."""
+"""``loom plan``: search (or evaluate) plans of a model on a cluster and print them ranked; ``loom
+calibrate``; and reading a saved plan for ``loom train --plan``."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from loom.config import ConfigError
-from loom.planner.cost import Estimate, Layout, estimate, layout_model
+from loom.parallel.plan import Plan
+from loom.planner.cost import Estimate, estimate
 from loom.planner.hardware import Cluster, parse_cluster
-from loom.planner.search import check_layout, fixed_layout, search
+from loom.planner.search import fixed_plan, search
 
 TERMS = ("compute", "recompute", "tp", "pp_bubble", "pp_p2p", "dp", "ep")
 
@@ -47,9 +47,8 @@ def cmd_plan(args) -> int:
         raise ConfigError(f"--global-batch {args.global_batch} must be at least 1")
     cluster = parse_cluster(args.cluster, args.profile)
     if args.fix:
-        layout = fixed_layout(cfg, args.fix)
-        check_layout(cfg, layout, cluster, args.global_batch)
-        results = [estimate(cfg, layout, cluster, args.global_batch, seq)]
+        fixed = fixed_plan(cfg, args.fix, cluster, args.global_batch)
+        results = [estimate(cfg, fixed.plan, cluster, args.global_batch, seq, vocab_size=fixed.vocab_size)]
     else:
         results = search(cfg, cluster, args.global_batch, seq)
         if not results[0].fits:
@@ -73,7 +72,7 @@ def cmd_plan(args) -> int:
     if args.png:
         from loom.planner.report import plot_plan
 
-        title = f"{cfg.preset} on {args.cluster}: {best.layout.describe()}"
+        title = f"{cfg.preset} on {args.cluster}: {best.describe()}"
         out = plot_plan(best, cluster, Path(args.png), title=title)
         if not args.json:
             print(f"picture: {out}")
@@ -85,7 +84,7 @@ def cmd_plan(args) -> int:
 def _verify(cfg, best: Estimate, cluster: Cluster, quiet: bool) -> int:
     from loom.planner.verify import verify
 
-    rows = verify(cfg, best.layout)
+    rows = verify(cfg, best.plan, vocab_size=best.vocab_size)
     ok = all(abs(r["relative_difference"]) < 1e-9 for r in rows)
     if not quiet:
         for r in rows:
@@ -96,7 +95,8 @@ def _verify(cfg, best: Estimate, cluster: Cluster, quiet: bool) -> int:
 
 
 def _record(e: Estimate) -> dict:
-    return {"plan": asdict(e.layout), "step_time_s": e.step_time_s, "tflops_per_device": e.tflops_per_device,
+    return {"plan": e.plan.to_dict(), "layout": e.describe(), "micro_batch": e.micro_batch,
+            "vocab_size": e.vocab_size, "step_time_s": e.step_time_s, "tflops_per_device": e.tflops_per_device,
             "mfu": e.mfu, "memory_gb_per_device": e.memory_gb_per_device, "fits": e.fits,
             "microbatches": e.microbatches, "time_s": e.time_s, "memory_gb": e.memory_gb,
             "memory_per_stage_gb": e.memory_per_stage_gb}
@@ -104,7 +104,7 @@ def _record(e: Estimate) -> dict:
 
 def table(estimates: list[Estimate]) -> str:
     head = ["#", "layout", "step s", "TFLOP/s/dev", "MFU", "GiB/dev", "fits"] + [t.replace("pp_", "") for t in TERMS]
-    rows = [[str(i + 1), e.layout.describe(), f"{e.step_time_s:.3g}", f"{e.tflops_per_device:.1f}",
+    rows = [[str(i + 1), e.describe(), f"{e.step_time_s:.3g}", f"{e.tflops_per_device:.1f}",
              f"{100 * e.mfu:.1f}%", f"{e.memory_gb_per_device:.1f}", "yes" if e.fits else "NO"]
             + [f"{e.time_s[t]:.3g}" for t in TERMS] for i, e in enumerate(estimates)]
     widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
@@ -120,45 +120,33 @@ def table(estimates: list[Estimate]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def plan_overrides(path: str | Path) -> tuple[list[str], int]:
-    """The ``parallel.*``/``train.*`` settings of a plan written by ``loom plan --out``, and its
-    number of processes."""
+def read_plan(path: str | Path) -> tuple[dict[str, object], int]:
+    """The config settings (``section.key`` -> value) of a plan written by ``loom plan --out``: its
+    layout, its global batch and the vocabulary padded for it; and its number of processes."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--plan {str(p)!r} does not exist; write one with `loom plan ... --out FILE`")
     try:
         d = json.loads(p.read_text())
-        layout = Layout(**d["plan"])
+        plan = Plan.from_dict(d["plan"])
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"--plan {str(p)!r} is not a plan written by `loom plan --out` ({e})") from None
-    return layout_overrides(layout, d.get("global_batch")), layout.world_size
+    return plan_settings(plan, d.get("global_batch"), d.get("vocab_size", 0)), plan.world_size
 
 
-def layout_settings(layout: Layout, global_batch: int | None) -> dict[str, object]:
-    """The config settings (``section.key`` -> value) that train with ``layout`` and ``global_batch``."""
-    keys = ("dp", "tp", "pp", "ep", "zero", "recompute", "sp")
-    out: dict[str, object] = {f"parallel.{k}": getattr(layout, k) for k in keys}
-    if layout.vocab_size:  # the vocabulary padded for tp
-        out["model.vocab_size"] = layout.vocab_size
-    if layout.pp > 1:
-        out.update({"parallel.schedule": layout.schedule, "parallel.virtual_stages": layout.virtual_stages})
+def plan_settings(plan: Plan, global_batch: int | None, vocab_size: int = 0) -> dict[str, object]:
+    """The config settings that train with ``plan``, batches of ``global_batch`` and the padded vocabulary."""
+    out: dict[str, object] = {f"parallel.{k}": getattr(plan, k) for k in ("dp", "tp", "pp", "ep", "sp", "zero",
+                                                                          "recompute")}
+    out["parallel.microbatches"] = plan.microbatches
+    out["train.grad_accum"] = plan.grad_accum
+    if vocab_size:
+        out["model.vocab_size"] = vocab_size
+    if plan.pp > 1:
+        out.update({"parallel.schedule": plan.schedule, "parallel.virtual_stages": plan.virtual_stages})
     if global_batch:
-        per_replica = global_batch // (layout.dp * layout.ep)
-        steps = max(1, per_replica // layout.micro_batch)
         out["train.batch_size"] = global_batch
-        out["parallel.microbatches" if layout.pp > 1 else "train.grad_accum"] = steps
     return out
-
-
-def layout_overrides(layout: Layout, global_batch: int | None) -> list[str]:
-    """:func:`layout_settings` as ``key=value`` overrides."""
-    settings = layout_settings(layout, global_batch)
-    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
-
-
-# --------------------------------------------------------------------------------------------
-# parallel.auto=true
-# --------------------------------------------------------------------------------------------
 
 
 def cmd_calibrate(args) -> int:
@@ -172,46 +160,3 @@ def cmd_calibrate(args) -> int:
     print(f"profile written to {out}; `loom plan ... --cluster {args.nproc}xcpu --profile {out}` uses it "
           "(parallel.auto=true finds it there by itself)")
     return 0
-
-
-def local_cluster(world: int, device_type: str, profile: str | Path | None = None) -> Cluster:
-    """The machine this job runs on, as the planner sees it: ``world`` GPUs of the catalogue kind
-    whose name matches the device's, or ``world`` CPU processes."""
-    kind = "cpu"
-    if device_type == "cuda":
-        import torch
-
-        name = torch.cuda.get_device_name().lower()
-        big = torch.cuda.get_device_properties(0).total_memory > 60 * 2**30
-        kind = ("h200" if "h200" in name else "h100-sxm" if "h100" in name
-                else ("a100-80g" if big else "a100-40g") if "a100" in name else "a100-80g")
-    from loom.planner.calibrate import default_profile_path
-
-    if profile is None and kind == "cpu" and default_profile_path().is_file():
-        profile = default_profile_path()
-    return parse_cluster(f"{world}x{kind}", profile)
-
-
-def auto_config(cfg, world: int, device_type: str):
-    """``cfg`` with its parallel layout (and accumulation) chosen by the planner: the fastest layout
-    that fits this machine and that loom's own checks accept."""
-    import dataclasses
-
-    from loom.parallel.plan import check_plan, plan_from_config
-
-    cluster = local_cluster(world, device_type)
-    for e in search(cfg.model, cluster, cfg.train.batch_size, cfg.model.block_size):
-        if not e.fits:
-            break
-        settings = layout_settings(e.layout, cfg.train.batch_size)
-        parallel = dataclasses.replace(cfg.parallel, auto=False, **{
-            k.removeprefix("parallel."): v for k, v in settings.items() if k.startswith("parallel.")})
-        train = dataclasses.replace(cfg.train, grad_accum=settings.get("train.grad_accum", 1))
-        candidate = dataclasses.replace(cfg, parallel=parallel, train=train, model=layout_model(cfg.model, e.layout))
-        try:
-            check_plan(plan_from_config(candidate.parallel), candidate, world)
-        except ConfigError:
-            continue
-        return candidate
-    raise ConfigError(f"parallel.auto=true: no layout of model={cfg.model.preset} with train.batch_size="
-                      f"{cfg.train.batch_size} fits {cluster.describe()}")

@@ -208,7 +208,7 @@ def plot_plan(estimate: Estimate, cluster: Cluster, out: Path, title: str = "") 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    L = estimate.layout
+    L = estimate.plan
     pp = L.pp
     fig_h = max(4.8, min(12.0, 2.2 + 0.3 * pp))
     fig, (ax_mem, ax_t) = plt.subplots(1, 2, figsize=(16, fig_h), gridspec_kw={"width_ratios": [1, 2.6]})
@@ -250,7 +250,7 @@ def _memory_panel(ax, est: Estimate, cluster: Cluster) -> None:
     ax.set_xticks(x[::step])
     ax.set_xlim(-0.6, len(stages) - 0.4)
     ax.set_ylim(0, max(device, max(bottom)) * 1.1)
-    v = est.layout.virtual_stages if est.layout.schedule in ("interleaved", "zero-bubble") else 1
+    v = est.plan.virtual_stages if est.plan.schedule in ("interleaved", "zero-bubble") else 1
     ax.set_xlabel("the one stage (no pipeline)" if len(stages) == 1 else
                   f"pipeline rank (each holds {v} stages)" if v > 1 else "pipeline rank (= stage)")
     ax.set_ylabel("GiB per device")
@@ -265,7 +265,7 @@ def _timeline_panel(ax, est: Estimate) -> list[tuple[float, float, int, str, str
     from matplotlib.patches import Patch
     from matplotlib.transforms import offset_copy
 
-    L = est.layout
+    L = est.plan
     pp, m = L.pp, max(1, est.microbatches)
     schedule = L.schedule if pp > 1 else "1f1b"
     v = L.virtual_stages if schedule == "interleaved" else 1

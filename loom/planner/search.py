@@ -10,12 +10,15 @@ cost model is closed-form, so the whole search takes seconds.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, fields
 
 from loom.config import CHOICES, ConfigError, ModelConfig
+from loom.models import n_blocks
+from loom.parallel.plan import Plan
 from loom.parallel.strategy import padded_vocab
-from loom.planner.cost import Estimate, Layout, estimate, layout_model, model_shape
+from loom.planner.cost import Estimate, estimate, padded_model, plan_for_batch
 from loom.planner.hardware import Cluster
+from loom.planner.shape import model_shape
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 RECOMPUTE = CHOICES["parallel.recompute"]
@@ -26,9 +29,15 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(cfg: ModelConfig, cluster: Cluster, global_batch: int) -> list[Layout]:
+@dataclass(frozen=True)
+class Candidate:
+    plan: Plan
+    vocab_size: int = 0  # the vocabulary padded for tp (0: the model's own)
+
+
+def candidates(cfg: ModelConfig, cluster: Cluster, global_batch: int) -> list[Candidate]:
     world = cluster.devices
-    blocks = cfg.n_layer - 1 if cfg.arch == "pangu" else cfg.n_layer
+    blocks = n_blocks(cfg)
     experts = cfg.moe.experts
     out = []
     for tp in _divisors(min(world, cluster.devices_per_node)):
@@ -57,85 +66,98 @@ def candidates(cfg: ModelConfig, cluster: Cluster, global_batch: int) -> list[La
                             continue
                         for zero in ((0, 1, 2, 3) if replicas > 1 else (0,)):
                             for recompute in RECOMPUTE:
-                                out.append(Layout(dp=dp, tp=tp, pp=pp, ep=ep, sp=tp > 1, zero=zero,
-                                                  recompute=recompute, schedule=schedule, virtual_stages=v,
-                                                  micro_batch=mb, vocab_size=vocab))
+                                plan = plan_for_batch(global_batch, mb, dp=dp, tp=tp, pp=pp, ep=ep, sp=tp > 1,
+                                                      zero=zero, recompute=recompute, schedule=schedule,
+                                                      virtual_stages=v)
+                                out.append(Candidate(plan, vocab))
     return out
 
 
 def search(cfg: ModelConfig, cluster: Cluster, global_batch: int, seq: int) -> list[Estimate]:
     """Every candidate's estimate, those that fit first, fastest first."""
-    layouts = candidates(cfg, cluster, global_batch)
-    if not layouts:
+    found = candidates(cfg, cluster, global_batch)
+    if not found:
         raise ConfigError(f"no layout of {cluster.devices} devices splits a batch of {global_batch} sequences "
                           f"for this model; use a batch divisible by more of the device count's factors")
     shapes = {}  # one per vocabulary size (padded for some tp)
     estimates = []
-    for layout in layouts:
-        if layout.vocab_size not in shapes:
-            shapes[layout.vocab_size] = model_shape(layout_model(cfg, layout), seq)
-        estimates.append(estimate(cfg, layout, cluster, global_batch, seq, shape=shapes[layout.vocab_size]))
+    for c in found:
+        if c.vocab_size not in shapes:
+            shapes[c.vocab_size] = model_shape(padded_model(cfg, c.vocab_size), seq)
+        estimates.append(estimate(cfg, c.plan, cluster, global_batch, seq, shape=shapes[c.vocab_size],
+                                  vocab_size=c.vocab_size))
     return sorted(estimates, key=lambda e: (not e.fits, e.step_time_s))
 
 
-def parse_fix(text: str) -> Layout:
-    """``tp=8,pp=16,dp=16,zero=1,recompute=full,mb=1,schedule=interleaved,v=2`` -> a Layout."""
-    layout, given = Layout(), set()
-    names = {"mb": "micro_batch", "v": "virtual_stages", "micro_batch": "micro_batch",
-             "virtual_stages": "virtual_stages"}
+FIX_KEYS = ("dp", "tp", "pp", "ep", "sp", "zero", "recompute", "schedule", "virtual_stages", "micro_batch",
+            "vocab_size")
+
+
+def parse_fix(text: str) -> dict:
+    """``tp=8,pp=16,dp=16,zero=1,recompute=full,mb=1,schedule=interleaved,v=2`` -> the settings, typed;
+    ``micro_batch`` defaults to 1, ``vocab_size`` to 0 (the model's)."""
+    types = {f.name: type(f.default) for f in fields(Plan)} | {"micro_batch": int, "vocab_size": int}
+    fix: dict = {"micro_batch": 1, "vocab_size": 0}
+    given = set()
+    names = {"mb": "micro_batch", "v": "virtual_stages"}
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = item.partition("=")
         key = names.get(key.strip(), key.strip())
-        if key not in Layout.__dataclass_fields__ or not value:
+        if key not in FIX_KEYS or not value:
             raise ConfigError(f"--fix {text!r}: {item!r} is not KEY=VALUE with KEY one of dp, tp, pp, ep, sp, zero, "
                               "recompute, schedule, v (virtual stages), mb (micro-batch size)")
-        kind = type(getattr(layout, key))
+        kind = types[key]
         try:
             parsed = (value.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(value.strip())
         except ValueError:
             raise ConfigError(f"--fix {text!r}: {key}={value!r} is not a {kind.__name__}") from None
-        layout = replace(layout, **{key: parsed})
+        fix[key] = parsed
         given.add(key)
-    if layout.schedule not in SCHEDULES:
-        raise ConfigError(f"--fix schedule={layout.schedule}: use one of {', '.join(SCHEDULES)}")
-    if layout.recompute not in RECOMPUTE:
-        raise ConfigError(f"--fix recompute={layout.recompute}: use one of {', '.join(RECOMPUTE)}")
-    if "schedule" not in given and layout.virtual_stages > 1:  # v=2 alone means the interleaved schedule
-        layout = replace(layout, schedule="interleaved")
-    if layout.schedule == "zero-bubble" and "virtual_stages" not in given:  # ZB-V: two stages per rank
-        layout = replace(layout, virtual_stages=2)
-    if layout.pp > 1:
+    schedule, v = fix.get("schedule", "1f1b"), fix.get("virtual_stages", 1)
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"--fix schedule={schedule}: use one of {', '.join(SCHEDULES)}")
+    if fix.get("recompute", "none") not in RECOMPUTE:
+        raise ConfigError(f"--fix recompute={fix['recompute']}: use one of {', '.join(RECOMPUTE)}")
+    if "schedule" not in given and v > 1:  # v=2 alone means the interleaved schedule
+        fix["schedule"] = schedule = "interleaved"
+    if schedule == "zero-bubble" and "virtual_stages" not in given:  # ZB-V: two stages per rank
+        fix["virtual_stages"] = v = 2
+    if fix.get("pp", 1) > 1:
         from loom.parallel.pipeline import check_pipeline_shape
 
-        check_pipeline_shape(layout.schedule, layout.virtual_stages, "--fix v", "--fix schedule")
-    return layout
+        check_pipeline_shape(schedule, v, "--fix v", "--fix schedule")
+    return fix
 
 
-def fixed_layout(cfg: ModelConfig, text: str) -> Layout:
-    """``--fix``'s layout, its vocabulary padded for its tp when tp does not divide it and no
-    ``vocab_size`` is given."""
-    layout = parse_fix(text)
-    if not layout.vocab_size and cfg.vocab_size % layout.tp:
-        layout = replace(layout, vocab_size=padded_vocab(cfg.vocab_size, layout.tp))
-    return layout
+def fixed_plan(cfg: ModelConfig, text: str, cluster: Cluster, global_batch: int) -> Candidate:
+    """``--fix``'s plan for batches of ``global_batch``, checked (:func:`check_fixed`); its vocabulary
+    padded for its tp when tp does not divide it and no ``vocab_size`` is given."""
+    fix = parse_fix(text)
+    mb, vocab = fix.pop("micro_batch"), fix.pop("vocab_size")
+    plan = plan_for_batch(global_batch, mb, **fix)
+    if not vocab and cfg.vocab_size % plan.tp:
+        vocab = padded_vocab(cfg.vocab_size, plan.tp)
+    check_fixed(cfg, plan, cluster, global_batch, vocab)
+    return Candidate(plan, vocab)
 
 
-def check_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, global_batch: int) -> None:
-    """Errors that make a fixed layout impossible, one line each."""
-    if layout.world_size != cluster.devices:
-        raise ConfigError(f"--fix: dp × ep × tp × pp = {layout.world_size}, but the cluster has {cluster.devices} "
+def check_fixed(cfg: ModelConfig, plan: Plan, cluster: Cluster, global_batch: int, vocab_size: int = 0) -> None:
+    """Errors that make a given plan impossible on ``cluster`` for ``cfg`` (its vocabulary padded to
+    ``vocab_size``, if given) and batches of ``global_batch``, one line each."""
+    if plan.world_size != cluster.devices:
+        raise ConfigError(f"--fix: dp × ep × tp × pp = {plan.world_size}, but the cluster has {cluster.devices} "
                           "devices; make the product equal")
-    replicas = layout.dp * layout.ep
-    if global_batch % (replicas * layout.micro_batch):
-        raise ConfigError(f"--global-batch {global_batch} does not split into dp × ep = {replicas} replicas of "
-                          f"micro-batches of {layout.micro_batch}")
+    steps = plan.microbatches * plan.grad_accum
+    if global_batch % (plan.data_parallel * steps):
+        raise ConfigError(f"--global-batch {global_batch} does not split into dp × ep = {plan.data_parallel} "
+                          f"replicas of {steps} micro-batch(es) of whole sequences")
     for name, value in (("model.n_head", cfg.n_head), ("model.ffn", cfg.ffn)):
-        if value % layout.tp:
-            raise ConfigError(f"--fix tp={layout.tp} does not divide {name}={value}")
-    vocab = layout.vocab_size or cfg.vocab_size
-    if vocab < cfg.vocab_size or vocab % layout.tp:
-        raise ConfigError(f"--fix vocab_size={vocab}: the embedding rows must be at least model.vocab_size="
-                          f"{cfg.vocab_size} and divisible by tp={layout.tp} (e.g. vocab_size="
-                          f"{padded_vocab(cfg.vocab_size, layout.tp)}, or leave it out: it is padded for you)")
-    if layout.ep > 1 and (not cfg.moe.experts or cfg.moe.experts % layout.ep):
-        raise ConfigError(f"--fix ep={layout.ep} must divide the model's experts ({cfg.moe.experts})")
+        if value % plan.tp:
+            raise ConfigError(f"--fix tp={plan.tp} does not divide {name}={value}")
+    rows = vocab_size or cfg.vocab_size
+    if rows < cfg.vocab_size or rows % plan.tp:
+        raise ConfigError(f"--fix vocab_size={rows}: the embedding rows must be at least model.vocab_size="
+                          f"{cfg.vocab_size} and divisible by tp={plan.tp} (e.g. vocab_size="
+                          f"{padded_vocab(cfg.vocab_size, plan.tp)}, or leave it out: it is padded for you)")
+    if plan.ep > 1 and (not cfg.moe.experts or cfg.moe.experts % plan.ep):
+        raise ConfigError(f"--fix ep={plan.ep} must divide the model's experts ({cfg.moe.experts})")

@@ -29,20 +29,13 @@ from dataclasses import asdict
 
 import torch
 
-from loom.config import ModelConfig, MoEConfig
+from loom.models import ModelConfig, MoEConfig
 from loom.parallel.plan import Plan
-from loom.planner.cost import Layout, layout_model, model_shape
+from loom.planner.cost import padded_model
+from loom.planner.shape import model_shape, rank_stages, stage_blocks, stage_params
 
 # mesh dimensions that only split a parameter: their placements are ZeRO's, not the layout's
 MODEL_AXES = ("tp", "ep")
-
-
-def plan_of(layout: Layout) -> Plan:
-    """The :class:`Plan` that trains with ``layout`` (ZeRO over the whole dp group, ``pp`` micro-batches)."""
-    return Plan(dp=layout.dp, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp, zero=layout.zero,
-                shard_group=layout.dp if layout.zero else 1, microbatches=max(1, layout.pp),
-                schedule=layout.schedule, virtual_stages=layout.virtual_stages if layout.pp > 1 else 1,
-                recompute=layout.recompute)
 
 
 def rank_at(plan: Plan, **coord: int) -> int:
@@ -60,10 +53,11 @@ def default_ranks(plan: Plan) -> list[int]:
     return [rank_at(plan, pp=s) for s in sorted({0, plan.pp // 2, plan.pp - 1})]
 
 
-def verify(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None, *, seq: int | None = None,
-           isolate: bool = False) -> list[dict]:
-    """Check the parameters ranks ``ranks`` (default :func:`default_ranks`) of ``layout``'s job hold
-    against the cost model's prediction for sequences of ``seq`` tokens (default ``cfg.block_size``).
+def verify(cfg: ModelConfig, plan: Plan, ranks: list[int] | None = None, *, seq: int | None = None,
+           isolate: bool = False, vocab_size: int = 0) -> list[dict]:
+    """Check the parameters ranks ``ranks`` (default :func:`default_ranks`) of ``plan``'s job hold
+    against the cost model's prediction for sequences of ``seq`` tokens (default ``cfg.block_size``),
+    the vocabulary padded to ``vocab_size`` if given.
 
     One dict per rank: ``rank``, ``stage`` (its pipeline rank), ``stages`` (the pipeline stages it holds),
     ``blocks`` / ``blocks_predicted`` (the decoder blocks it holds / the cost model puts there),
@@ -73,16 +67,15 @@ def verify(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None, *, 
     dry run)."""
     import torch.distributed as dist
 
-    cfg = layout_model(cfg, layout)  # the vocabulary padded for tp, if the layout pads it
-    plan = plan_of(layout)
+    cfg = padded_model(cfg, vocab_size)  # the vocabulary padded for tp, if the plan pads it
     world = plan.world_size
     ranks = default_ranks(plan) if ranks is None else list(ranks)
     bad = [r for r in ranks if not 0 <= r < world]
     if bad:
         raise ValueError(f"ranks {bad} are outside the job's {world} ranks")
     shape = model_shape(cfg, seq or cfg.block_size)
-    predicted = predict(cfg, layout, split="cost", shape=shape)
-    same_blocks = predict(cfg, layout, split="engine", shape=shape)
+    predicted = predict(cfg, plan, split="cost", shape=shape)
+    same_blocks = predict(cfg, plan, split="engine", shape=shape)
     if isolate or (dist.is_available() and dist.is_initialized()):
         counts = _count_in_subprocess(cfg, plan, ranks)
     else:
@@ -107,7 +100,7 @@ def verify(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None, *, 
 # --------------------------------------------------------------------------------------------
 
 
-def predict(cfg: ModelConfig, layout: Layout, seq: int | None = None, split: str = "cost",
+def predict(cfg: ModelConfig, plan: Plan, seq: int | None = None, split: str = "cost",
             shape=None) -> list[dict]:
     """Per pipeline rank, what the cost model assumes it holds: ``blocks`` (decoder block indices),
     ``params`` (before ZeRO, as ``Estimate.params_per_device`` counts the fullest of them) and
@@ -117,25 +110,23 @@ def predict(cfg: ModelConfig, layout: Layout, seq: int | None = None, split: str
     pipeline does (:func:`loom.parallel.pipeline.stage_layout`, with its virtual stages), so that a
     difference left is one of the per-stage formula, not of the split. ``shape``: the cost model's
     ``model_shape(cfg, seq)``, if already made."""
-    from loom.parallel.pipeline import stage_ids, stage_layout
-    from loom.planner import cost
+    from loom.parallel.pipeline import stage_layout
 
     sh = shape or model_shape(cfg, seq or cfg.block_size)
-    v = layout.virtual_stages if layout.pp > 1 else 1
+    v = plan.virtual_stages if plan.pp > 1 else 1
     if split == "engine":
-        stages = [list(spec.blocks) for spec in stage_layout(cfg, layout.pp * v)]
+        stages = [list(spec.blocks) for spec in stage_layout(cfg, plan.pp * v)]
     elif split == "cost":
-        stages = cost.stage_blocks(sh, layout.pp * v)
+        stages = stage_blocks(sh, plan.pp * v)
     else:
         raise ValueError(f"split={split!r}: use 'cost' or 'engine'")
     out = []
-    for r in range(layout.pp):
-        held = stage_ids(r, layout.pp, v, layout.schedule) if v > 1 else [r]
+    for held in rank_stages(plan):
         dense = experts = 0.0
         for si in held:
-            d, e = cost._stage_params(sh, stages, si, layout)
+            d, e = stage_params(sh, stages, si, plan)
             dense, experts = dense + d, experts + e
-        sharded = dense / (layout.dp * layout.ep) + experts / layout.dp if layout.zero else dense + experts
+        sharded = dense / (plan.dp * plan.ep) + experts / plan.dp if plan.zero else dense + experts
         out.append({"blocks": sorted(i for si in held for i in stages[si]), "params": int(dense + experts),
                     "params_sharded": int(sharded)})
     return out
@@ -170,9 +161,10 @@ def count_rank(cfg: ModelConfig, plan: Plan, rank: int) -> dict:
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
-    from loom.models import build_model
+    from loom.models import build_model, spec_of
     from loom.parallel.mesh import build_mesh
     from loom.parallel.parallelize import parallelize
+    from loom.tasks import lm_loss
 
     if dist.is_initialized():
         raise RuntimeError("count_rank starts its own (fake) process group; this process already has one")
@@ -180,12 +172,14 @@ def count_rank(cfg: ModelConfig, plan: Plan, rank: int) -> dict:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=plan.world_size)
     try:
         mesh = build_mesh(plan, "cpu")
-        pm = parallelize(build_model(cfg), plan, mesh, torch.device("cpu"), "fp32", seed=0, materialize=False)
+        spec = spec_of(cfg)
+        pm = parallelize(build_model(cfg), plan, mesh, spec=spec, loss_fn=lm_loss, device=torch.device("cpu"),
+                         seed=0, materialize=False)
         if any(not p.is_meta for p in pm.parameters()):
             raise RuntimeError("parallelize allocated parameters in a dry run")
         stage = mesh["pp"].get_local_rank()
         stages = list(pm.pipeline.stage_ids) if pm.pipeline is not None else [0]
-        blocks = sorted(int(k) for m in pm.modules for k in m.layers)
+        blocks = sorted(int(k) for m in pm.modules for k in getattr(m, spec.pipeline.blocks))
         params = list(pm.parameters())  # each Parameter object once (a tied embedding is one)
         return {"rank": rank, "stage": stage, "stages": stages, "blocks": blocks,
                 "params": sum(local_numel(p, zero_sharded=False) for p in params),

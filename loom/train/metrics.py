@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.data.dataset import cache_root
-from loom.runs import write_text_atomic
+from loom.files import read_jsonl, write_text_atomic
 from loom.train.precision import autocast, param_dtype
 
 # Dense peak FLOP/s from vendor datasheets, by a substring of torch.cuda.get_device_name().
@@ -113,10 +113,4 @@ class MetricsFile:
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of ``metrics.jsonl``; a line torn by a crash mid-write is skipped."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return read_jsonl(path)

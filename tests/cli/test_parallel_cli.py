@@ -53,7 +53,7 @@ def test_nproc_2_trains_resumes_on_one_process_and_exports(tiny_corpus, tmp_path
 
     out = loom("export", str(run)).stdout.strip()
     weights = load_file(out)
-    from loom.runs import load_for_inference
+    from loom.infer.load import load_for_inference
 
     _, model, _, step = load_for_inference(run, device="cpu")
     assert step == 4

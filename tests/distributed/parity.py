@@ -22,7 +22,8 @@ from torch.distributed.tensor import DTensor
 from loom.config import load_config
 from loom.parallel.launch import Process
 from loom.parallel.mesh import all_reduce_sum
-from loom.train.loop import Trainer
+from loom.parallel.plan import check_plan, resolve_plan
+from loom.train.trainer import Trainer
 
 STEPS = 5
 # float64 parity: two correct layouts differ by ~1e-14 (summation order); a real error by >1e-4
@@ -62,10 +63,22 @@ def config(model: str, layout: list[str]):
     return load_config(None, [*MODELS[model], *COMMON, *(o for o in layout if not o.startswith("sabotage:"))])
 
 
-def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
+def trainer(model: str, layout: list[str], process: Process, run_dir=None, resume: bool = False) -> Trainer:
+    """The trainer of ``model`` under ``layout`` on this rank, its plan resolved and checked as ``loom
+    train`` does it."""
+    from pathlib import Path
+
+    cfg = config(model, layout)
+    plan = resolve_plan(cfg, process.world_size)
+    check_plan(plan, cfg, process.world_size)
+    return Trainer(cfg, plan, Path(run_dir) if run_dir is not None else None, tiny_data(), resume=resume,
+                   process=process, device=torch.device("cpu"))
+
+
+def full_parameters(t: Trainer) -> dict[str, torch.Tensor]:
     """Every parameter this rank holds, whole (DTensors gathered), on the CPU."""
     out = {}
-    for name, p in trainer.model.named_parameters():
+    for name, p in t.model.named_parameters():
         p = p.detach()
         out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).cpu().clone()
     return out
@@ -77,16 +90,16 @@ def _train(model: str, layout: list[str], process: Process, steps: int = STEPS) 
 
 
 def _train_as_configured(model: str, layout: list[str], process: Process, steps: int) -> dict:
-    trainer = Trainer(config(model, layout), None, tiny_data(), process=process, device=torch.device("cpu"))
+    t = trainer(model, layout, process)
     losses, moe = [], []
     for step in range(steps):
-        parts, _ = trainer.train_step(step)
-        losses.append(trainer.mean_over_replicas(parts).item())
-        if trainer.interval.moe is not None:  # this step's MoE statistics, summed over ranks
-            moe.append(all_reduce_sum(trainer.interval.moe).cpu())
-            trainer.interval.moe = None
-    val = trainer.evaluate()["val_loss"] if model in ("gpt", "switch") else None
-    return {"losses": losses, "params": full_parameters(trainer), "val_loss": val, "moe": moe}
+        parts, _ = t.train_step(step)
+        losses.append(t.mean_over_replicas(parts).item())
+        if t.interval.moe is not None:  # this step's MoE statistics, summed over ranks
+            moe.append(all_reduce_sum(t.interval.moe).cpu())
+            t.interval.moe = None
+    val = t.evaluate()["val_loss"] if model in ("gpt", "switch") else None
+    return {"losses": losses, "params": full_parameters(t), "val_loss": val, "moe": moe}
 
 
 def assert_matches(got: dict, ref: dict) -> None:
@@ -158,22 +171,18 @@ def train_and_save(model: str, layout: list[str], run_dir: str, steps: int) -> l
     from pathlib import Path
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config(model, layout), Path(run_dir), tiny_data(), process=process_of_this_rank(),
-                      device=torch.device("cpu"))
-    losses = [trainer.mean_over_replicas(trainer.train_step(s)[0]).item() for s in range(steps)]
-    trainer.save(steps)
-    trainer.metrics.close() if trainer.metrics else None
+    t = trainer(model, layout, process_of_this_rank(), run_dir)
+    losses = [t.mean_over_replicas(t.train_step(s)[0]).item() for s in range(steps)]
+    t.save(steps)
+    t.metrics.close() if t.metrics else None
     return losses
 
 
 def resume_and_train(model: str, layout: list[str], run_dir: str, steps: int) -> list[float]:
     """Resume ``run_dir``'s newest checkpoint under ``layout`` and train up to ``steps`` steps."""
-    from pathlib import Path
-
-    trainer = Trainer(config(model, layout), Path(run_dir), tiny_data(), resume=True, process=process_of_this_rank(),
-                      device=torch.device("cpu"))
-    losses = [trainer.mean_over_replicas(trainer.train_step(s)[0]).item() for s in range(trainer.start_step, steps)]
-    trainer.metrics.close() if trainer.metrics else None
+    t = trainer(model, layout, process_of_this_rank(), run_dir, resume=True)
+    losses = [t.mean_over_replicas(t.train_step(s)[0]).item() for s in range(t.start_step, steps)]
+    t.metrics.close() if t.metrics else None
     return losses
 
 
@@ -189,8 +198,8 @@ def _bias_on_every_rank():
 
     original = tensor.apply_tensor_parallel
 
-    def broken(model, tp_mesh, strategies, sequence_parallel):
-        original(model, tp_mesh, strategies, sequence_parallel)
+    def broken(model, tp_mesh, strategies, sequence_parallel, sharding):
+        original(model, tp_mesh, strategies, sequence_parallel, sharding)
         extra = tp_mesh.size() - 1
         for name, mod in model.named_modules():
             if strategies.get(name) == "rowwise" and getattr(mod, "bias", None) is not None:

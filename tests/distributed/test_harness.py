@@ -10,19 +10,17 @@ import pytest
 import torch.distributed as dist
 
 from loom.parallel.launch import WorkerFailed, native_threads, shutdown_process_group
-from loom.train.loop import Trainer
 from tests.distributed.harness import run_on_ranks
-from tests.distributed.parity import config, process_of_this_rank, tiny_data
+from tests.distributed.parity import process_of_this_rank, trainer
 
 GLOO_THREADS = ("gloo", "pt_gloo", "pt_tcpstore")
 
 
 def _train_then_leave() -> dict:
     """Train a layout that makes sub-groups (a 2-D mesh, a pipeline, FSDP) and leave the job."""
-    trainer = Trainer(config("gpt", ["parallel.pp=2", "parallel.microbatches=2"]), None, tiny_data(),
-                      process=process_of_this_rank())
-    trainer.train_step(0)
-    del trainer
+    t = trainer("gpt", ["parallel.pp=2", "parallel.microbatches=2"], process_of_this_rank())
+    t.train_step(0)
+    del t
     before = native_threads()
     shutdown_process_group()
     return {"before": before, "after": native_threads()}

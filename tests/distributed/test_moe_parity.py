@@ -14,7 +14,7 @@ import functools
 import pytest
 import torch
 
-from loom.models.moe import STAT_FIELDS
+from loom.models.common import STAT_FIELDS
 from tests.distributed.harness import run_on_ranks
 from tests.distributed.parity import RTOL, STEPS, assert_matches, merge_ranks, train_layouts, train_single
 

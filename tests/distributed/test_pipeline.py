@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 
 from loom.config import load_config
-from loom.models import build_model, materialize
+from loom.models import build_model, materialize, spec_of
 from loom.parallel.pipeline import build_pipeline
-from loom.train.evaluate import lm_loss
+from loom.tasks import lm_loss
 from tests.distributed.harness import run_on_ranks
 from tests.distributed.parity import ATOL, RTOL
 
@@ -40,8 +40,8 @@ def _check_case(preset, schedule, v, microbatches, batch) -> dict:
     cfg = _cfg(preset)
     errors: list[str] = []
     ref = materialize(build_model(cfg).double(), "cpu", SEED)  # float64, as the parity suite
-    pipe = build_pipeline(build_model(cfg).double(), dist.group.WORLD, schedule=schedule, microbatches=microbatches,
-                          virtual_stages=v, loss_fn=lm_loss, device="cpu")
+    pipe = build_pipeline(build_model(cfg).double(), spec_of(cfg).pipeline, dist.group.WORLD, schedule=schedule,
+                          microbatches=microbatches, virtual_stages=v, loss_fn=lm_loss, device="cpu")
     for m in pipe.modules:  # the same weights as the single-process model, loaded by name
         m.to_empty(device="cpu")
     pipe.tie_weights()
@@ -61,7 +61,7 @@ def _check_case(preset, schedule, v, microbatches, batch) -> dict:
 
     # one step: loss and every gradient
     x, y = data[0]
-    loss = pipe.step(x, y)
+    loss = pipe.step((x,), y)
     pipe.sync_tied_grads()
     ref_loss = lm_loss(ref(x), y)
     ref_loss.backward()
@@ -85,7 +85,7 @@ def _check_case(preset, schedule, v, microbatches, batch) -> dict:
         for o in (opt, ref_opt):
             o.step()
             o.zero_grad()
-        loss = pipe.step(x, y)
+        loss = pipe.step((x,), y)
         pipe.sync_tied_grads()
         ref_loss = lm_loss(ref(x), y)
         ref_loss.backward()

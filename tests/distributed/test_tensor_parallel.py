@@ -43,11 +43,10 @@ def _worker(cases) -> dict:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     from loom.config import load_config
-    from loom.models import build_model, materialize
-    from loom.models.plans import strategy_table
+    from loom.models import build_model, materialize, spec_of
     from loom.parallel.strategy import resolve_strategies
     from loom.parallel.tensor import apply_tensor_parallel, loss_context
-    from loom.train.evaluate import lm_loss
+    from loom.tasks import lm_loss
 
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     out = {}
@@ -61,10 +60,11 @@ def _worker(cases) -> dict:
         ref_loss = F.cross_entropy(ref(idx).flatten(0, 1), tgt.flatten())
         ref_loss.backward()
 
-        strategies = resolve_strategies(build_model(cfg), strategy_table(cfg.arch), overrides, tp=2, dp=1)
+        sharding = spec_of(cfg).sharding
+        strategies = resolve_strategies(build_model(cfg), sharding.table, overrides, tp=2, dp=1)
         if on_meta:  # as the trainer does: split first, allocate and initialize the shards after
             model = build_model(cfg).double()
-            apply_tensor_parallel(model, mesh, strategies, sequence_parallel=sp)
+            apply_tensor_parallel(model, mesh, strategies, sequence_parallel=sp, sharding=sharding)
             model.to_empty(device="cpu")
             with torch.no_grad():
                 for n, p in model.named_parameters():
@@ -72,7 +72,7 @@ def _worker(cases) -> dict:
                                                          src_data_rank=None).to_local())
         else:
             model = materialize(build_model(cfg).double(), "cpu", seed=0)
-            apply_tensor_parallel(model, mesh, strategies, sequence_parallel=sp)
+            apply_tensor_parallel(model, mesh, strategies, sequence_parallel=sp, sharding=sharding)
         seen = {}  # the residual stream between blocks: this rank's half of the sequence under sp
         model.layers["0"].register_forward_hook(lambda m, a, y: seen.update(stream=tuple(y.shape)))
         with loss_context(model):

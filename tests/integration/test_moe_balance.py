@@ -2,8 +2,8 @@
 
 import pytest
 
-from loom.train.loop import train
 from loom.train.metrics import read_metrics
+from tests.helpers import train
 
 # switch-tiny (2 layers, 8 experts in each block, top-1, capacity factor 1.25) on the tiny corpus, run
 # identically but for α. 40 steps of 8 sequences at lr 3e-3 are enough for the router without the auxiliary
@@ -16,6 +16,7 @@ from loom.train.metrics import read_metrics
 BALANCE_SETTINGS = ["model=switch-tiny", "train.steps=40", "train.batch_size=8", "train.lr=3e-3",
                     "train.log_every=5", "train.eval_every=40", "train.ckpt_every=0"]
 LAST_RECORDS = 4  # steps 21-40: every log record sums its 5 steps' routing
+
 
 
 def routing_after_training(tiny_config, run_dir, aux_loss_weight):

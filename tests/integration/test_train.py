@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import loom.train.checkpoint as ckpt_mod
-from loom.runs import RunError, load_for_inference
+from loom.errors import RunError
+from loom.infer.load import load_for_inference
 from loom.train.checkpoint import checkpoint_dirs, latest_checkpoint
-from loom.train.loop import train
 from loom.train.metrics import read_metrics
+from tests.helpers import train
 
 
 def losses(run_dir):
@@ -105,21 +106,21 @@ def test_resuming_a_finished_run_changes_nothing(tiny_config, tmp_path):
 
 
 def test_fp16_run_skips_a_step_with_injected_inf_and_says_so(tiny_config, tmp_path, monkeypatch, caplog):
-    import loom.train.loop as loop
+    import loom.train.trainer as trainer_module
 
-    real_parallelize = loop.parallelize
+    real_parallelize = trainer_module.parallelize
     calls = {"n": 0}
 
     def poison_second_backward(grad):
         calls["n"] += 1
         return torch.full_like(grad, float("inf")) if calls["n"] == 2 else grad
 
-    def parallelize_with_hook(*args):
-        pm = real_parallelize(*args)
+    def parallelize_with_hook(*args, **kwargs):
+        pm = real_parallelize(*args, **kwargs)
         pm.modules[0].layers["0"].mlp.fc.weight.register_hook(poison_second_backward)
         return pm
 
-    monkeypatch.setattr(loop, "parallelize", parallelize_with_hook)
+    monkeypatch.setattr(trainer_module, "parallelize", parallelize_with_hook)
     run = tmp_path / "run"
     with caplog.at_level("WARNING", logger="loom.train"):
         summary = train(tiny_config("train.precision=fp16", "train.steps=3", "train.eval_every=3", run_dir=run), run)
@@ -172,7 +173,7 @@ def test_resume_after_a_torn_metrics_line(tiny_config, tmp_path):
 
 def test_resume_refuses_to_change_the_model_or_data_and_leaves_the_run_intact(tiny_config, tmp_path):
     from loom.config import ConfigError
-    from loom.runs import load_resume_config
+    from loom.train.rundir import load_resume_config
 
     run = tmp_path / "run"
     train(tiny_config(run_dir=run), run)

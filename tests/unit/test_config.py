@@ -1,7 +1,9 @@
 import pytest
 
 from loom.config import ConfigError, config_to_yaml, load_config
-from loom.presets import DEFAULT_PRESET, PRESETS
+from loom.models import DEFAULT_PRESET, presets
+
+PRESETS = presets()
 
 
 def test_defaults_are_the_default_preset():

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 import loom
 from loom.config import load_config
-from loom.models import PUBLISHED_PARAMS, build_model, count_params, flops_per_token, materialize
+from loom.models import build_model, count_params, flops_per_token, materialize, published_params
+
+PUBLISHED_PARAMS = published_params()
 
 
 def tiny(preset: str, *overrides: str):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from loom.config import ConfigError, load_config
 from loom.models import build_model, count_params, materialize, matmul_params, n_moe_layers
-from loom.models.moe import STAT_FIELDS, MoE, moe_layers, no_stats
+from loom.models.common import STAT_FIELDS, MoE, moe_layers, no_stats
 from loom.parallel.plan import check_plan, plan_from_config
 
 
@@ -195,12 +195,12 @@ def test_bad_moe_settings_are_one_line_errors(overrides, message):
 def test_bad_expert_parallel_layouts_are_one_line_errors(overrides, world, message):
     cfg = load_config(None, ["model=switch-tiny", *overrides])
     with pytest.raises(ConfigError, match=message):
-        check_plan(plan_from_config(cfg.parallel), cfg, world)
+        check_plan(plan_from_config(cfg), cfg, world)
 
 
 def test_an_old_mesh_order_without_ep_places_it_inside_dp():
     cfg = load_config(None, ["model=switch-tiny", "parallel.mesh_order=[tp,dp,pp]"])
-    assert plan_from_config(cfg.parallel).mesh_order == ("tp", "dp", "ep", "pp")
+    assert plan_from_config(cfg).mesh_order == ("tp", "dp", "ep", "pp")
 
 
 def test_generation_with_a_kv_cache_runs_moe_models():

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from loom.config import ConfigError, load_config
-from loom.models import build_model, materialize
-from loom.parallel.pipeline import block_flops, check_pipeline, n_blocks, stage_ids, stage_layout, stage_module
+from loom.models import build_model, costs, materialize, n_blocks, spec_of
+from loom.parallel.pipeline import check_pipeline, stage_ids, stage_layout, stage_module
+
+
+def block_flops(cfg) -> float:
+    """Forward FLOPs per token of a dense block: 2 per weight (4C² attention, 2·C·ffn MLP) plus the
+    attention scores and weighted sum over T positions (4·C·T)."""
+    c = cfg.n_embd
+    return 8.0 * c * c + 4.0 * c * cfg.ffn + 4.0 * c * cfg.block_size
 
 
 def _cfg(preset: str, **overrides):
@@ -64,6 +71,10 @@ def test_layout_balances_flops_not_blocks():
     # The ffn width counts: PanGu-2.6b's blocks are n_layer - 1, the top query layer sits in the head.
     cfg = _cfg("pangu-2.6b")
     assert n_blocks(cfg) == 31 and block_flops(cfg) == 8 * 2560**2 + 4 * 2560 * 10240 + 4 * 2560 * 1024
+    # the family's cost description says the same, block by block, and the top query layer costs one more
+    c = costs(cfg)
+    assert [b.flops for b in c.blocks] == [block_flops(cfg)] * 31
+    assert c.last.flops == 2.0 * 2560 * 40000 + block_flops(cfg)
     assert stage_layout(cfg, 1)[0].blocks == range(31)
 
 
@@ -108,7 +119,8 @@ def test_check_pipeline_accepts(pp, v, schedule, mb):
 def test_stage_copies_keep_names_and_chain_to_the_model(preset):
     cfg = _cfg(preset, n_layer=5, block_size=16)
     specs = stage_layout(cfg, 3)
-    meta = [stage_module(build_model(cfg), s, keep_tok_emb=s.head) for s in specs]
+    split = spec_of(cfg).pipeline
+    meta = [stage_module(build_model(cfg), split, s, keep_tied=s.head) for s in specs]
     full_names = set(dict(build_model(cfg).named_parameters()))
     for spec, m in zip(specs, meta):
         names = set(dict(m.named_parameters()))
@@ -124,5 +136,5 @@ def test_stage_copies_keep_names_and_chain_to_the_model(preset):
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     h = x
     for spec in specs:  # copies of a materialized model carry its weights
-        h = stage_module(model, spec, keep_tok_emb=spec.head)(h)
+        h = stage_module(model, split, spec, keep_tied=spec.head)(h)
     torch.testing.assert_close(h, model(x), rtol=0, atol=0)

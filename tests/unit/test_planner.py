@@ -13,10 +13,10 @@ import pytest
 
 from loom.config import ConfigError, load_config
 from loom.parallel.plan import check_plan, plan_from_config
-from loom.planner.cli import layout_overrides
-from loom.planner.cost import Layout, estimate
+from loom.planner.cli import plan_settings
+from loom.planner.cost import estimate, plan_for_batch
 from loom.planner.hardware import parse_cluster
-from loom.planner.search import check_layout, fixed_layout, parse_fix, search
+from loom.planner.search import check_fixed, fixed_plan, parse_fix, search
 
 # Megatron-LM's Table 1 rows (published figures, the file names its source), read as given
 ANCHOR_FILE = Path(__file__).resolve().parents[1] / "data" / "megatron2021_table1_subset.csv"
@@ -44,16 +44,16 @@ def _megatron(row):
                              f"model.n_embd={hidden}", "model.vocab_size=51200", "model.block_size=2048"]).model
     # the paper's runs: full recomputation, micro-batch 1, the interleaved schedule where pp > 1
     v = next((v for v in (2, 3, 4) if (layers // pp) % v == 0), 1) if pp > 1 else 1
-    layout = Layout(dp=dp, tp=tp, pp=pp, recompute="full", micro_batch=1,
-                    schedule="interleaved" if v > 1 else "1f1b", virtual_stages=v)
-    return cfg, layout, parse_cluster(f"{gpus}xa100-80g"), batch
+    plan = plan_for_batch(batch, 1, dp=dp, tp=tp, pp=pp, recompute="full",
+                          schedule="interleaved" if v > 1 else "1f1b", virtual_stages=v)
+    return cfg, plan, parse_cluster(f"{gpus}xa100-80g"), batch
 
 
 @pytest.mark.parametrize("row", MEGATRON_ROWS, ids=[f"{r[0]}B" for r in MEGATRON_ROWS])
 def test_published_megatron_layouts_are_predicted_within_15_percent(row):
-    cfg, layout, cluster, batch = _megatron(row)
-    check_layout(cfg, layout, cluster, batch)
-    e = estimate(cfg, layout, cluster, batch, 2048)
+    cfg, plan, cluster, batch = _megatron(row)
+    check_fixed(cfg, plan, cluster, batch)
+    e = estimate(cfg, plan, cluster, batch, 2048)
     assert e.fits, f"the published layout must fit: {e.memory_gb_per_device:.1f} GiB"
     assert e.tflops_per_device == pytest.approx(row[9], rel=0.15)
     # the breakdown adds up and every term is a time
@@ -63,15 +63,15 @@ def test_published_megatron_layouts_are_predicted_within_15_percent(row):
 
 @pytest.mark.parametrize("row", MEGATRON_ROWS, ids=[f"{r[0]}B" for r in MEGATRON_ROWS])
 def test_search_finds_a_plan_at_least_as_fast_as_the_published_one(row):
-    cfg, layout, cluster, batch = _megatron(row)
-    fixed = estimate(cfg, layout, cluster, batch, 2048)
+    cfg, plan, cluster, batch = _megatron(row)
+    fixed = estimate(cfg, plan, cluster, batch, 2048)
     t0 = time.perf_counter()
     found = search(cfg, cluster, batch, 2048)
     assert time.perf_counter() - t0 < 30  # seconds, even for thousands of devices
     best = found[0]
     assert best.fits and best.step_time_s <= fixed.step_time_s * (1 + 1e-9)
-    assert best.layout.world_size == cluster.devices
-    assert best.layout.tp <= 8  # tensor parallelism stays inside a DGX node
+    assert best.plan.world_size == cluster.devices
+    assert best.plan.tp <= 8  # tensor parallelism stays inside a DGX node
 
 
 def test_pangu_200b_on_2048_ascend_plans_like_the_published_layout():
@@ -82,23 +82,24 @@ def test_pangu_200b_on_2048_ascend_plans_like_the_published_layout():
     found = search(cfg, cluster, 1024, 1024)
     fitting = [e for e in found if e.fits]
     assert len(fitting) >= 10
-    best = fitting[0].layout
-    assert 1 < best.tp <= 8 and best.pp > 1 and best.dp > 1 and best.zero >= 1, best.describe()
-    published = estimate(cfg, Layout(dp=16, tp=8, pp=16, sp=True, zero=1, recompute="selective"), cluster, 1024, 1024)
+    best = fitting[0].plan
+    assert 1 < best.tp <= 8 and best.pp > 1 and best.dp > 1 and best.zero >= 1, fitting[0].describe()
+    published = estimate(cfg, plan_for_batch(1024, dp=16, tp=8, pp=16, sp=True, zero=1, recompute="selective"),
+                         cluster, 1024, 1024)
     assert published.fits
     # pure data parallelism cannot hold it: 207B parameters × 18 bytes on 32 GB devices
-    assert not any(e.fits for e in found if e.layout.tp == 1 and e.layout.pp == 1 and e.layout.zero < 3)
+    assert not any(e.fits for e in found if e.plan.tp == 1 and e.plan.pp == 1 and e.plan.zero < 3)
 
 
 def test_memory_follows_zero_and_recomputation():
     cfg = load_config(None, ["model=gpt3-175b"]).model
     cluster = parse_cluster("1024xa100-80g")
-    base = Layout(dp=16, tp=8, pp=8, sp=True, micro_batch=1)
-    mem = {z: estimate(cfg, Layout(**{**base.__dict__, "zero": z}), cluster, 1024, 2048).memory_gb for z in range(4)}
+    base = dict(dp=16, tp=8, pp=8, sp=True)
+    mem = {z: estimate(cfg, plan_for_batch(1024, **base, zero=z), cluster, 1024, 2048).memory_gb for z in range(4)}
     assert mem[1]["optimizer"] == pytest.approx(mem[0]["optimizer"] / 16)
     assert mem[2]["grads"] == pytest.approx(mem[1]["grads"] / 16)
     assert mem[3]["weights"] < mem[2]["weights"]
-    act = {r: estimate(cfg, Layout(**{**base.__dict__, "recompute": r}), cluster, 1024, 2048)
+    act = {r: estimate(cfg, plan_for_batch(1024, **base, recompute=r), cluster, 1024, 2048)
            for r in ("none", "selective", "full")}
     assert act["none"].memory_gb["activations"] > act["selective"].memory_gb["activations"] \
         > act["full"].memory_gb["activations"]
@@ -108,8 +109,8 @@ def test_memory_follows_zero_and_recomputation():
 def test_moe_plans_split_experts_over_ep():
     cfg = load_config(None, ["model=switch-base"]).model
     found = search(cfg, parse_cluster("64xa100-80g"), 256, 512)
-    assert found[0].fits and any(e.layout.ep > 1 for e in found)
-    e = estimate(cfg, Layout(dp=8, ep=8), parse_cluster("64xa100-80g"), 256, 512)
+    assert found[0].fits and any(e.plan.ep > 1 for e in found)
+    e = estimate(cfg, plan_for_batch(256, dp=8, ep=8), parse_cluster("64xa100-80g"), 256, 512)
     assert e.time_s["ep"] > 0
 
 
@@ -128,20 +129,20 @@ def test_bad_fixed_layouts_are_one_line_errors(text, message):
 
 
 def test_fixed_schedule_follows_from_virtual_stages():
-    assert parse_fix("pp=8,v=2").schedule == "interleaved"
-    assert parse_fix("pp=8,schedule=zero-bubble").virtual_stages == 2
-    assert parse_fix("pp=8,schedule=gpipe") == Layout(pp=8, schedule="gpipe")
+    assert parse_fix("pp=8,v=2")["schedule"] == "interleaved"
+    assert parse_fix("pp=8,schedule=zero-bubble")["virtual_stages"] == 2
+    assert parse_fix("pp=8,schedule=gpipe") == dict(pp=8, schedule="gpipe", micro_batch=1, vocab_size=0)
 
 
 def test_fixed_layouts_are_checked_against_cluster_model_and_batch():
     cfg = load_config(None, ["model=gpt2-124m"]).model
     cluster = parse_cluster("16xa100-80g")
     with pytest.raises(ConfigError, match="but the cluster has 16 devices"):
-        check_layout(cfg, parse_fix("dp=4"), cluster, 64)
+        fixed_plan(cfg, "dp=4", cluster, 64)
     with pytest.raises(ConfigError, match="does not divide model.n_head=12"):
-        check_layout(cfg, parse_fix("dp=2,tp=8"), cluster, 64)
+        fixed_plan(cfg, "dp=2,tp=8", cluster, 64)
     with pytest.raises(ConfigError, match="does not split"):
-        check_layout(cfg, parse_fix("dp=16"), cluster, 24)
+        fixed_plan(cfg, "dp=16", cluster, 24)
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -169,15 +170,16 @@ def test_a_cluster_from_a_yaml_file(tmp_path):
 def test_a_chosen_plan_becomes_settings_loom_train_accepts():
     cfg = load_config(None, ["model=gpt-tiny", "model.n_layer=4"]).model
     best = search(cfg, parse_cluster("4xcpu"), 16, 64)[0]
-    cfg = load_config(None, ["model=gpt-tiny", "model.n_layer=4", *layout_overrides(best.layout, 16)])
-    check_plan(plan_from_config(cfg.parallel), cfg, best.layout.world_size)
+    cfg = load_config(None, ["model=gpt-tiny", "model.n_layer=4"], plan_settings(best.plan, 16))
+    check_plan(plan_from_config(cfg), cfg, best.plan.world_size)
     assert cfg.train.batch_size == 16
-    for layout in (Layout(dp=2, pp=2, micro_batch=2), Layout(dp=2, tp=2, sp=True, zero=1, micro_batch=2),
-                   Layout(dp=4, micro_batch=1)):
-        cfg = load_config(None, ["model=gpt-tiny", "model.n_layer=4", *layout_overrides(layout, 16)])
-        check_plan(plan_from_config(cfg.parallel), cfg, layout.world_size)
-        per_step = cfg.train.batch_size // cfg.train.grad_accum // (layout.dp * layout.ep)
-        assert per_step // (cfg.parallel.microbatches if layout.pp > 1 else 1) == layout.micro_batch
+    for plan in (plan_for_batch(16, 2, dp=2, pp=2), plan_for_batch(16, 2, dp=2, tp=2, sp=True, zero=1),
+                 plan_for_batch(16, 1, dp=4)):
+        cfg = load_config(None, ["model=gpt-tiny", "model.n_layer=4"], plan_settings(plan, 16))
+        # the config says the same plan, and loom train accepts it
+        assert plan_from_config(cfg) == plan
+        check_plan(plan_from_config(cfg), cfg, plan.world_size)
+        assert plan.micro_batch(cfg.train.batch_size) == (2 if plan.tp * plan.pp > 1 else 1)
 
 
 @pytest.fixture
@@ -213,26 +215,25 @@ def test_vocabulary_is_padded_for_tensor_parallelism():
     cfg = load_config(None, ["model=gpt3-175b"]).model
     cluster = parse_cluster("1024xa100-80g")
     best = next(e for e in search(cfg, cluster, 1536, 2048) if e.fits)
-    assert best.layout.tp > 1 and best.layout.vocab_size == 50304, best.layout.describe()
-    assert "model.vocab_size=50304" in layout_overrides(best.layout, 1536)
-    fixed = fixed_layout(cfg, "dp=16,tp=8,pp=8")
+    assert best.plan.tp > 1 and best.vocab_size == 50304, best.describe()
+    assert plan_settings(best.plan, 1536, best.vocab_size)["model.vocab_size"] == 50304
+    fixed = fixed_plan(cfg, "dp=16,tp=8,pp=8", cluster, 1536)
     assert fixed.vocab_size == 50304
-    check_layout(cfg, fixed, cluster, 1536)
     # the padded rows cost what they are: more than the unpadded model's head, less than 51200 rows
-    base = dict(dp=16, tp=8, pp=8, sp=True)
-    padded = estimate(cfg, Layout(**base, vocab_size=50304), cluster, 1536, 2048)
-    more = estimate(cfg, Layout(**base, vocab_size=51200), cluster, 1536, 2048)
+    plan = plan_for_batch(1536, dp=16, tp=8, pp=8, sp=True)
+    padded = estimate(cfg, plan, cluster, 1536, 2048, vocab_size=50304)
+    more = estimate(cfg, plan, cluster, 1536, 2048, vocab_size=51200)
     assert padded.params_per_device < more.params_per_device
     with pytest.raises(ConfigError, match="divisible by tp=8"):
-        check_layout(cfg, fixed_layout(cfg, "dp=16,tp=8,pp=8,vocab_size=50260"), cluster, 1536)
+        fixed_plan(cfg, "dp=16,tp=8,pp=8,vocab_size=50260", cluster, 1536)
     with pytest.raises(ConfigError, match="at least model.vocab_size"):
-        check_layout(cfg, fixed_layout(cfg, "dp=16,tp=8,pp=8,vocab_size=256"), cluster, 1536)
+        fixed_plan(cfg, "dp=16,tp=8,pp=8,vocab_size=256", cluster, 1536)
     # a divisible vocabulary is left alone
     pangu = load_config(None, ["model=pangu-200b"]).model
-    assert fixed_layout(pangu, "dp=16,tp=8,pp=16").vocab_size == 0
+    assert fixed_plan(pangu, "dp=16,tp=8,pp=16", parse_cluster("2048xascend910"), 1024).vocab_size == 0
 
 
 def test_an_unpadded_vocabulary_error_says_how_to_pad():
     cfg = load_config(None, ["model=gpt2-124m", "parallel.tp=8"])
     with pytest.raises(ConfigError, match="model.vocab_size=50304"):
-        check_plan(plan_from_config(cfg.parallel), cfg, 8)
+        check_plan(plan_from_config(cfg), cfg, 8)

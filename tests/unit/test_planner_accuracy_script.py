@@ -1,5 +1,5 @@
-"""benchmarks/planner_accuracy.py stays runnable: its layouts are valid 4-process plans, the cost
-model's Layout it derives matches the engine's split of the batch, and its statistics are right."""
+"""benchmarks/planner_accuracy.py stays runnable: its layouts are valid 4-process plans, the plan the cost
+model reads splits the batch as the engine does, and its statistics are right."""
 
 import importlib.util
 import statistics
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loom.config import load_config
-from loom.parallel.plan import check_plan, plan_from_config
+from loom.parallel.plan import check_plan
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "planner_accuracy.py"
 
@@ -26,13 +26,12 @@ def test_at_least_ten_valid_layouts_of_four_processes(bench):
     kinds = set()
     for name, layout in bench.LAYOUTS.items():
         cfg = load_config(None, bench.overrides(layout, bench.MODEL))
-        check_plan(plan_from_config(cfg.parallel), cfg, bench.NPROC)
-        lay, batch, seq = bench.to_layout(layout, bench.MODEL)
-        assert lay.dp * lay.tp * lay.pp * lay.ep == bench.NPROC, name
-        m = cfg.parallel.microbatches if lay.pp > 1 else 1
-        assert lay.micro_batch * lay.dp * lay.ep * cfg.train.grad_accum * m == batch, name
-        assert seq == cfg.model.block_size
-        kinds |= {k for k in ("dp", "tp", "pp") if getattr(lay, k) > 1}
+        plan, batch, seq = bench.to_plan(layout, bench.MODEL)
+        check_plan(plan, cfg, bench.NPROC)
+        assert plan.dp * plan.tp * plan.pp * plan.ep == bench.NPROC, name
+        assert plan.micro_batch(batch) * plan.dp * plan.ep * plan.grad_accum * plan.microbatches == batch, name
+        assert plan.grad_accum == cfg.train.grad_accum and seq == cfg.model.block_size
+        kinds |= {k for k in ("dp", "tp", "pp") if getattr(plan, k) > 1}
     assert kinds == {"dp", "tp", "pp"}
 
 

@@ -10,17 +10,18 @@ import pytest
 
 from loom.config import ConfigError, load_config
 from loom.planner import calibrate as cal
-from loom.planner.cost import Layout, estimate
+from loom.planner import fit as fitting
+from loom.planner.cost import estimate, plan_for_batch
 from loom.planner.hardware import CATALOGUE, apply_profile, parse_cluster
 
 
 @pytest.mark.parametrize("kind", cal.COLLECTIVES)
 def test_collective_fit_recovers_latency_and_bandwidth(kind):
     n, latency, bandwidth = 4, 150e-6, 1.2e9
-    factor, steps = cal.collective_factors(kind, 2 if kind == "send_recv" else n)
+    factor, steps = fitting.collective_factors(kind, 2 if kind == "send_recv" else n)
     sizes = [4, 1 << 12, 1 << 16, 1 << 20, 1 << 22]
     times = [steps * latency + factor * b / bandwidth for b in sizes]
-    fit = cal.fit_collective(kind, 2 if kind == "send_recv" else n, sizes, times)
+    fit = fitting.fit_collective(kind, 2 if kind == "send_recv" else n, sizes, times)
     assert fit["latency_s"] == pytest.approx(latency, rel=1e-6)
     assert fit["bandwidth"] == pytest.approx(bandwidth, rel=1e-6)
 
@@ -29,10 +30,10 @@ def test_collective_fit_tolerates_noise_and_never_goes_negative():
     sizes = [4, 1 << 12, 1 << 16, 1 << 20, 1 << 22]
     noise = [1.05, 0.95, 1.1, 0.97, 1.02]
     times = [(2e-4 + b / 1e9) * e for b, e in zip(sizes, noise)]
-    fit = cal.fit_collective("send_recv", 2, sizes, times)
+    fit = fitting.fit_collective("send_recv", 2, sizes, times)
     assert fit["latency_s"] == pytest.approx(2e-4, rel=0.15) and fit["bandwidth"] == pytest.approx(1e9, rel=0.15)
     # timings that shrink with size (noise at small sizes) give no negative latency or bandwidth
-    fit = cal.fit_collective("all_reduce", 4, [4, 1 << 20], [3e-3, 1e-3])
+    fit = fitting.fit_collective("all_reduce", 4, [4, 1 << 20], [3e-3, 1e-3])
     assert fit["latency_s"] >= 0 and fit["bandwidth"] > 0
 
 
@@ -42,7 +43,7 @@ def test_block_fit_recovers_overhead_rate_and_half_width():
     for h, tokens in ((16, 8), (64, 256), (128, 512), (256, 256), (512, 128)):
         flops = 3 * cal._block_flops(h, 128, tokens)
         points.append((flops, h, t0 + flops / (rate * h / (h + n0))))
-    fit = cal.fit_block(points)
+    fit = fitting.fit_block(points)
     assert fit["overhead_s"] == pytest.approx(t0, rel=1e-6)
     assert fit["rate"] == pytest.approx(rate, rel=1e-6)
     assert fit["half_width"] == pytest.approx(n0, rel=1e-6)
@@ -83,7 +84,7 @@ def test_calibrated_terms_enter_the_estimate(tmp_path):
     cfg = load_config(None, ["model=gpt-tiny", "model.n_layer=4"]).model
     plain = parse_cluster("4xcpu")
     calibrated = parse_cluster("4xcpu", profile=_profile(tmp_path))
-    dp, tp = Layout(dp=4, micro_batch=4), Layout(dp=2, tp=2, micro_batch=8)
+    dp, tp = plan_for_batch(16, 4, dp=4), plan_for_batch(16, 8, dp=2, tp=2)
     e_dp, e_tp = (estimate(cfg, lay, calibrated, 16, 64) for lay in (dp, tp))
     for e in (e_dp, e_tp):
         assert sum(e.time_s.values()) == pytest.approx(e.step_time_s)
@@ -96,7 +97,7 @@ def test_calibrated_terms_enter_the_estimate(tmp_path):
     lone = parse_cluster("4xcpu", profile=_profile(tmp_path, cores_per_node=4))
     assert e_dp.time_s["compute"] == pytest.approx(2 * estimate(cfg, dp, lone, 16, 64).time_s["compute"])
     # ... but a pipeline's ramp-up runs on free cores: its bubble costs less than on dedicated devices
-    pp = Layout(pp=4, micro_batch=2)
+    pp = plan_for_batch(16, 2, pp=4)
     assert estimate(cfg, pp, calibrated, 16, 64).time_s["pp_bubble"] \
         < estimate(cfg, pp, lone, 16, 64).time_s["pp_bubble"] * 2
 
@@ -104,23 +105,23 @@ def test_calibrated_terms_enter_the_estimate(tmp_path):
 def test_fp32_memory_counts_sixteen_bytes_per_parameter(tmp_path):
     cfg = load_config(None, ["model=gpt-tiny", "model.n_layer=4"]).model
     profile = _profile(tmp_path)
-    one = estimate(cfg, Layout(micro_batch=16), parse_cluster("1xcpu", profile=profile), 16, 64)
+    one = estimate(cfg, plan_for_batch(16, 16), parse_cluster("1xcpu", profile=profile), 16, 64)
     n, gib = one.params_per_device, 2**30
     assert (one.memory_gb["weights"], one.memory_gb["grads"], one.memory_gb["optimizer"]) == pytest.approx(
         (4 * n / gib, 4 * n / gib, 8 * n / gib))
     cluster = parse_cluster("4xcpu", profile=profile)
-    dp = estimate(cfg, Layout(dp=4, micro_batch=4), cluster, 16, 64)
+    dp = estimate(cfg, plan_for_batch(16, 4, dp=4), cluster, 16, 64)
     # FSDP keeps its shard (here: all of it) of weights and gradients beside the gathered ones
     assert dp.memory_gb["weights"] == pytest.approx(8 * n / gib) and dp.memory_gb["grads"] == pytest.approx(8 * n / gib)
-    z1 = estimate(cfg, Layout(dp=4, zero=1, micro_batch=4), cluster, 16, 64)
+    z1 = estimate(cfg, plan_for_batch(16, 4, dp=4, zero=1), cluster, 16, 64)
     assert z1.memory_gb["optimizer"] == pytest.approx(dp.memory_gb["optimizer"] / 4)
     assert z1.memory_gb["weights"] == pytest.approx(5 * n / gib)
-    z3 = estimate(cfg, Layout(dp=4, zero=3, micro_batch=4), cluster, 16, 64)
+    z3 = estimate(cfg, plan_for_batch(16, 4, dp=4, zero=3), cluster, 16, 64)
     assert z3.memory_gb["weights"] < z1.memory_gb["weights"] and z3.memory_gb["grads"] < z1.memory_gb["grads"]
     # activations shrink with recomputation
-    full = estimate(cfg, Layout(dp=4, micro_batch=4, recompute="full"), cluster, 16, 64)
+    full = estimate(cfg, plan_for_batch(16, 4, dp=4, recompute="full"), cluster, 16, 64)
     assert full.memory_gb["activations"] < dp.memory_gb["activations"]
-    bf16 = estimate(cfg, Layout(dp=4, micro_batch=4), cluster, 16, 64, precision="bf16")
+    bf16 = estimate(cfg, plan_for_batch(16, 4, dp=4), cluster, 16, 64, precision="bf16")
     assert bf16.memory_gb["weights"] == pytest.approx(6 * n / gib) and "runtime" not in bf16.memory_gb
 
 
@@ -139,5 +140,5 @@ def test_a_quick_calibration_on_two_processes(tmp_path):
     assert saved["nproc"] == 2 and saved["raw"]["collectives"]["all_reduce"]
     cluster = parse_cluster("2xcpu", profile=out)
     cfg = load_config(None, ["model=gpt-tiny"]).model
-    e = estimate(cfg, Layout(dp=2, micro_batch=8), cluster, 16, 64)
+    e = estimate(cfg, plan_for_batch(16, 8, dp=2), cluster, 16, 64)
     assert e.step_time_s > 0 and e.memory_gb_per_device > a["runtime_bytes"] / 2**30

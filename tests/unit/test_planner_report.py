@@ -134,8 +134,8 @@ def test_drawn_microbatches():
 @pytest.fixture(scope="module")
 def pangu():
     from loom.config import load_config
-    from loom.planner.cost import model_shape
     from loom.planner.hardware import parse_cluster
+    from loom.planner.shape import model_shape
 
     cfg = load_config(None, ["model=pangu-200b"]).model
     return cfg, model_shape(cfg, 1024), parse_cluster("2048xascend910")
@@ -153,11 +153,11 @@ def _png_size(path):
     dict(dp=256, tp=8, pp=1, sp=True, zero=3, recompute="full", micro_batch=1),
 ], ids=["pp16-1f1b", "pp1"])
 def test_plot_plan_writes_a_png(pangu, tmp_path, layout_kw):
-    from loom.planner.cost import Layout, estimate
+    from loom.planner.cost import estimate, plan_for_batch
     from loom.planner.report import plot_plan
 
     cfg, shape, cluster = pangu
-    est = estimate(cfg, Layout(**layout_kw), cluster, 1024, 1024, shape=shape)
+    est = estimate(cfg, plan_for_batch(1024, **layout_kw), cluster, 1024, 1024, shape=shape)
     out = plot_plan(est, cluster, tmp_path / "sub" / "plan.png", title="PanGu-200B")
     assert out == tmp_path / "sub" / "plan.png"
     width, height = _png_size(out)
@@ -167,13 +167,13 @@ def test_plot_plan_writes_a_png(pangu, tmp_path, layout_kw):
 def test_plot_plan_other_schedules(pangu, tmp_path):
     """An estimate that carries no per-stage memory draws the fullest device's as one bar; an interleaved
     schedule with its chunks."""
-    from loom.planner.cost import Layout, estimate
+    from loom.planner.cost import estimate, plan_for_batch
     from loom.planner.report import plot_plan
 
     cfg, shape, cluster = pangu
     for i, (schedule, v) in enumerate((("zero-bubble", 2), ("interleaved", 2))):
-        est = estimate(cfg, Layout(dp=64, tp=8, pp=4, sp=True, zero=1, recompute="full", schedule=schedule,
-                                   virtual_stages=v), cluster, 1024, 1024, shape=shape)
+        est = estimate(cfg, plan_for_batch(1024, dp=64, tp=8, pp=4, sp=True, zero=1, recompute="full",
+                                           schedule=schedule, virtual_stages=v), cluster, 1024, 1024, shape=shape)
         if i == 0:
             est = replace(est, memory_per_stage_gb=[])
         _png_size(plot_plan(est, cluster, tmp_path / f"{schedule}.png"))

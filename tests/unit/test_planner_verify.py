@@ -8,8 +8,20 @@ import pytest
 from loom.config import load_config
 from loom.parallel.pipeline import stage_ids, stage_layout
 from loom.parallel.plan import Plan
-from loom.planner.cost import Layout
-from loom.planner.verify import default_ranks, plan_of, rank_at, verify
+from loom.planner.cost import plan_for_batch
+from loom.planner.verify import default_ranks, rank_at, verify
+
+Layout = Plan  # a plan seen for its layout alone
+
+
+def layout_plan(**axes) -> Plan:
+    """The plan of ``axes`` with one micro-batch per pipeline stage and ZeRO over the whole dp group."""
+    batch = axes.get("dp", 1) * axes.get("ep", 1) * axes.get("pp", 1)
+    return plan_for_batch(batch, 1, **axes)
+
+
+def plan_of(plan: Plan) -> Plan:
+    return plan
 
 
 def _cfg(preset: str, **overrides):
@@ -64,17 +76,17 @@ def _case(preset: str, overrides: dict, layout: Layout):
 
 
 SMALL = [
-    _case("gpt-tiny", dict(n_layer=4), Layout(dp=2, tp=2, pp=2, zero=1)),
-    _case("pangu-tiny", dict(n_layer=5), Layout(dp=2, tp=2, pp=2, zero=1)),
-    _case("switch-tiny", dict(n_layer=4), Layout(dp=2, ep=4, zero=1)),
-    _case("glam-tiny", {}, Layout(dp=2, tp=2, ep=2, pp=2, zero=1, sp=True, recompute="selective")),
+    _case("gpt-tiny", dict(n_layer=4), layout_plan(dp=2, tp=2, pp=2, zero=1)),
+    _case("pangu-tiny", dict(n_layer=5), layout_plan(dp=2, tp=2, pp=2, zero=1)),
+    _case("switch-tiny", dict(n_layer=4), layout_plan(dp=2, ep=4, zero=1)),
+    _case("glam-tiny", {}, layout_plan(dp=2, tp=2, ep=2, pp=2, zero=1, sp=True, recompute="selective")),
 ]
 OTHER_SCHEDULES = [
-    _case("gpt-tiny", dict(n_layer=8), Layout(dp=2, tp=2, pp=2, zero=3, sp=True, schedule="interleaved",
+    _case("gpt-tiny", dict(n_layer=8), layout_plan(dp=2, tp=2, pp=2, zero=3, sp=True, schedule="interleaved",
                                               virtual_stages=2, recompute="full")),
-    _case("gpt-tiny", dict(n_layer=8), Layout(dp=2, pp=2, zero=2, schedule="zero-bubble", virtual_stages=2)),
-    _case("gpt-tiny", dict(n_layer=8), Layout(pp=2, schedule="zero-bubble", virtual_stages=2)),
-    _case("gpt-tiny", dict(n_layer=4), Layout()),
+    _case("gpt-tiny", dict(n_layer=8), layout_plan(dp=2, pp=2, zero=2, schedule="zero-bubble", virtual_stages=2)),
+    _case("gpt-tiny", dict(n_layer=8), layout_plan(pp=2, schedule="zero-bubble", virtual_stages=2)),
+    _case("gpt-tiny", dict(n_layer=4), layout_plan()),
 ]
 
 
@@ -89,7 +101,7 @@ def test_counts_what_each_rank_holds(preset, overrides, layout):
 def test_every_rank_and_the_zero_shards():
     """All 8 ranks of dp=2 tp=2 pp=2 zero=1: the ranks of a stage hold the same, and the ZeRO shards of
     a dp group add up to the unsharded count."""
-    cfg, layout = _cfg("gpt-tiny", n_layer=4), Layout(dp=2, tp=2, pp=2, zero=1)
+    cfg, layout = _cfg("gpt-tiny", n_layer=4), layout_plan(dp=2, tp=2, pp=2, zero=1)
     plan = plan_of(layout)
     rows = {r["rank"]: r for r in verify(cfg, layout, ranks=list(range(8)))}
     _check(cfg, layout, list(rows.values()))
@@ -100,21 +112,21 @@ def test_every_rank_and_the_zero_shards():
 
 
 def test_plan_and_ranks():
-    layout = Layout(dp=16, tp=8, pp=16, zero=1, schedule="interleaved", virtual_stages=2)
+    layout = layout_plan(dp=16, tp=8, pp=16, zero=1, schedule="interleaved", virtual_stages=2)
     plan = plan_of(layout)
     assert plan == Plan(dp=16, tp=8, pp=16, zero=1, shard_group=16, microbatches=16, schedule="interleaved",
                         virtual_stages=2)
     assert plan.world_size == 2048
     assert default_ranks(plan) == [0, 1024, 1920]  # pp is the outermost axis: 128 ranks per stage
     assert rank_at(plan, pp=1, tp=3) == 131
-    assert default_ranks(plan_of(Layout(dp=2))) == [0]
+    assert default_ranks(plan_of(layout_plan(dp=2))) == [0]
     with pytest.raises(ValueError, match="outside"):
-        verify(_cfg("gpt-tiny"), Layout(dp=2), ranks=[2])
+        verify(_cfg("gpt-tiny"), layout_plan(dp=2), ranks=[2])
 
 
 def test_isolated_run_counts_the_same():
     """In a subprocess (as when this process already has a process group): the same counts."""
-    cfg, layout = _cfg("switch-tiny", n_layer=4), Layout(dp=1, tp=2, ep=2, pp=2)
+    cfg, layout = _cfg("switch-tiny", n_layer=4), layout_plan(dp=1, tp=2, ep=2, pp=2)
     here, there = verify(cfg, layout), verify(cfg, layout, isolate=True)
     keys = ("rank", "stage", "blocks", "params_counted", "params_sharded", "params_predicted")
     assert [{k: r[k] for k in keys} for r in here] == [{k: r[k] for k in keys} for r in there]
@@ -124,8 +136,8 @@ def test_isolated_run_counts_the_same():
 
 # GPT-3's vocabulary padded to a multiple of 128 · tp, as Megatron-LM does: 50257 rows do not split over tp=8
 FULL = {
-    "pangu-200b/2048": ("pangu-200b", {}, Layout(dp=16, tp=8, pp=16, zero=1)),
-    "gpt3-175b/1024": ("gpt3-175b", dict(vocab_size=51200), Layout(dp=16, tp=8, pp=8, zero=1)),
+    "pangu-200b/2048": ("pangu-200b", {}, layout_plan(dp=16, tp=8, pp=16, zero=1)),
+    "gpt3-175b/1024": ("gpt3-175b", dict(vocab_size=51200), layout_plan(dp=16, tp=8, pp=8, zero=1)),
 }
 
 

@@ -59,7 +59,7 @@ def test_bf16_autocast_runs_matmuls_in_bf16_and_needs_no_scaler():
 
 
 def test_fp64_keeps_float64_and_casts_only_upwards():
-    from loom.models.moe import at_least_fp32
+    from loom.models.common import at_least_fp32
     from loom.train.precision import compute_dtype, param_dtype
 
     assert param_dtype("fp64") == torch.float64 and param_dtype("bf16") == torch.float32

@@ -1,7 +1,8 @@
 import pytest
 
 from loom.config import ConfigError, load_config
-from loom.runs import new_run_dir, resolve_device
+from loom.parallel.launch import resolve_device
+from loom.train.rundir import new_run_dir
 
 
 def test_default_run_dirs_never_collide(tmp_path, monkeypatch):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from loom.config import ConfigError, load_config
-from loom.models import build_model
-from loom.models.plans import strategy_table
-from loom.parallel.strategy import check_divisible, parse_strategy, resolve_strategies
+from loom.models import build_model, spec_of
+from loom.parallel.strategy import parse_strategy, resolve_strategies
 
 
 def meta(preset: str, *overrides: str):
@@ -53,16 +52,18 @@ def test_bad_strategies_say_what_is_wrong_and_what_is_valid(text, match):
     assert repr(text) in msg and "valid: colwise, rowwise, vocab, replicate" in msg and "\n" not in msg
 
 
+def strategy_table(arch: str) -> dict[str, str]:
+    return dict(spec_of(arch).sharding.table)
+
+
 def test_builtin_tables():
     gpt, pangu = strategy_table("gpt"), strategy_table("pangu")
     assert gpt["layers.*.attn.q_proj"] == "colwise" and gpt["layers.*.mlp.proj"] == "rowwise"
     assert gpt["tok_emb"] == gpt["lm_head"] == "vocab"
     assert {k: v for k, v in pangu.items() if k in gpt} == gpt
     assert pangu["top_query_emb"] == "replicate" and pangu["top_query_layer.attn.out_proj"] == "rowwise"
-    strategy_table("gpt")["tok_emb"] = "replicate"  # a copy
-    assert strategy_table("gpt")["tok_emb"] == "vocab"
     with pytest.raises(ConfigError, match="model.arch='bert'"):
-        strategy_table("bert")
+        spec_of("bert")
 
 
 def test_resolution_covers_every_weight_and_overrides_win():
@@ -117,14 +118,3 @@ def test_indivisible_splits_name_the_config_keys():
     resolve_strategies(odd, strategy_table("gpt"), {"tok_emb": "replicate", "lm_head": "replicate"}, tp=2, dp=1)
 
 
-def test_check_divisible_from_the_config_alone():
-    check_divisible(load_config(None, ["model=gpt-mini"]).model, 4)
-    cfg = load_config(None, ["model=gpt2-124m"]).model
-    with pytest.raises(ConfigError, match="model.vocab_size=50257 is not divisible by parallel.tp=2"):
-        check_divisible(cfg, 2)
-    with pytest.raises(ConfigError, match="model.n_head=12 is not divisible by parallel.tp=8"):
-        check_divisible(cfg, 8)
-    cfg = load_config(None, ["model=gpt-tiny", "model.block_size=30"]).model
-    check_divisible(cfg, 4)
-    with pytest.raises(ConfigError, match="model.block_size=30 .*parallel.sp"):
-        check_divisible(cfg, 4, sequence_parallel=True)

@@ -1,6 +1,9 @@
-"""The training loop on one device: config → data → build on meta → initialize or resume → train.
+"""The trainer of one process: build its share of the model under the plan, initialize or resume it,
+then the loop (steps, logging, evaluation, checkpoints, Ctrl-C).
 
-Every source of randomness is a function of the seed and the step (the data sampler, the schedule)
+    config + plan -> build on meta -> parallelize(model, plan, mesh, loss) -> init or load -> train
+
+Every source of randomness is a function of the seed and the step (the task's batches, the schedule)
 or is saved in the checkpoint (the RNG state, the optimizer moments, the loss scale, the losses not
 yet logged), so a resumed run repeats the losses of an uninterrupted one exactly (on a CPU; CUDA
 kernels such as attention's backward are not bitwise deterministic).
@@ -8,14 +11,10 @@ kernels such as attention's backward are not bitwise deterministic).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
 import math
-import os
 import resource
-import shutil
 import signal
 import sys
 import threading
@@ -26,16 +25,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from loom.config import Config, ConfigError, config_to_yaml
-from loom.data import BatchSampler, PreparedData, eval_batches
-from loom.data.corpus import corpus_files
-from loom.models import build_model, count_params, flops_per_token
-from loom.models.moe import STAT_FIELDS
-from loom.parallel.launch import Process, barrier, broadcast_object, init_process
+from loom.config import Config, task_name
+from loom.data import PreparedData
+from loom.errors import RunError
+from loom.files import write_text_atomic
+from loom.models import build_model, count_params, flops_per_token, spec_of
+from loom.models.common import STAT_FIELDS
+from loom.parallel.launch import Process, barrier, resolve_device
 from loom.parallel.mesh import all_reduce_sum, build_mesh, coordinates
 from loom.parallel.parallelize import ParallelModel, parallelize
-from loom.parallel.plan import check_plan, plan_from_config
-from loom.runs import RunError, new_run_dir, prepare_run_data, read_json, resolve_device, write_text_atomic
+from loom.parallel.plan import Plan
+from loom.tasks import build_task, slice_rows, to_device
 from loom.train.checkpoint import (
     checkpoint_step,
     clear_partial_saves,
@@ -43,11 +43,10 @@ from loom.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from loom.train.evaluate import val_record
-from loom.train.memory import check_training_state_fits
 from loom.train.metrics import MetricsFile, peak_flops
-from loom.train.optim import build_optimizer, lr_at
-from loom.train.precision import LossScaler, param_dtype
+from loom.train.optim import lr_at
+from loom.train.precision import autocast, compute_dtype, param_dtype
+from loom.train.step import TrainingStep, mean_over_replicas
 
 log = logging.getLogger("loom.train")
 
@@ -58,12 +57,13 @@ class Interval:
 
     steps: int = 0
     seconds: float = 0.0
+    units: int = 0  # tokens trained on (all replicas)
     losses: list[torch.Tensor] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None  # of the last step
     moe: torch.Tensor | None = None  # this rank's MoE statistics, summed over the steps
 
     def reset(self) -> None:
-        self.steps, self.seconds, self.losses, self.grad_norm, self.moe = 0, 0.0, [], None, None
+        self.steps, self.seconds, self.units, self.losses, self.grad_norm, self.moe = 0, 0.0, 0, [], None, None
 
 
 class StopRequest:
@@ -96,25 +96,28 @@ class Trainer:
 
     ``run_dir=None`` trains in memory (no checkpoints, metrics or summary)."""
 
-    def __init__(self, cfg: Config, run_dir: Path | None, data: PreparedData, resume: bool = False,
+    def __init__(self, cfg: Config, plan: Plan, run_dir: Path | None, data: PreparedData, resume: bool = False,
                  process: Process | None = None, device: torch.device | None = None):
-        self.cfg, self.run_dir, self.data = cfg, run_dir, data
+        self.cfg, self.plan, self.run_dir, self.data = cfg, plan, run_dir, data
         t = cfg.train
         self.process = process or Process()
+        if plan.world_size != self.process.world_size:
+            raise RunError(f"the plan ({plan.describe()}) is for {plan.world_size} processes, but this job has "
+                           f"{self.process.world_size}")
         self.device = device or resolve_device(t.device)
         if self.device.type == "cuda" and t.precision == "fp32":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls, the fp32 peak in the MFU table
-        self.plan = plan_from_config(cfg.parallel)
         self.peak = self._peak_flops()
-        mesh = build_mesh(self.plan, self.device.type) if self.process.world_size > 1 else None
+        mesh = build_mesh(plan, self.device.type) if self.process.world_size > 1 else None
         self.coord = coordinates(mesh) if mesh is not None else None
-        self.replica = self.coord.data(self.plan.ep) if self.coord else 0  # which slice of each batch
+        self.replica = self.coord.data(plan.ep) if self.coord else 0  # which slice of each batch
         torch.manual_seed(t.seed + (self.replica * 7919 + self.coord.pp * 104729 if self.coord else 0))
-        self.model: ParallelModel = parallelize(build_model(cfg.model).to(param_dtype(t.precision)), self.plan,
-                                                mesh, self.device, t.precision, t.seed)
-        self.optimizers = self._build_optimizers()
-        self.scaler = LossScaler(self.device, t.precision)
-        self.sampler = BatchSampler(data.train, cfg.model.block_size, t.batch_size, t.seed)
+        self.task = build_task(task_name(cfg), data, cfg.model.block_size, t.batch_size, t.seed)
+        spec = spec_of(cfg.model)
+        self.model: ParallelModel = parallelize(
+            build_model(cfg.model).to(param_dtype(t.precision)), plan, mesh, spec=spec, loss_fn=self.task.loss,
+            device=self.device, seed=t.seed, mixed_precision=compute_dtype(t.precision))
+        self.step = TrainingStep(self.model, self.task, plan, t, self.replica, self.device)
         self.interval = Interval()
         self.start_step = self._resume() if resume else 0
         self.flops_per_token = flops_per_token(cfg.model, cfg.model.block_size)
@@ -123,16 +126,13 @@ class Trainer:
         mode = t.progress if self.process.is_coordinator else "none"
         self.progress_mode = ("bar" if sys.stderr.isatty() else "log") if mode == "auto" else mode
 
-    def _build_optimizers(self) -> list[torch.optim.Optimizer]:
-        """One optimizer per model part; a parameter two parts share (the tied embedding of a
-        pipeline rank holding the first and the last stage) is updated by the first part's only."""
-        seen: set[int] = set()
-        optimizers = []
-        for m in self.model.modules:
-            own = [p for p in m.parameters() if id(p) not in seen]
-            seen.update(id(p) for p in own)
-            optimizers.append(build_optimizer(m, self.cfg.train, own))
-        return optimizers
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return self.step.optimizers
+
+    @property
+    def scaler(self):
+        return self.step.scaler
 
     def _peak_flops(self) -> float:
         """The device's peak (measured once on a CPU, by the coordinator, then read from its cache)."""
@@ -143,53 +143,19 @@ class Trainer:
             barrier()
         return peak
 
-    # -- one optimizer step --------------------------------------------------------------
-
-    def rows(self, micro_step: int) -> slice:
-        """This replica's rows of the global batch in accumulation micro-step ``micro_step``."""
-        t = self.cfg.train
-        micro = t.batch_size // t.grad_accum
-        per_replica = micro // self.plan.data_parallel
-        first = micro_step * micro + self.replica * per_replica
-        return slice(first, first + per_replica)
-
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward over ``grad_accum`` micro-batches, then one optimizer step.
-        Returns this rank's part of the step's mean loss (see :meth:`mean_over_replicas`) and the
-        global gradient norm before clipping."""
-        t = self.cfg.train
-        lr = lr_at(step, t)
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
-        # (loss sum, 1 where this rank knows the loss), in float64 whatever the precision: a reduction
-        # that must not round differently under different layouts
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for i in range(t.grad_accum):
-            x, y = self.sampler.batch(step, rows=self.rows(i))
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss = self.model.forward_backward(x, y, lambda v: self.scaler.scale(v / t.grad_accum),
-                                               last_micro_step=i == t.grad_accum - 1)
-            if loss is not None:
-                total += torch.stack([loss.double(), torch.ones((), device=self.device, dtype=torch.float64)]) \
-                    / t.grad_accum
-        self.model.after_backward()
-        moe = self.model.take_moe_stats()
-        if moe is not None:
-            self.interval.moe = moe if self.interval.moe is None else self.interval.moe + moe
-        for opt in self.optimizers:
-            self.scaler.unscale_(opt)
-        grad_norm = self.model.clip_grads_(t.grad_clip if t.grad_clip > 0 else math.inf)
-        self.scaler.step(self.optimizers, grad_norm, step)
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-        return total, grad_norm
+        """One optimizer step; returns this rank's part of the step's mean loss (see
+        :meth:`mean_over_replicas`) and the global gradient norm before clipping. The step's MoE
+        statistics join the interval's."""
+        result = self.step(step)
+        self._last_tokens = result.tokens
+        if result.moe is not None:
+            self.interval.moe = result.moe if self.interval.moe is None else self.interval.moe + result.moe
+        return result.loss, result.grad_norm
 
-    def mean_over_replicas(self, parts: torch.Tensor) -> torch.Tensor:
-        """Losses as (..., 2) pairs (sum, count) from :meth:`train_step` -> the mean over the ranks
-        that know them (every replica's last pipeline stage): the global batch's mean loss."""
-        parts = all_reduce_sum(parts.clone())
-        return parts[..., 0] / parts[..., 1]
+    @staticmethod
+    def mean_over_replicas(parts: torch.Tensor) -> torch.Tensor:
+        return mean_over_replicas(parts)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -234,6 +200,7 @@ class Trainer:
     def _timed_step(self, step: int) -> None:
         t0 = time.perf_counter()
         loss, self.interval.grad_norm = self.train_step(step)
+        self.interval.units += self._last_tokens * self.plan.data_parallel  # every replica's rows
         if self.device.type == "cuda" and (step + 1) % self.cfg.train.log_every == 0:
             torch.cuda.synchronize(self.device)
         self.interval.seconds += time.perf_counter() - t0
@@ -242,7 +209,7 @@ class Trainer:
 
     def _log_record(self, step: int, started: float) -> dict:
         iv, t = self.interval, self.cfg.train
-        tokens_per_s = iv.steps * t.batch_size * self.cfg.model.block_size / max(iv.seconds, 1e-9)
+        tokens_per_s = iv.units / max(iv.seconds, 1e-9)
         loss = self.mean_over_replicas(torch.stack(iv.losses)).mean().item()
         if not math.isfinite(loss) and not self.scaler.enabled:
             raise RunError(f"training diverged: the loss is {loss} at step {step}; lower train.lr "
@@ -280,29 +247,29 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Token-weighted mean loss over the first ``eval_batches`` batches of the validation
-        split; each replica scores its rows of every batch."""
+        """The task's metrics over the first ``eval_batches`` batches of the validation split, each
+        replica scoring its rows of every batch, weighted by the task's units (tokens)."""
         t = self.cfg.train
         self.model.train(False)
-        # (sum of losses × tokens, tokens) on ranks that know, in float64 as in train_step
-        parts = torch.zeros(2, device=self.device, dtype=torch.float64)
+        parts = torch.zeros(2, device=self.device, dtype=torch.float64)  # (Σ loss × units, units) where known
         replicas = self.plan.data_parallel
         split = replicas * (self.plan.microbatches if self.plan.pp > 1 else 1)
-        for x, y in eval_batches(self.data.val, self.cfg.model.block_size, t.batch_size, t.eval_batches):
-            n = x.size(0) - x.size(0) % split  # every replica needs whole (micro-)batches
+        for batch in self.task.eval_batches(t.eval_batches):
+            rows = next(iter(batch.values())).size(0)
+            n = rows - rows % split  # every replica needs whole (micro-)batches
             if n == 0:
                 continue
             per = n // replicas
-            first = self.replica * per
-            xs, ys = x[first:first + per].to(self.device), y[first:first + per].to(self.device)
-            loss = self.model.loss(xs, ys)
+            mine = to_device(slice_rows(batch, slice(self.replica * per, (self.replica + 1) * per)), self.device)
+            with autocast(self.device, t.precision):
+                loss = self.model.loss(self.task.inputs(mine), self.task.targets(mine))
             if loss is not None:
-                parts += torch.stack([loss.double() * ys.numel(),
-                                      torch.tensor(float(ys.numel()), device=self.device, dtype=torch.float64)])
+                units = torch.tensor(float(self.task.units(mine)), device=self.device, dtype=torch.float64)
+                parts += torch.stack([loss.double() * units, units])
         self.model.train(True)
         # every rank of a replica's last stage knows its loss: its tp ranks hold the same numbers
-        loss_sum, tokens = (all_reduce_sum(parts) / self.plan.tp).tolist()
-        return val_record(loss_sum, round(tokens))
+        loss_sum, units = (all_reduce_sum(parts) / self.plan.tp).tolist()
+        return self.task.metrics(loss_sum, round(units))
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -381,7 +348,7 @@ class Trainer:
 
 
 def moe_records(names: tuple[str, ...], stats: torch.Tensor) -> list[dict]:
-    """Per MoE layer, from statistics summed over steps and ranks (:data:`loom.models.moe.STAT_FIELDS`):
+    """Per MoE layer, from statistics summed over steps and ranks (:data:`loom.models.common.moe.STAT_FIELDS`):
     the auxiliary and z-losses (mean over sequences), the fraction of routed (token, expert)
     assignments dropped for capacity, and expert load: each expert's share of the routed assignments
     and max/mean over experts (1 is perfect balance)."""
@@ -407,140 +374,3 @@ def _fmt(r: dict) -> str:
     if "val_loss" in r:
         parts.append(f"val {r['val_loss']:.3f}")
     return " | ".join(parts)
-
-
-# ------------------------------------------------------------------------------------------
-# Entry point
-# ------------------------------------------------------------------------------------------
-
-
-def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
-    """Train ``cfg`` in ``run_dir`` (continuing its newest checkpoint when ``resume``).
-
-    Every process of a job calls this with the same config; the coordinator (rank 0) makes the
-    run directory and prepares the data first, the others follow."""
-    process, device = init_process(cfg.train.device)  # fail before any work if the device is not there
-    if not process.is_coordinator:
-        logging.getLogger("loom").setLevel(logging.ERROR)  # one voice: rank 0's
-    cfg = resolve_data_parallel(cfg, process.world_size)
-    plan = plan_from_config(cfg.parallel)
-    check_plan(plan, cfg, process.world_size)
-    check_training_state_fits(cfg, device, plan, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    corpus_files(cfg.data.path)  # a wrong data.path fails before a run directory is made
-    run_dir = Path(_on_coordinator(process, _make_run_dir, cfg, run_dir, resume))
-    with _log_to_file(run_dir / "train.log") if process.is_coordinator else contextlib.nullcontext():
-        tok_dir = run_dir / "tokenizer" if resume else None
-        data = _on_coordinator(process, prepare_run_data, cfg, tok_dir, share=False)
-        if not process.is_coordinator:
-            data = prepare_run_data(cfg, tok_dir)  # the coordinator has filled the cache
-        check_data_fits(cfg, data)
-        trainer = Trainer(cfg, run_dir, data, resume=resume, process=process, device=device)
-        if process.is_coordinator:
-            _write_run_files(cfg, run_dir, data, with_tokenizer=not resume)  # only once the checkpoint loaded
-        if trainer.start_step >= cfg.train.steps:
-            log.info("%s is already trained to step %d of train.steps=%d; to go further, resume with "
-                     "train.steps=N", run_dir, trainer.start_step, cfg.train.steps)
-            return read_json(run_dir / "summary.json")
-        log.info("run %s: %s, %.2fM parameters, %d steps of %d tokens, %s on %s%s", run_dir, cfg.model.preset,
-                 count_params(build_model(cfg.model)) / 1e6, cfg.train.steps,
-                 cfg.train.batch_size * cfg.model.block_size, cfg.train.precision, device,
-                 f", {process.world_size} processes: {plan.describe()}" if process.world_size > 1 else "")
-        summary = trainer.run()
-        if summary["finished"]:
-            log.info("done: val loss %.3f (perplexity %.1f) against a unigram entropy of %.3f nats; %s",
-                     summary["val_loss"], summary["val_ppl"], summary["unigram_entropy_nats"] or math.nan, run_dir)
-        if process.is_coordinator:
-            _plot(run_dir)
-        barrier()
-        return summary
-
-
-def resolve_data_parallel(cfg: Config, world_size: int) -> Config:
-    """Defaults that depend on the number of processes: ``parallel.dp`` left at 1 takes the
-    processes that tensor, pipeline and expert parallelism leave, ``world_size / (tp × pp × ep)`` (when that
-    divides; otherwise the plan check says what is wrong), and a pipeline left at one micro-batch
-    gets one per stage (when the batch splits so), since a single micro-batch leaves every stage
-    but one idle. With ``parallel.auto=true`` the planner chooses the whole layout."""
-    if cfg.parallel.auto:  # the planner's fastest layout for this machine
-        from loom.planner.cli import auto_config
-        from loom.runs import resolve_device
-
-        cfg = auto_config(cfg, world_size, resolve_device(cfg.train.device).type)
-    p = cfg.parallel
-    others = p.tp * p.pp * p.ep
-    if p.dp == 1 and world_size > 1 and world_size % others == 0:
-        p = dataclasses.replace(p, dp=world_size // others)
-    per_replica = cfg.train.batch_size // cfg.train.grad_accum // (p.dp * p.ep)
-    if p.pp > 1 and p.microbatches == 1 and per_replica % p.pp == 0:
-        p = dataclasses.replace(p, microbatches=p.pp)
-    return dataclasses.replace(cfg, parallel=p)
-
-
-def _make_run_dir(cfg: Config, run_dir: Path | None, resume: bool) -> str:
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise RunError(f"{str(run_dir)!r} already holds a run with checkpoints; continue it with "
-                       f"`loom train --resume {run_dir}` or choose another train.run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return str(run_dir)
-
-
-def _on_coordinator(process: Process, fn, *args, share: bool = True):
-    """``fn(*args)`` on rank 0; its result (``share``) or its error reaches every rank, so that a
-    bad run directory or corpus stops all processes with the same message instead of a hang."""
-    result, error = None, None
-    if process.is_coordinator:
-        try:
-            result = fn(*args)
-        except Exception as e:  # re-raised below on every rank
-            error = e
-    if process.world_size > 1:
-        error = broadcast_object(error)
-        if share and error is None:
-            result = broadcast_object(result)
-    if error is not None:
-        raise error
-    return result
-
-
-def check_data_fits(cfg: Config, data: PreparedData) -> None:
-    if data.tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{data.tokenizer.vocab_size} tokens; set model.vocab_size>={data.tokenizer.vocab_size}")
-    need = cfg.model.block_size + 1
-    for split, tokens in (("train", data.train), ("val", data.val)):
-        if len(tokens) < need:
-            raise ConfigError(f"the {split} split holds {len(tokens)} tokens, fewer than one sequence of "
-                              f"model.block_size+1={need}; use more data or a smaller model.block_size")
-
-
-def _write_run_files(cfg: Config, run_dir: Path, data: PreparedData, with_tokenizer: bool) -> None:
-    write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
-    write_text_atomic(run_dir / "data.json", json.dumps({**data.meta, "cache": str(data.dir)}, indent=2) + "\n")
-    if with_tokenizer:
-        tok_dir = run_dir / "tokenizer"
-        if tok_dir.exists():
-            shutil.rmtree(tok_dir)
-        data.tokenizer.save(tok_dir)
-
-
-@contextlib.contextmanager
-def _log_to_file(path: Path):
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("loom")
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
-
-
-def _plot(run_dir: Path) -> None:
-    from loom.plot import plot_run  # matplotlib is imported only when a picture is drawn
-
-    try:
-        plot_run(run_dir)
-    except Exception as e:  # a failed picture must not fail a finished run
-        log.warning("could not draw the loss curve: %s", e)

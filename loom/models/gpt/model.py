@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.config import ModelConfig
-from loom.models.layers import Block, KVCache, gpt_initial_value, param_generator
+from loom.models.common import Block, KVCache, gpt_initial_value, param_generator
+from loom.models.config import ModelConfig
 
 
 class GPT(nn.Module):

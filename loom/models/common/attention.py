@@ -1,22 +1,19 @@
-"""Transformer building blocks, single-device PyTorch only.
+"""Multi-head attention with a KV cache, single-device PyTorch only.
 
-Attention keeps separate query, key and value projections (as Megatron-LM and MindSpore's PanGu-α
-do) so that an operator-level shard strategy can split each by heads, and so that PanGu-α's top
-query layer can take its query from a different input than its keys and values.
+Separate query, key and value projections (as Megatron-LM and MindSpore's PanGu-α keep them) so that
+an operator-level shard strategy can split each by heads, and so that an attention can take its query
+from a different input than its keys and values (PanGu-α's top query layer).
 """
 
 from __future__ import annotations
 
-import math
-import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.config import ModelConfig
-from loom.models.moe import Experts, MoE, moe_initial_value
+from loom.models.config import ModelConfig
 
 
 @dataclass
@@ -95,56 +92,3 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, C)
         return self.resid_drop(self.out_proj(y))
-
-
-class MLP(nn.Module):
-    """Position-wise feed-forward network with GELU (tanh approximation, as GPT-2)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, cfg.ffn, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.ffn, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm Transformer decoder block: x + attn(ln(x)), then x + mlp(ln(x)); with ``moe``
-    the feed-forward layer is a sparse Mixture-of-Experts (:class:`~loom.models.moe.MoE`)."""
-
-    def __init__(self, cfg: ModelConfig, moe: bool = False):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.attn = Attention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.mlp = MoE(cfg) if moe else MLP(cfg)
-
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, cache)
-        return x + self.mlp(self.ln_2(x))
-
-
-def param_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator for one parameter, seeded by the run's seed and the parameter's name only:
-    the same numbers come out whatever else the model or its layout holds."""
-    return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
-
-
-def gpt_initial_value(module: nn.Module, name: str, shape: torch.Size, n_layer: int,
-                      generator: torch.Generator) -> torch.Tensor:
-    """GPT-2 initialization of the parameter ``name`` of ``module``: N(0, 0.02) weights, zero biases,
-    unit LayerNorms, and the residual output projections scaled by 1/sqrt(2 n_layer) (Radford et al.
-    2019, section 2.3). Returns the full tensor (fp32, CPU)."""
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    if isinstance(owner, Experts):
-        return moe_initial_value(name, shape, n_layer, generator)
-    if isinstance(owner, nn.LayerNorm):
-        return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
-    if leaf == "bias":
-        return torch.zeros(shape)
-    std = 0.02 / math.sqrt(2 * n_layer) if owner_name.endswith(("out_proj", "mlp.proj")) else 0.02
-    return torch.empty(shape).normal_(0.0, std, generator=generator)

@@ -25,7 +25,7 @@ or accumulation steps.
 contiguous slices, and the outputs are added back at the tokens' indices, so memory grows with
 tokens × k (never with a tokens × experts × capacity one-hot tensor). :class:`Experts` holds all E
 experts' weights as stacked tensors (E, ...) and runs them on such sorted tokens; expert parallelism
-(``loom.parallel.expert``) splits those tensors along E and moves tokens with all-to-all around
+(:mod:`loom.parallel.expert`) splits those tensors along E and moves tokens with all-to-all around
 the same call.
 """
 
@@ -39,12 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.config import ModelConfig
-
-
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32 if it is in a narrower float dtype (bf16, fp16); float32 and float64 as they are."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+from loom.models.common.numerics import at_least_fp32
+from loom.models.config import ModelConfig
 
 # Per layer and forward pass, what the trainer reports (summed over passes and devices):
 # tokens routed to each expert before the capacity cut (E values), then these.

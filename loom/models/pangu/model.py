@@ -16,9 +16,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.config import ModelConfig
-from loom.models.gpt import GPT
-from loom.models.layers import Block, KVCache, LayerCache
+from loom.models.common import Block, KVCache, LayerCache
+from loom.models.config import ModelConfig
+from loom.models.gpt.model import GPT
+
+
+def n_blocks(cfg: ModelConfig) -> int:
+    """Decoder blocks: ``n_layer`` counts the top query layer too, as the reference implementation does."""
+    return cfg.n_layer - 1
 
 
 class TopQueryLayer(Block):
@@ -39,7 +44,7 @@ class PanGuAlpha(GPT):
 
     @property
     def n_blocks(self) -> int:
-        return self.cfg.n_layer - 1
+        return n_blocks(self.cfg)
 
     def head_layer(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         top_cache = cache.layers[-1] if cache is not None else None

@@ -1,0 +1,31 @@
+"""Opening a trained run for inference: its model, in eval mode, with the newest checkpoint's weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from loom.config import Config
+from loom.data import Tokenizer, load_tokenizer
+from loom.errors import RunError
+from loom.models import build_model, materialize
+from loom.parallel.launch import resolve_device
+from loom.train.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
+from loom.train.precision import param_dtype
+from loom.train.rundir import load_run_config
+
+
+def load_for_inference(run_dir: Path, device: str = "auto") -> tuple[Config, nn.Module, Tokenizer, int]:
+    """The run's model with its newest checkpoint's weights (whatever layout saved it), in eval mode,
+    its tokenizer, and the checkpoint's step."""
+    cfg = load_run_config(run_dir)
+    ckpt = latest_checkpoint(Path(run_dir))
+    if ckpt is None:
+        raise RunError(f"{str(run_dir)!r} has no complete checkpoint yet (checkpoints/step_*)")
+    dev = resolve_device(device, key="--device")
+    model = materialize(build_model(cfg.model).to(param_dtype(cfg.train.precision)), dev, cfg.train.seed)
+    load_checkpoint(ckpt, model)
+    model.eval()
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
+    return cfg, model, tokenizer, checkpoint_step(ckpt)

@@ -1,0 +1,84 @@
+"""What a model family tells the rest of loom: everything outside its folder reads this, never its modules.
+
+A family is a folder under ``loom/models/`` holding its single-device model and a :class:`ModelSpec`
+that it registers (:func:`loom.models.register`). The spec says, as data:
+
+- how to **build** the model from a :class:`~loom.models.config.ModelConfig` (on the meta device: the
+  engine allocates and initializes it after splitting it) and its **presets**, with the parameter
+  counts their papers publish;
+- its **tensor-parallel strategies**: module-name pattern -> ``colwise | rowwise | vocab | replicate``
+  (:mod:`loom.parallel.strategy` resolves them; MindSpore's notation is accepted there too), and the
+  few facts about its modules that tensor and sequence parallelism need (:class:`Sharding`);
+- its **pipeline split** (:class:`PipelineSplit`): the container of its blocks, which of its other
+  children run on the first stage and which on the last, and which parameters are tied across them;
+- its **cost description** (:func:`loom.models.costs.model_costs` by default, derived from the modules
+  themselves): parameters and forward FLOPs per token of every block and of the first and last
+  stage's own modules, which ``loom describe``, the pipeline balancer and the planner all read;
+- the **tasks** it can be trained for, its own first (:mod:`loom.tasks`).
+
+The model itself provides ``initial_value(name, shape, seed)`` (so that any layout initializes each
+shard as one device would), ``tie_weights()``, and a forward in three parts that a pipeline stage can
+run separately: ``embed(*inputs)`` (first stage) -> each block -> ``head(hidden)`` (last stage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from loom.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """Tensor and sequence parallelism's view of a family's modules.
+
+    ``table``: module-name pattern (``fnmatch``; ``*`` also matches dots) -> strategy; modules with
+    weights that no pattern names are replicated. ``positional``: embeddings looked up by position,
+    whose output is (T, C) rather than (B, T, C). ``local_positions``: those of them looked up inside
+    the sequence-parallel region (their indices are this rank's slice of the positions).
+    ``outside_query``: attention modules whose query comes from outside the residual stream, as a
+    (B, T, C) tensor that is this rank's sequence slice under sequence parallelism (it is gathered).
+    ``own_groups``: modules besides the blocks that data parallelism makes their own FSDP group (a
+    communication bucket that overlaps with compute)."""
+
+    table: dict[str, str]
+    positional: tuple[str, ...] = ()
+    local_positions: tuple[str, ...] = ()
+    outside_query: tuple[str, ...] = ()
+    own_groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PipelineSplit:
+    """How the model is cut into pipeline stages.
+
+    ``blocks``: the ``ModuleDict`` of blocks (keyed by their index) that the stages share out.
+    ``first``: children that only the first stage holds and runs (embeddings); ``last``: children
+    that only the last stage holds (final norm, heads); every other child must hold no parameters.
+    ``tied``: (name, name) pairs of parameters that are one tensor on a single device, the first
+    held by a last-stage module, the second by a first-stage module (an output projection tied to
+    the input embedding): a last stage on a rank of its own keeps the second's module so the
+    parameter keeps its name there, and the engine adds the two gradients after each step."""
+
+    first: tuple[str, ...]
+    last: tuple[str, ...]
+    blocks: str = "layers"
+    tied: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # the ``model.arch`` value
+    build: Callable[[ModelConfig], nn.Module]
+    presets: dict[str, dict]
+    sharding: Sharding
+    pipeline: PipelineSplit
+    published_params: dict[str, float] = field(default_factory=dict)  # preset -> parameter count as published
+    tasks: tuple[str, ...] = ("causal_lm",)  # what it can be trained for; the first unless train.task says
+    n_blocks: Callable[[ModelConfig], int] = lambda cfg: cfg.n_layer  # entries of the block container
+    validate: Callable[[ModelConfig], None] | None = None  # family-specific config checks (ConfigError)
+    # (model, spec, seq) -> ModelCosts; None: loom.models.costs.model_costs, read off the modules
+    costs: Callable | None = None

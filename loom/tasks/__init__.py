@@ -1,0 +1,23 @@
+"""Tasks: what a model is trained to do. Each owns its batches, loss, metrics and data checks
+(:class:`~loom.tasks.base.Task`); a new task is one module here and one line in ``TASKS``."""
+
+from __future__ import annotations
+
+from loom.tasks.base import Batch, Task, slice_rows, to_device
+from loom.tasks.causal_lm import CausalLM, lm_loss, lm_metrics
+
+TASKS: dict[str, type[Task]] = {"causal_lm": CausalLM}
+
+__all__ = ["TASKS", "Batch", "CausalLM", "Task", "build_task", "lm_loss", "lm_metrics", "names", "slice_rows",
+           "to_device"]
+
+
+def names() -> tuple[str, ...]:
+    return tuple(TASKS)
+
+
+def build_task(name: str, data, block_size: int, batch_size: int, seed: int) -> Task:
+    """The task ``name`` over ``data`` (a :class:`~loom.data.PreparedData`)."""
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return TASKS[name](data.train, data.val, block_size, batch_size, seed)

@@ -1,0 +1,143 @@
+"""A training job: its processes, its run directory, its data, and the files it leaves.
+
+    config + plan (resolved once, by the caller) -> join the processes -> run directory -> data
+    -> Trainer (build, parallelize, init or resume) -> train -> summary, loss curve
+
+Every process of a job calls :func:`train` with the same config and plan; the coordinator (rank 0)
+makes the run directory and prepares the data first, the others follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+from loom.config import Config, ConfigError, config_to_yaml
+from loom.data import PreparedData
+from loom.data.corpus import corpus_files
+from loom.errors import RunError
+from loom.files import read_json, write_text_atomic
+from loom.models import build_model, count_params
+from loom.parallel.launch import Process, barrier, broadcast_object, init_process
+from loom.parallel.plan import Plan
+from loom.train.checkpoint import latest_checkpoint
+from loom.train.memory import check_training_state_fits
+from loom.train.rundir import new_run_dir, prepare_run_data
+from loom.train.trainer import Trainer
+
+log = logging.getLogger("loom.train")
+
+
+def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = False) -> dict:
+    """Train ``cfg`` under ``plan`` in ``run_dir`` (continuing its newest checkpoint when ``resume``)."""
+    process, device = init_process(cfg.train.device)  # fail before any work if the device is not there
+    if not process.is_coordinator:
+        logging.getLogger("loom").setLevel(logging.ERROR)  # one voice: rank 0's
+    if plan.world_size != process.world_size:
+        raise ConfigError(f"the layout {plan.describe()} needs {plan.world_size} processes, but {process.world_size} "
+                          f"were started (e.g. --nproc {plan.world_size})")
+    check_training_state_fits(cfg, device, plan, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    corpus_files(cfg.data.path)  # a wrong data.path fails before a run directory is made
+    run_dir = Path(_on_coordinator(process, _make_run_dir, cfg, run_dir, resume))
+    with _log_to_file(run_dir / "train.log") if process.is_coordinator else contextlib.nullcontext():
+        tok_dir = run_dir / "tokenizer" if resume else None
+        data = _on_coordinator(process, prepare_run_data, cfg, tok_dir, share=False)
+        if not process.is_coordinator:
+            data = prepare_run_data(cfg, tok_dir)  # the coordinator has filled the cache
+        check_vocabulary(cfg, data)
+        trainer = Trainer(cfg, plan, run_dir, data, resume=resume, process=process, device=device)
+        if process.is_coordinator:
+            _write_run_files(cfg, run_dir, data, with_tokenizer=not resume)  # only once the checkpoint loaded
+        if trainer.start_step >= cfg.train.steps:
+            log.info("%s is already trained to step %d of train.steps=%d; to go further, resume with "
+                     "train.steps=N", run_dir, trainer.start_step, cfg.train.steps)
+            return read_json(run_dir / "summary.json")
+        log.info("run %s: %s, %.2fM parameters, %d steps of %d tokens, %s on %s%s", run_dir, cfg.model.preset,
+                 count_params(build_model(cfg.model)) / 1e6, cfg.train.steps,
+                 cfg.train.batch_size * cfg.model.block_size,
+                 cfg.train.precision, device,
+                 f", {process.world_size} processes: {plan.describe()}" if process.world_size > 1 else "")
+        summary = trainer.run()
+        if summary["finished"]:
+            log.info("done: %s; %s", _final(summary), run_dir)
+        if process.is_coordinator:
+            _plot(run_dir)
+        barrier()
+        return summary
+
+
+def _final(summary: dict) -> str:
+    if "val_loss" in summary:
+        return (f"val loss {summary['val_loss']:.3f} (perplexity {summary['val_ppl']:.1f}) against a unigram "
+                f"entropy of {summary.get('unigram_entropy_nats') or math.nan:.3f} nats")
+    return ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k.startswith("val_") and isinstance(v, float))
+
+
+def _make_run_dir(cfg: Config, run_dir: Path | None, resume: bool) -> str:
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise RunError(f"{str(run_dir)!r} already holds a run with checkpoints; continue it with "
+                       f"`loom train --resume {run_dir}` or choose another train.run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return str(run_dir)
+
+
+def _on_coordinator(process: Process, fn, *args, share: bool = True):
+    """``fn(*args)`` on rank 0; its result (``share``) or its error reaches every rank, so that a
+    bad run directory or corpus stops all processes with the same message instead of a hang."""
+    result, error = None, None
+    if process.is_coordinator:
+        try:
+            result = fn(*args)
+        except Exception as e:  # re-raised below on every rank
+            error = e
+    if process.world_size > 1:
+        error = broadcast_object(error)
+        if share and error is None:
+            result = broadcast_object(result)
+    if error is not None:
+        raise error
+    return result
+
+
+def check_vocabulary(cfg: Config, data: PreparedData) -> None:
+    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{data.tokenizer.vocab_size} tokens; set model.vocab_size>={data.tokenizer.vocab_size}")
+
+
+def _write_run_files(cfg: Config, run_dir: Path, data: PreparedData, with_tokenizer: bool) -> None:
+    write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
+    write_text_atomic(run_dir / "data.json", json.dumps({**data.meta, "cache": str(data.dir)}, indent=2) + "\n")
+    if with_tokenizer:
+        tok_dir = run_dir / "tokenizer"
+        if tok_dir.exists():
+            shutil.rmtree(tok_dir)
+        data.tokenizer.save(tok_dir)
+
+
+@contextlib.contextmanager
+def _log_to_file(path: Path):
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("loom")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _plot(run_dir: Path) -> None:
+    from loom.plot import plot_run  # matplotlib is imported only when a picture is drawn
+
+    try:
+        plot_run(run_dir)
+    except Exception as e:  # a failed picture must not fail a finished run
+        log.warning("could not draw the loss curve: %s", e)

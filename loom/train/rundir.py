@@ -1,0 +1,73 @@
+"""The run directory: what a training run leaves behind, and how to open it again.
+
+    RUN_DIR/
+      config.yaml        the resolved configuration (every field, after presets and overrides)
+      data.json          the corpus: source, token counts, unigram entropy, tokenizer kind
+      tokenizer/         the tokenizer, so the run needs nothing else to generate text
+      metrics.jsonl      one JSON object per logged step
+      train.log          what the run printed
+      checkpoints/       step_NNNNNNN/ directories in torch.distributed.checkpoint format
+      summary.json       final validation loss, throughput, timings
+      loss.png           the loss curve (``loom plot``; MoE models: also expert_load.png)
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+from loom.config import Config, ConfigError, load_config
+from loom.data import PreparedData, prepare_data
+from loom.errors import RunError
+
+__all__ = ["RunError", "check_run_dir", "load_resume_config", "load_run_config", "new_run_dir", "prepare_run_data"]
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """``train.run_dir``, or a new ``runs/<time>-<preset>[-N]`` that no other run has taken."""
+    if cfg.train.run_dir:
+        return Path(cfg.train.run_dir)
+    base = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.preset}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for i in itertools.count():
+        candidate = base if i == 0 else base.with_name(f"{base.name}-{i}")
+        try:
+            candidate.mkdir()  # atomic: two runs started in the same second get different dirs
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def check_run_dir(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"{str(run_dir)!r} is not a loom run directory (no config.yaml in it)")
+    return run_dir
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | None = None, settings: dict | None = None) -> Config:
+    return load_config(check_run_dir(run_dir) / "config.yaml", overrides, settings)
+
+
+def load_resume_config(run_dir: Path, overrides: list[str], settings: dict | None = None) -> Config:
+    """The run's config with ``settings`` (a saved plan's) and ``overrides``, which may change how it
+    trains (``train.*``, ``parallel.*``) but not what it is (``model.*``, ``data.*``): the checkpoint and
+    the token ids depend on those."""
+    saved, cfg = load_run_config(run_dir), load_run_config(run_dir, overrides, settings)
+    for section in ("model", "data"):
+        old, new = vars(getattr(saved, section)), vars(getattr(cfg, section))
+        for key in old:
+            if old[key] != new[key]:
+                raise ConfigError(f"--resume keeps the run's {section}: {section}.{key}={new[key]!r} differs "
+                                  f"from the run's {old[key]!r}; start a new run to change it")
+    return cfg
+
+
+def prepare_run_data(cfg: Config, tokenizer_dir: Path | None = None) -> PreparedData:
+    """The tokenized corpus of ``cfg.data``; with ``tokenizer_dir`` (a run's own tokenizer),
+    encoded with that tokenizer rather than one trained for the cache."""
+    d = cfg.data
+    return prepare_data(d.path, cfg.model.vocab_size, d.tokenizer, d.val_fraction, d.cache_dir, d.jsonl_field,
+                        tokenizer_dir=tokenizer_dir)
