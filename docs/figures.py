@@ -1,4 +1,4 @@
-"""Draw the pictures of docs/parallelism.md into docs/img/parallel-*.png.
+"""Draw the pictures of docs/parallelism.md (docs/img/parallel-*.png) and docs/architecture.md.
 
     python docs/figures.py             # all of them (the pipeline timeline trains on 2 processes, ~30 s)
     python docs/figures.py --static    # all but the pipeline timeline
@@ -203,6 +203,39 @@ def recompute():
     return save(fig, "parallel-recompute.png")
 
 
+def architecture():
+    """The layers of loom (each imports only from those below it) and the flow of one job through them."""
+    fig, ax = canvas(12, 8.4, (12, 8.4))
+    layers = [
+        ("cli", "loom train | plan | describe | generate | eval | export | plot | calibrate", GREY),
+        ("planner", "cost model (shape, time, comm, memory), search, auto: a Plan", ORANGE),
+        ("infer", "load a run, generate (KV cache), evaluate, export", GREY),
+        ("train", "job (processes, run dir, data)  ·  trainer (loop, eval, save/resume)  ·  step", GREEN),
+        ("parallel", "plan  ·  mesh  ·  pipeline  ·  tensor  ·  expert  ·  recompute  ·  data  ·  parallelize",
+         BLUE),
+        ("config", "typed dataclasses, presets, checks", GREY),
+        ("tasks", "causal_lm: batches, loss, metrics, data checks", GREEN),
+        ("models", "spec · registry · costs · common/ · gpt/ · pangu/   |   data   |   plot", BLUE),
+        ("errors, files", "one-line errors, atomic writes", GREY),
+    ]
+    h = 0.72
+    for i, (name, what, color) in enumerate(layers):
+        y = 8.0 - (i + 1) * (h + 0.12)
+        box(ax, 0.2, y, 1.6, h, name, color=color, fontsize=10, alpha=0.9)
+        box(ax, 1.95, y, 6.4, h, what, fontsize=8.5)
+    ax.text(0.2, 8.05, "layers (import-linter contract in pyproject.toml): imports only go down",
+            fontsize=10, weight="bold")
+    flow = [("config", 7.3), ("Plan (resolved once)", 6.3), ("build on meta\n(the family's spec)", 5.2),
+            ("parallelize(model, plan,\nmesh, loss_fn)", 4.0), ("init or load\n(by name, any layout)", 2.8),
+            ("train: step, eval,\ncheckpoints", 1.6)]
+    ax.text(9.0, 8.05, "one job", fontsize=10, weight="bold")
+    for j, (text, y) in enumerate(flow):
+        box(ax, 8.9, y - 0.35, 2.9, 0.7, text, color="#f3f3f3", fontsize=8.5)
+        if j:
+            arrow(ax, 10.35, flow[j - 1][1] - 0.36, 10.35, y + 0.36)
+    return save(fig, "architecture.png")
+
+
 def pipeline_timeline():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import pipeline_timeline as pt
@@ -220,6 +253,7 @@ def main(argv=None) -> int:
     zero()
     tensor_parallel()
     recompute()
+    architecture()
     if not args.static:
         pipeline_timeline()
     return 0
