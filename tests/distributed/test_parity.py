@@ -57,15 +57,18 @@ EIGHT_RANKS = {
 }
 MODELS = ("gpt", "pangu")
 
-# The production precisions, one layout per dimension (data/ZeRO, tensor+sequence, pipeline), on GPT,
-# with tolerances ~10x the worst difference measured over these layouts (docs/testing.md: fp32 losses
-# 7.8e-8 and matrices 3.5e-6; bf16 losses 1.8e-5 and matrices 8.7e-3).
+# The production precisions, one layout per dimension (data/ZeRO, tensor+sequence, pipeline on GPT; expert
+# on Switch), with tolerances ~10x the worst difference measured over these layouts (docs/testing.md:
+# fp32 losses 1.6e-7 and weights 3.5e-6; bf16 losses 7.9e-5 and weights 8.7e-3). Under bf16 an MoE
+# router's near-ties flip with the rounding, so an expert-parallel bf16 run routes some tokens elsewhere
+# than one process: its weights are not compared, its losses are.
 SMOKE_LAYOUTS = {
-    "dp2_zero3": ["parallel.dp=2", "parallel.zero=3"],
-    "tp2_sp": ["parallel.tp=2", "parallel.sp=true"],
-    "pp2_1f1b": ["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=2"],
+    "dp2_zero3": ("gpt", ["parallel.dp=2", "parallel.zero=3"]),
+    "tp2_sp": ("gpt", ["parallel.tp=2", "parallel.sp=true"]),
+    "pp2_1f1b": ("gpt", ["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=2"]),
+    "ep2": ("switch", ["parallel.ep=2"]),
 }
-SMOKE_TOLERANCE = {"fp32": dict(loss_rtol=1e-6, matrix_rtol=1e-4), "bf16": dict(loss_rtol=2e-4, matrix_rtol=0.1)}
+SMOKE_TOLERANCE = {"fp32": dict(loss_rtol=2e-6, matrix_rtol=1e-4), "bf16": dict(loss_rtol=1e-3, matrix_rtol=0.1)}
 # Two layouts broken on purpose (tests/distributed/parity.py: SABOTAGE): the check must fail on each.
 BROKEN = {
     "tp2_bias_on_every_rank": ["parallel.tp=2", "sabotage:bias_on_every_rank"],
@@ -75,8 +78,8 @@ BROKEN = {
 
 
 def _smoke_cases() -> list[tuple[str, list[str]]]:
-    return [("gpt", [*layout, f"train.precision={precision}"])
-            for precision in SMOKE_TOLERANCE for layout in SMOKE_LAYOUTS.values()]
+    return [(model, [*layout, f"train.precision={precision}"])
+            for precision in SMOKE_TOLERANCE for model, layout in SMOKE_LAYOUTS.values()]
 
 
 def _cases(world: int) -> list[tuple[str, list[str]]]:
@@ -132,8 +135,12 @@ def test_eight_rank_layout_matches_single_process(name, model):
 @pytest.mark.parametrize("precision", list(SMOKE_TOLERANCE))
 @pytest.mark.parametrize("name", list(SMOKE_LAYOUTS))
 def test_production_precision_layout_matches_single_process(name, precision):
-    got, ref = _results_of("gpt", [*SMOKE_LAYOUTS[name], f"train.precision={precision}"], 2)
-    assert_matches_roughly(got, ref, **SMOKE_TOLERANCE[precision])
+    model, layout = SMOKE_LAYOUTS[name]
+    got, ref = _results_of(model, [*layout, f"train.precision={precision}"], 2)
+    tolerance = dict(SMOKE_TOLERANCE[precision])
+    if precision == "bf16" and model == "switch":
+        tolerance["matrix_rtol"] = None  # routing near ties follows the rounding: the losses are compared
+    assert_matches_roughly(got, ref, **tolerance)
 
 
 @pytest.mark.parametrize("name", list(BROKEN))
