@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import loom
-from loom.config import load_config
+from loom.config import ConfigError, load_config
 from loom.models import build_model, count_params, flops_per_token, materialize, published_params
 
 PUBLISHED_PARAMS = published_params()
@@ -151,3 +151,31 @@ def test_training_step_reduces_loss_on_a_fixed_batch():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_family_registers_once_and_its_presets_do_not_clash():
+    from loom.models import ModelSpec, PipelineSplit, Sharding, families, register, spec_of
+
+    gpt = spec_of("gpt")
+    assert register(gpt) is gpt  # registering the same spec again changes nothing
+    with pytest.raises(ValueError, match="already registered"):
+        register(ModelSpec(name="gpt", build=gpt.build, presets={}, sharding=Sharding({}), pipeline=gpt.pipeline))
+    with pytest.raises(ValueError, match="redefines presets of 'gpt': gpt-tiny"):
+        register(ModelSpec(name="other", build=gpt.build, presets={"gpt-tiny": {}}, sharding=Sharding({}),
+                           pipeline=PipelineSplit(first=(), last=())))
+    assert "other" not in families()
+    with pytest.raises(ConfigError, match="model.arch='bert' is not a known model family; valid: gpt, pangu"):
+        spec_of("bert")
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "pangu-tiny", "glam-tiny", "gpt2-124m", "pangu-2.6b"])
+def test_the_cost_description_counts_every_parameter_once(preset):
+    from loom.models import costs, n_blocks
+
+    cfg = load_config(None, [f"model={preset}"]).model
+    c = costs(cfg)
+    assert c.params == count_params(build_model(cfg))
+    assert sum(b.params for b in c.blocks) + c.first.params + c.last.params == c.params
+    assert len(c.blocks) == n_blocks(cfg)
+    assert c.last.matmul_params >= cfg.vocab_size * cfg.n_embd  # the tied output projection multiplies
+    assert c.first.matmul_params == 0  # embedding lookups do not
