@@ -84,3 +84,14 @@ def test_the_check_finds_a_family_name():
     text = (PACKAGE / "models" / "gpt" / "model.py").read_text()
     assert all(re.search(rf"\b{w}\b", text) for w in words)
     assert spec_of("gpt").pipeline.first == ("tok_emb", "pos_emb")
+
+
+def test_the_plan_is_decided_only_at_the_top():
+    """A job's plan is resolved once (``loom.planner.auto.plan_job``, called by the CLI) and handed
+    down: nothing in the engine, the trainer or inference makes one again from the config."""
+    makers = re.compile(r"\b(resolve_plan|plan_from_config|plan_job|auto_plan)\(")
+    found = [f"{f.relative_to(PACKAGE)}:{i}" for f in _outside_the_families()
+             for i, line in enumerate(f.read_text().splitlines(), 1)
+             if makers.search(line) and not line.lstrip().startswith("def ")]
+    allowed = ("cli.py", "planner/auto.py", "planner/calibrate.py", "parallel/plan.py")
+    assert found and all(f.startswith(allowed) for f in found), found
