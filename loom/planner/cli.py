@@ -128,10 +128,17 @@ def read_plan(path: str | Path) -> tuple[dict[str, object], int]:
         raise ConfigError(f"--plan {str(p)!r} does not exist; write one with `loom plan ... --out FILE`")
     try:
         d = json.loads(p.read_text())
-        plan = Plan.from_dict(d["plan"])
+        fields, vocab = dict(d["plan"]), d.get("vocab_size", 0)
+        if "micro_batch" in fields:  # written before plans and layouts were one type: a layout and its batch
+            from loom.planner.cost import plan_for_batch
+
+            micro, vocab = fields.pop("micro_batch"), fields.pop("vocab_size", 0)
+            plan = plan_for_batch(d["global_batch"], micro, **fields)
+        else:
+            plan = Plan.from_dict(fields)
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"--plan {str(p)!r} is not a plan written by `loom plan --out` ({e})") from None
-    return plan_settings(plan, d.get("global_batch"), d.get("vocab_size", 0)), plan.world_size
+    return plan_settings(plan, d.get("global_batch"), vocab), plan.world_size
 
 
 def plan_settings(plan: Plan, global_batch: int | None, vocab_size: int = 0) -> dict[str, object]:

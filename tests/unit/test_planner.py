@@ -237,3 +237,20 @@ def test_an_unpadded_vocabulary_error_says_how_to_pad():
     cfg = load_config(None, ["model=gpt2-124m", "parallel.tp=8"])
     with pytest.raises(ConfigError, match="model.vocab_size=50304"):
         check_plan(plan_from_config(cfg), cfg, 8)
+
+
+def test_a_plan_file_of_the_earlier_layout_format_still_trains(tmp_path):
+    from loom.planner.cli import read_plan
+
+    old = {"plan": {"dp": 2, "tp": 2, "pp": 1, "ep": 1, "sp": True, "zero": 1, "recompute": "none",
+                    "schedule": "1f1b", "virtual_stages": 1, "micro_batch": 2, "vocab_size": 0}, "global_batch": 16}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    settings, world = read_plan(tmp_path / "old.json")
+    assert world == 4
+    cfg = load_config(None, ["model=gpt-tiny"], settings)
+    plan = plan_from_config(cfg)
+    assert (plan.dp, plan.tp, plan.sp, plan.zero, plan.grad_accum) == (2, 2, True, 1, 4)
+    assert plan.micro_batch(cfg.train.batch_size) == 2
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is not a plan written by"):
+        read_plan(tmp_path / "bad.json")
