@@ -12,10 +12,7 @@ I (input gradient) and W (weight gradient), per micro-batch; gaps: the bubble).
 from __future__ import annotations
 
 import functools
-import os
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +20,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "img" / "parallel-pipeline-timeline.png"
@@ -88,25 +84,15 @@ def _timeline(overrides: list[str]) -> list[list]:
     return steps[1:]
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = {title: _timeline(o) for title, o in SCHEDULES}
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _all_timelines() -> dict:
+    return {title: _timeline(o) for title, o in SCHEDULES}
 
 
 def measure(world: int = 2) -> list[dict]:
     """Per rank: {schedule title: [(stage, kind, micro-batch, start s, end s), ...]} of the fastest step."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_entry, args=(world, port, out), nprocs=world, join=True, start_method="spawn")
-        ranks = [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
+    from loom.parallel.launch import run_on_ranks
+
+    ranks = run_on_ranks(world, _all_timelines, threads=1)
     fastest = {title: min(range(STEPS - 1), key=lambda i: max(t1 for r in ranks for *_, t1 in r[title][i]))
                for title, _ in SCHEDULES}
     return [{title: r[title][i] for title, i in fastest.items()} for r in ranks]
