@@ -145,10 +145,14 @@ class WorkerFailed(RuntimeError):
 
 
 def _gloo_entry(rank: int, world_size: int, port: int, fn, args: tuple, out_dir: str, threads: int) -> None:
-    # this process's output goes to a file, so that a dead worker's last words can be reported
+    import faulthandler
+
+    # this process's output goes to a file, so that a dead worker's last words can be reported, and
+    # SIGUSR1 writes its stack there, so that a hung one can say where it waits
     log = os.open(Path(out_dir) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     for fd in (1, 2):
         os.dup2(log, fd)
+    faulthandler.register(signal.SIGUSR1, all_threads=False)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
@@ -159,25 +163,54 @@ def _gloo_entry(rank: int, world_size: int, port: int, fn, args: tuple, out_dir:
     shutdown_process_group()
 
 
-def run_on_ranks(world_size: int, fn: Callable, *args, threads: int | None = None) -> list:
+def run_on_ranks(world_size: int, fn: Callable, *args, threads: int | None = None,
+                 timeout: float | None = None) -> list:
     """``fn(*args)`` on ``world_size`` fresh processes of this machine joined by a gloo process group
     (measurements, tests); returns what each rank returned (anything ``torch.save`` writes). ``fn`` must
     be importable (a module-level function). ``threads``: intra-op threads per process (default: the
     cores divided among the processes, at least 1, as ``torchrun`` does).
 
     A worker that raises or dies raises :class:`WorkerFailed` naming its rank, its exception or
-    signal, and the tail of what it printed."""
+    signal, and the tail of what it printed. With ``timeout`` (seconds), workers still running then
+    are stopped and reported with the stack each was waiting in (a hang is a failure, not a wait)."""
+    import time
+
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     with tempfile.TemporaryDirectory() as out:
+        ctx = mp.start_processes(_gloo_entry, args=(world_size, free_port(), fn, args, out, threads),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout if timeout else None
         try:
-            mp.start_processes(_gloo_entry, args=(world_size, free_port(), fn, args, out, threads),
-                               nprocs=world_size, join=True, start_method="spawn")
+            while not ctx.join(timeout=1.0):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise WorkerFailed(_hang_report(ctx, world_size, Path(out), timeout))
         except ProcessException as e:
             raise WorkerFailed(_failure_report(e, world_size, Path(out))) from None
         return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def _hang_report(ctx, world_size: int, out: Path, timeout: float, lines: int = 40) -> str:
+    """Each worker still alive after ``timeout``: where it waits (its stack, which SIGUSR1 makes it
+    write), then stop them all."""
+    import time
+
+    alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+    for r in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(ctx.processes[r].pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    parts = [f"ranks {alive} of {world_size} still running after {timeout:g} s (a collective that never completes?)"]
+    for r in alive:
+        log = out / f"rank{r}.log"
+        tail = log.read_text(errors="replace").splitlines()[-lines:] if log.is_file() else []
+        parts.append(f"rank {r} was waiting in:\n" + "\n".join(f"  | {line}" for line in tail))
+    return "\n".join(parts)
 
 
 def _failure_report(e, world_size: int, out: Path, lines: int = 30) -> str:

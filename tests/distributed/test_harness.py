@@ -58,3 +58,22 @@ def test_a_dead_worker_is_reported_by_rank_signal_and_last_output():
 def test_a_raising_worker_is_reported_with_its_exception():
     with pytest.raises(WorkerFailed, match=r"rank 1 of 2 raised ValueError: a worker's own error"):
         run_on_ranks(2, _raise_on_rank_1)
+
+
+def _hang_on_rank_1() -> None:
+    import time
+
+    import torch
+
+    if dist.get_rank() == 1:
+        dist.recv(torch.zeros(1), src=0)  # rank 0 never sends
+    else:
+        time.sleep(600)
+
+
+def test_a_hung_job_is_stopped_and_says_where_each_rank_waits():
+    with pytest.raises(WorkerFailed) as e:
+        run_on_ranks(2, _hang_on_rank_1, timeout=20)
+    message = str(e.value)
+    assert message.startswith("ranks [0, 1] of 2 still running after 20 s")
+    assert "_hang_on_rank_1" in message and "recv" in message

@@ -137,7 +137,12 @@ def _cv_squared(v: torch.Tensor) -> torch.Tensor:
 def expert_ffn(x: torch.Tensor, counts: list[int], w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                b2: torch.Tensor | None) -> torch.Tensor:
     """Tokens ``x`` (M, C) sorted by expert, ``counts[e]`` of them for expert ``e`` -> (M, C): expert
-    e's GELU MLP on its slice. Weights: w1 (E, C, H), b1 (E, H), w2 (E, H, C), b2 (E, C)."""
+    e's GELU MLP on its slice. Weights: w1 (E, C, H), b1 (E, H), w2 (E, H, C), b2 (E, C).
+
+    The output depends on ``x`` and on every weight in autograd even when no expert got a token
+    (M = 0): under expert parallelism the backward of the all-to-all that brought ``x`` is a
+    collective, and a rank whose experts received nothing must still take part in it (or its peers
+    wait forever), and its weights must get a (zero) gradient like their data-parallel replicas'."""
     outs = []
     for e, xe in enumerate(torch.split(x, counts)):
         if xe.numel() == 0:
@@ -147,7 +152,10 @@ def expert_ffn(x: torch.Tensor, counts: list[int], w1: torch.Tensor, b1: torch.T
             h = h + b1[e].to(xe.dtype)
         h = F.gelu(h, approximate="tanh") @ w2[e].to(xe.dtype)
         outs.append(h + b2[e].to(xe.dtype) if b2 is not None else h)
-    return torch.cat(outs) if outs else x.new_zeros(x.shape)
+    if outs:
+        return torch.cat(outs)
+    unused = sum(w.sum() for w in (w1, b1, w2, b2) if w is not None) * 0
+    return x * 0 + unused.to(x.dtype)  # (0, C), still in the graph
 
 
 class Experts(nn.Module):
