@@ -171,6 +171,77 @@ class BpeTokenizer(Tokenizer):
         self._hf.save(str(path))
 
 
+class HFTokenizer(BpeTokenizer):
+    """The tokenizer of a Hugging Face model directory (GPT-2's, Llama's, ...): its ``tokenizer.json``
+    (or GPT-2's ``vocab.json`` + ``merges.txt``) read by the ``tokenizers`` library, with the
+    directory's end-of-sequence token as loom's end of a document. Its ``tokenizer_config.json`` and
+    ``special_tokens_map.json`` travel with it, so an exported model gets them back."""
+
+    kind = "hf"
+    model_file = "tokenizer.json"
+    EXTRA_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+    def __init__(self, hf: Any, eos_token: str = EOS_TOKEN, extra: dict[str, str] | None = None) -> None:
+        self.eos_token, self.extra = eos_token, dict(extra or {})
+        super().__init__(hf)
+        self._eos_id = hf.token_to_id(eos_token)
+        if self._eos_id is None:
+            raise DataError(f"the tokenizer has no token {eos_token!r} (its end-of-sequence token)")
+
+    @classmethod
+    def from_pretrained_dir(cls, dir: Path) -> HFTokenizer:
+        """The tokenizer of the model directory ``dir`` (as ``transformers`` saves it)."""
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, models, pre_tokenizers
+
+        dir = Path(dir).expanduser()
+        if (dir / "tokenizer.json").is_file():
+            hf = HFTok.from_file(str(dir / "tokenizer.json"))
+        elif (dir / "vocab.json").is_file() and (dir / "merges.txt").is_file():  # GPT-2's older files
+            hf = HFTok(models.BPE.from_file(str(dir / "vocab.json"), str(dir / "merges.txt")))
+            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            hf.decoder = decoders.ByteLevel()
+        else:
+            raise DataError(f"{str(dir)!r} holds no tokenizer.json (nor vocab.json + merges.txt); loom reads "
+                            "fast (tokenizers-library) tokenizers")
+        extra = {f: (dir / f).read_text() for f in cls.EXTRA_FILES if (dir / f).is_file()}
+        return cls(hf, _eos_token(dir, extra, hf), extra)
+
+    @classmethod
+    def load(cls, path: Path) -> HFTokenizer:
+        from tokenizers import Tokenizer as HFTok
+
+        dir = Path(path).parent
+        meta = json.loads((dir / META_FILE).read_text())
+        extra = {f: (dir / f).read_text() for f in cls.EXTRA_FILES if (dir / f).is_file()}
+        return cls(HFTok.from_file(str(path)), meta["eos_token"], extra)
+
+    def save(self, dir: Path) -> None:
+        super().save(dir)
+        for name, text in self.extra.items():
+            (Path(dir) / name).write_text(text)
+        meta = {"kind": self.kind, "model_file": self.model_file, "eos_token": self.eos_token}
+        (Path(dir) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _eos_token(dir: Path, extra: dict[str, str], hf: Any) -> str:
+    """The end-of-sequence token a model directory names (tokenizer_config.json, special_tokens_map.json,
+    config.json's eos_token_id), else ``<|endoftext|>``."""
+    for name in HFTokenizer.EXTRA_FILES:
+        eos = json.loads(extra[name]).get("eos_token") if name in extra else None
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str) and eos:
+            return eos
+    config = dir / "config.json"
+    if config.is_file():
+        eos_id = json.loads(config.read_text()).get("eos_token_id")
+        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
+        if isinstance(eos_id, int) and hf.id_to_token(eos_id) is not None:
+            return hf.id_to_token(eos_id)
+    return EOS_TOKEN
+
+
 def _import_zh() -> tuple[ModuleType, ModuleType]:
     """Import and return ``(jieba, sentencepiece)``, quietly.
 
@@ -383,5 +454,7 @@ def load_tokenizer(dir: Path) -> Tokenizer:
     if not meta_path.is_file():
         raise DataError(f"no tokenizer in {str(dir)!r} (missing {META_FILE})")
     meta = json.loads(meta_path.read_text())
+    if meta["kind"] == HFTokenizer.kind:
+        return HFTokenizer.load(Path(dir) / meta["model_file"])
     cls = _tokenizer_class(meta["kind"])
     return cls.load(Path(dir) / meta["model_file"])
