@@ -27,10 +27,16 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.tensor import DTensor
 
-from loom.errors import ConfigError
+from loom.config import Config, config_to_yaml, load_config
+from loom.data import DataError
+from loom.data.tokenizer import HFTokenizer
+from loom.errors import ConfigError, RunError
+from loom.files import write_text_atomic
 from loom.models import build_model
 from loom.models.config import ModelConfig
-from loom.models.hf import mapping, source_region
+from loom.models.hf import hf_model_settings, is_hf_dir, mapping, read_hf_config, source_region
+from loom.train.checkpoint import latest_checkpoint, save_checkpoint
+from loom.train.precision import param_dtype
 
 log = logging.getLogger("loom.train")
 
@@ -168,3 +174,64 @@ def load_hf_weights(modules: list[nn.Module], cfg: ModelConfig, path: str | Path
         values = [tensors[r.stored][tuple(slice(o, o + s) for o, s in zip(r.offsets, r.sizes))] for r in reads]
     for r, v in zip(reads, values):
         r.param.copy_(v.t() if r.transpose else v)
+
+
+# --------------------------------------------------------------------------------------------
+# A run that starts from a Hugging Face model directory
+# --------------------------------------------------------------------------------------------
+
+INIT_FILE = "init.json"  # in the run directory: where the run's initial weights came from
+
+
+def starts_from_hf(cfg: Config) -> bool:
+    """Whether ``train.init_from`` names a Hugging Face model directory."""
+    return bool(cfg.train.init_from) and is_hf_dir(cfg.train.init_from)
+
+
+def hf_init_config(path: str | Path, overrides: list[str] | None = None, config_file: str | None = None,
+                   settings: dict | None = None) -> Config:
+    """The config of a run that starts from the model directory ``path``: its ``config.json`` as the
+    ``model`` section (``model.*`` overrides still apply, e.g. ``model.dropout``), then the rest."""
+    model = hf_model_settings(path)
+    cfg = load_config(config_file, [*(overrides or []), f"train.init_from={path}"], {**model, **(settings or {})})
+    check_hf_weights(path, cfg.model)
+    return cfg
+
+
+def prepare_hf_init(cfg: Config, run_dir: Path) -> Path:
+    """Put the model directory's tokenizer into the run (``run_dir/tokenizer``, which the data is then
+    encoded with) and record where the weights come from (``run_dir/init.json``); returns the
+    tokenizer's folder."""
+    source = Path(cfg.train.init_from).expanduser().resolve()
+    tok_dir = Path(run_dir) / "tokenizer"
+    try:
+        tokenizer = HFTokenizer.from_pretrained_dir(source)
+    except DataError as e:
+        raise ConfigError(f"train.init_from={cfg.train.init_from}: {e}") from None
+    tokenizer.save(tok_dir)
+    config = read_hf_config(source)
+    record = {"init_from": str(source), "format": "huggingface", "model_type": config["model_type"],
+              "architectures": config.get("architectures"), "weights": weight_format(source),
+              "files": sorted(f.name for f in source.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))}
+    write_text_atomic(Path(run_dir) / INIT_FILE, json.dumps(record, indent=2) + "\n")
+    return tok_dir
+
+
+def import_hf(path: str | Path, out: str | Path, overrides: list[str] | None = None) -> Path:
+    """``loom import``: a run directory made from the model directory ``path``: its config, its
+    tokenizer, and its weights as checkpoint step 0, which ``loom generate``, ``eval`` and ``export``
+    open like any run's (and ``train.init_from`` starts from)."""
+    out = Path(out)
+    cfg = hf_init_config(path, [*(overrides or []), f"train.run_dir={out}"])
+    if latest_checkpoint(out) is not None:
+        raise RunError(f"{str(out)!r} already holds a run with checkpoints; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg.model).to(param_dtype(cfg.train.precision))
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    load_hf_weights([model], cfg.model, path)
+    no_state = torch.optim.SGD(model.parameters(), lr=0.0)  # a checkpoint of weights only: no optimizer state
+    save_checkpoint(out, 0, [model], [no_state], {"step": 0})
+    prepare_hf_init(cfg, out)
+    write_text_atomic(out / "config.yaml", config_to_yaml(cfg))
+    return out

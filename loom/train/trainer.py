@@ -43,6 +43,7 @@ from loom.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from loom.train.hf import load_hf_weights, starts_from_hf
 from loom.train.metrics import MetricsFile, peak_flops
 from loom.train.optim import lr_at
 from loom.train.precision import autocast, compute_dtype, param_dtype
@@ -120,6 +121,8 @@ class Trainer:
         self.step = TrainingStep(self.model, self.task, plan, t, self.replica, self.device)
         self.interval = Interval()
         self.start_step = self._resume() if resume else 0
+        if self.start_step == 0 and starts_from_hf(cfg):  # the model directory's weights, each rank its shards
+            load_hf_weights(self.model.modules, cfg.model, t.init_from)
         self.flops_per_token = flops_per_token(cfg.model, cfg.model.block_size)
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", truncate_after_step=self.start_step) \
             if run_dir is not None and self.process.is_coordinator else None
