@@ -22,6 +22,7 @@ from loom.errors import RunError
 from loom.files import write_text_atomic
 from loom.infer.load import load_for_inference
 from loom.models.hf import hf_state_dict, mapping
+from loom.models.lora import merge_lora
 from loom.train.rundir import load_run_config
 
 log = logging.getLogger("loom")
@@ -49,6 +50,7 @@ def export_hf(run_dir: Path, out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) 
     if out.exists() and any(out.iterdir()):
         raise RunError(f"{str(out)!r} is not empty; export into a new directory")
     cfg, model, tokenizer, step = load_for_inference(run_dir, device="cpu")
+    merge_lora(model)  # adapters folded into their weights: transformers sees a plain model
     state = hf_state_dict(model, cfg.model)
     dtype = next(iter(state.values())).dtype
     config.update({"torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": tokenizer.eos_id,

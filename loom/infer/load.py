@@ -12,6 +12,7 @@ from loom.errors import RunError
 from loom.models import build_model, materialize
 from loom.parallel.launch import resolve_device
 from loom.train.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
+from loom.train.finetune import adapt
 from loom.train.precision import param_dtype
 from loom.train.rundir import load_run_config
 
@@ -24,7 +25,8 @@ def load_for_inference(run_dir: Path, device: str = "auto") -> tuple[Config, nn.
     if ckpt is None:
         raise RunError(f"{str(run_dir)!r} has no complete checkpoint yet (checkpoints/step_*)")
     dev = resolve_device(device, key="--device")
-    model = materialize(build_model(cfg.model).to(param_dtype(cfg.train.precision)), dev, cfg.train.seed)
+    model = adapt(build_model(cfg.model), cfg.train)  # LoRA adapters, when the run trained them
+    model = materialize(model.to(param_dtype(cfg.train.precision)), dev, cfg.train.seed)
     load_checkpoint(ckpt, model)
     model.eval()
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")

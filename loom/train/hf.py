@@ -35,6 +35,7 @@ from loom.files import write_text_atomic
 from loom.models import build_model
 from loom.models.config import ModelConfig
 from loom.models.hf import hf_model_settings, is_hf_dir, mapping, read_hf_config, source_region
+from loom.models.lora import is_lora_param
 from loom.train.checkpoint import latest_checkpoint, save_checkpoint
 from loom.train.precision import param_dtype
 
@@ -154,6 +155,8 @@ def load_hf_weights(modules: list[nn.Module], cfg: ModelConfig, path: str | Path
     reads: list[_Read] = []
     for m in modules:
         for name, p in m.named_parameters():
+            if is_lora_param(name):  # adapters start as LoRA says (B = 0): the model is the directory's
+                continue
             src = hf.source(name, cfg)
             local, offsets = _local(p)
             if local.numel() == 0:

@@ -69,5 +69,6 @@ def prepare_run_data(cfg: Config, tokenizer_dir: Path | None = None) -> Prepared
     """The tokenized corpus of ``cfg.data``; with ``tokenizer_dir`` (a run's own tokenizer),
     encoded with that tokenizer rather than one trained for the cache."""
     d = cfg.data
-    return prepare_data(d.path, cfg.model.vocab_size, d.tokenizer, d.val_fraction, d.cache_dir, d.jsonl_field,
+    field = "response" if cfg.train.task == "sft" else d.jsonl_field  # sft's records: {prompt, response}
+    return prepare_data(d.path, cfg.model.vocab_size, d.tokenizer, d.val_fraction, d.cache_dir, field,
                         tokenizer_dir=tokenizer_dir)

@@ -43,6 +43,7 @@ from loom.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from loom.train.finetune import prepare_for_finetuning
 from loom.train.hf import load_hf_weights, starts_from_hf
 from loom.train.metrics import MetricsFile, peak_flops
 from loom.train.optim import lr_at
@@ -115,8 +116,9 @@ class Trainer:
         torch.manual_seed(t.seed + (self.replica * 7919 + self.coord.pp * 104729 if self.coord else 0))
         self.task = build_task(task_name(cfg), data, cfg.model.block_size, t.batch_size, t.seed)
         spec = spec_of(cfg.model)
+        model = prepare_for_finetuning(build_model(cfg.model), t)  # LoRA adapters, frozen parameters
         self.model: ParallelModel = parallelize(
-            build_model(cfg.model).to(param_dtype(t.precision)), plan, mesh, spec=spec, loss_fn=self.task.loss,
+            model.to(param_dtype(t.precision)), plan, mesh, spec=spec, loss_fn=self.task.loss,
             device=self.device, seed=t.seed, mixed_precision=compute_dtype(t.precision))
         self.step = TrainingStep(self.model, self.task, plan, t, self.replica, self.device)
         self.interval = Interval()

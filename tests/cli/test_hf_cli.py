@@ -46,19 +46,32 @@ def test_import_then_export_gives_transformers_the_same_model(gpt2, tmp_path, lo
     assert ours(text)["input_ids"] == theirs(text)["input_ids"]
 
 
-def test_train_from_a_hf_directory_records_its_origin_and_exports_back(gpt2, tiny_corpus, tmp_path, loom_cli):
+def test_lora_sft_from_a_hf_directory_records_its_origin_and_exports_merged(gpt2, tmp_path, loom_cli):
+    """Fine-tune the imported model with LoRA on {prompt, response} records; the export (adapters
+    merged) gives transformers the logits of the un-merged fine-tuned model."""
     from transformers import AutoModelForCausalLM
 
-    path, _ = gpt2
-    run, out = tmp_path / "run", tmp_path / "hf"
-    code, _, err = loom_cli("train", f"train.init_from={path}", f"--data={tiny_corpus}", f"train.run_dir={run}",
-                            "train.steps=2", "train.batch_size=2", "train.eval_every=2", "train.eval_batches=1",
+    from loom.infer.load import load_for_inference
+
+    path, ref = gpt2
+    run, out, data = tmp_path / "run", tmp_path / "hf", tmp_path / "sft.jsonl"
+    records = [{"prompt": f"def f{i}(x):\n", "response": f"    return x + {i}\n"} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, _, err = loom_cli("train", f"train.init_from={path}", f"data.path={data}", f"train.run_dir={run}",
+                            "train.task=sft", "train.lora.rank=4", "train.lr=0.05", "train.warmup_steps=0",
+                            "train.steps=3", "train.batch_size=4", "train.eval_every=3", "train.eval_batches=1",
                             "train.progress=none")
     assert code == 0, err
     assert json.loads((run / "init.json").read_text())["init_from"] == str(path.resolve())
     assert (run / "tokenizer" / "tokenizer.json").read_text() == (path / "tokenizer.json").read_text()
     assert loom_cli("export", str(run), "--format", "hf", "--out", str(out))[0] == 0
-    AutoModelForCausalLM.from_pretrained(out)  # loads: names and shapes are transformers'
+    _, tuned, _, _ = load_for_inference(run, device="cpu")  # adapters un-merged
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs, ours, before = exported(x).logits, tuned(x), ref(x).logits
+    assert (theirs - ours).abs().max().item() <= 1e-4
+    assert (theirs - before).abs().max().item() > 1e-3  # the adapters did change the model
 
 
 @pytest.mark.parametrize("args, fragment", [
