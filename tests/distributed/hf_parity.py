@@ -1,0 +1,56 @@
+"""The rank side of tests/distributed/test_hf_parity.py: train a model imported from a Hugging Face
+directory under a layout (this module does not import ``transformers``, so the gloo workers start
+without it)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from loom.parallel.launch import Process
+from loom.parallel.plan import check_plan, resolve_plan
+from loom.train.hf import hf_init_config
+from loom.train.trainer import Trainer
+from tests.distributed.parity import COMMON, STEPS, full_parameters, process_of_this_rank, tiny_data
+from tests.hf_models import VOCAB
+
+LAYOUTS = {
+    "tp2": ["parallel.tp=2"],
+    "pp2": ["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=2"],
+    "pp2_lora": ["parallel.pp=2", "parallel.microbatches=2", "train.lora.rank=4"],
+}
+BROKEN = {"tp2_reader_ignores_offsets": ["parallel.tp=2", "sabotage:reader_ignores_offsets"]}
+
+
+def trainer(path: str, layout: list[str], process: Process) -> Trainer:
+    cfg = hf_init_config(path, [*COMMON, *(o for o in layout if not o.startswith("sabotage:"))])
+    plan = resolve_plan(cfg, process.world_size)
+    check_plan(plan, cfg, process.world_size)
+    return Trainer(cfg, plan, None, tiny_data(vocab=VOCAB), process=process, device=torch.device("cpu"))
+
+
+def _train(path: str, layout: list[str], process: Process) -> dict:
+    with _sabotaged("sabotage:reader_ignores_offsets" in layout):
+        t = trainer(path, layout, process)
+    losses = [t.mean_over_replicas(t.train_step(step)[0]).item() for step in range(STEPS)]
+    return {"losses": losses, "params": full_parameters(t), "val_loss": t.evaluate()["val_loss"]}
+
+
+@contextlib.contextmanager
+def _sabotaged(on: bool):
+    """Every rank reads the rectangle at offset 0 of each stored tensor: right on one process, wrong
+    for every shard but the first."""
+    from loom.train import hf
+
+    original = hf.source_region
+    if on:
+        hf.source_region = lambda src, offsets, sizes: original(src, (0,) * len(offsets), sizes)
+    try:
+        yield
+    finally:
+        hf.source_region = original
+
+
+def train_cases(path: str, cases: list[list[str]]) -> dict:
+    return {tuple(layout): _train(path, layout, process_of_this_rank()) for layout in cases}
