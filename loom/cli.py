@@ -335,8 +335,10 @@ def cmd_describe(args) -> int:
     n = count_params(model)
     rows = [
         ("preset", cfg.preset),
-        ("shape", f"{cfg.arch}: {cfg.n_layer} layers, d={cfg.n_embd}, ffn={cfg.ffn}, {cfg.n_head} heads, "
-                  f"vocab {cfg.vocab_size}, seq {cfg.block_size}"),
+        ("shape", f"{cfg.arch}: {cfg.n_layer} layers, d={cfg.n_embd}, ffn={cfg.ffn}, {cfg.n_head} heads"
+                  + (f" ({cfg.kv_heads} key/value)" if cfg.kv_heads != cfg.n_head else "")
+                  + f", vocab {cfg.vocab_size}, seq {cfg.block_size}"
+                  + (f", {cfg.positions} positions" if cfg.positions != "auto" else "")),
         ("parameters", f"{n:,} ({n / 1e9:.3f} B)"),
     ]
     if cfg.preset in published_params():

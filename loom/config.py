@@ -118,6 +118,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": tuple(models.families()),
     "train.task": ("auto", *tasks.names()),
     "model.moe.router": ("switch", "top2", "noisy-topk"),
+    "model.positions": ("auto", "learned", "sinusoidal", "rotary"),
     "data.tokenizer": ("auto", "bpe", "jieba-sp"),
     "train.optimizer": ("adamw", "lamb"),
     "train.schedule": ("cosine", "constant"),
@@ -299,12 +300,31 @@ def _validate_model(m: ModelConfig) -> None:
         divisors = [h for h in range(1, m.n_head * 2 + 1) if m.n_embd % h == 0][-4:]
         raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
                           f"heads that divide it: {', '.join(map(str, divisors))}")
+    _validate_attention(m)
     spec = models.spec_of(m)
+    if m.positions != "auto" and m.positions not in spec.positions:
+        raise ConfigError(f"model.positions={m.positions} is not supported by model.arch={m.arch}; "
+                          f"valid for it: auto ({spec.positions[0]}), {', '.join(spec.positions)}")
+    if (spec.positions[0] if m.positions == "auto" else m.positions) == "rotary" and m.head_dim % 2:
+        raise ConfigError(f"model.positions=rotary rotates pairs of coordinates, but the head width "
+                          f"model.n_embd / model.n_head = {m.head_dim} is odd; choose an even head width")
     if spec.validate is not None:
         spec.validate(m)
     _check("model.dropout", m.dropout, 0.0, 1.0, high_open=True)
     _check("model.layer_norm_eps", m.layer_norm_eps, 0.0, low_open=True)
     _validate_moe(m)
+
+
+def _validate_attention(m: ModelConfig) -> None:
+    """Grouped-query heads and the rotary base."""
+    if m.n_kv_head is not None:
+        _check("model.n_kv_head", m.n_kv_head, 1, m.n_head)
+        if m.n_head % m.n_kv_head:
+            ok = [h for h in range(1, m.n_head + 1) if m.n_head % h == 0]
+            raise ConfigError(f"model.n_kv_head={m.n_kv_head} does not divide model.n_head={m.n_head} (each "
+                              "key/value head serves a whole group of query heads); "
+                              f"choose one of {', '.join(map(str, ok))}")
+    _check("model.rope_theta", m.rope_theta, 0.0, low_open=True)
 
 
 def _validate_moe(m: ModelConfig) -> None:

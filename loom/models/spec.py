@@ -115,6 +115,8 @@ class ModelSpec:
     published_params: dict[str, float] = field(default_factory=dict)  # preset -> parameter count as published
     tasks: tuple[str, ...] = ("causal_lm",)  # what it can be trained for; the first unless train.task says
     n_blocks: Callable[[ModelConfig], int] = lambda cfg: cfg.n_layer  # entries of the block container
+    # the position encodings (model.positions) it can use; the first is its own (what auto means)
+    positions: tuple[str, ...] = ("learned",)
     validate: Callable[[ModelConfig], None] | None = None  # family-specific config checks (ConfigError)
     # (model, spec, seq) -> ModelCosts; None: loom.models.costs.model_costs, read off the modules
     costs: Callable | None = None

@@ -25,7 +25,7 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from loom.errors import ConfigError
-from loom.models.common import MLP, Attention
+from loom.models.common import MLP, Attention, SwiGLU
 from loom.models.config import ModelConfig
 
 STRATEGIES = ("colwise", "rowwise", "vocab", "replicate")
@@ -35,8 +35,9 @@ VALID = ("valid: colwise, rowwise, vocab, replicate, or MindSpore MatMul notatio
 _NOTATION = re.compile(r"\(\((\w+),(\w+)\),\((\w+),(\w+)\)\)")
 # Which strategies each module type accepts (colwise/rowwise only inside attention and MLP pairs).
 _ACCEPTS = {nn.Linear: ("colwise", "rowwise", "replicate"), nn.Embedding: ("vocab", "replicate"),
-            nn.LayerNorm: ("replicate",)}
-_PAIRS = ((Attention, ("q_proj", "k_proj", "v_proj"), "out_proj"), (MLP, ("fc",), "proj"))
+            nn.LayerNorm: ("replicate",), nn.RMSNorm: ("replicate",)}
+_PAIRS = ((Attention, ("q_proj", "k_proj", "v_proj"), "out_proj"), (MLP, ("fc",), "proj"),
+          (SwiGLU, ("gate_proj", "up_proj"), "down_proj"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,6 +190,10 @@ def _check_pair(prefix: str, mod: nn.Module, producers: tuple[str, ...], consume
             heads = mod.q_proj.out_features // mod.head_dim
             _divisible(heads, tp, "model.n_head", f"{prefix} splits by whole heads",
                        f"or set parallel.strategies '{every}.*' to replicate")
+            kv_heads = mod.k_proj.out_features // mod.head_dim  # grouped-query: fewer key/value heads
+            _divisible(kv_heads, tp, "model.n_kv_head", f"{prefix} splits its key/value heads, each rank "
+                       "keeping whole groups of query heads", f"or set model.n_kv_head to a multiple of {tp}, "
+                       f"or parallel.strategies '{every}.*' to replicate")
         else:
             _divisible(getattr(mod, consumer).in_features, tp, "model.ffn_hidden", f"{prefix} splits its features",
                        f"or set parallel.strategies '{every}.*' to replicate")

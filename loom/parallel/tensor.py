@@ -37,7 +37,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
 
 from loom.models import Sharding
-from loom.models.common import MLP, Attention, Block, MoE
+from loom.models.common import MLP, Attention, Block, MoE, SwiGLU
 from loom.parallel.strategy import check_strategies
 
 VOCAB_PARALLEL = "_loom_vocab_parallel"  # set on an output projection whose outputs are split over the vocabulary
@@ -69,11 +69,17 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
             parallelize_module(mod, tp_mesh, _WholeOnEachRank(stream))
             moe_prefixes.append(name + ".")
             continue
-        if any(name.startswith(p) for p in moe_prefixes) or next(mod.parameters(recurse=False), None) is None:
+        if any(name.startswith(p) for p in moe_prefixes):
+            continue
+        if next(mod.parameters(recurse=False), None) is None:
+            if sequence_parallel and name in sharding.positional:
+                # a fixed (sinusoidal) encoding computes every position's row: keep this rank's
+                parallelize_module(mod, tp_mesh, PrepareModuleOutput(output_layouts=Replicate(),
+                                                                     desired_output_layouts=positional))
             continue
         parent, leaf = parents.get(name), name.rsplit(".", 1)[-1]
         strategy = strategies.get(name, "replicate")
-        if isinstance(mod, nn.LayerNorm):
+        if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
             # Inside a block it feeds colwise projections: hand them the whole sequence as a
             # replicated DTensor (one gather for q, k and v; their partial input gradients sum
             # before the single reduce-scatter/all-reduce). Elsewhere (a final norm) it is the stream.
@@ -93,8 +99,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
                 idx = Shard(0)  # each rank's positions, shifted to its own slice
             styles = [RowwiseParallel(input_layouts=idx, output_layouts=out) if strategy == "vocab"
                       else _Replicated(idx, out)]
-        elif isinstance(mod, nn.Linear) and isinstance(parent, (Attention, MLP)):
-            consumer = leaf in ("out_proj", "proj")  # reads the split activation, writes the stream
+        elif isinstance(mod, nn.Linear) and isinstance(parent, (Attention, MLP, SwiGLU)):
+            consumer = leaf in ("out_proj", "proj", "down_proj")  # reads the split activation, writes the stream
             if strategy == "colwise":
                 styles = [ColwiseParallel()]
             elif strategy == "rowwise":

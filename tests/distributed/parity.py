@@ -37,6 +37,11 @@ MODELS = {
     # every pipeline layout below splits these into at least pp × virtual_stages = 4 stages
     "gpt": ["model=gpt-tiny", "model.n_layer=4"],
     "pangu": ["model=pangu-tiny", "model.n_layer=5"],
+    # RMSNorm, rotary positions, grouped-query attention (2 key/value heads for 4 query heads), SwiGLU,
+    # an untied output projection
+    "llama": ["model=llama-tiny", "model.n_layer=4"],
+    # fixed positions: a parameterless module whose rows sequence parallelism splits
+    "gpt_sinusoidal": ["model=gpt-tiny", "model.n_layer=4", "model.positions=sinusoidal"],
     # sparse: an MoE layer in every block (switch) / every other block (top-2 without random routing)
     "switch": ["model=switch-tiny", "model.n_layer=4"],
     "glam": ["model=glam-tiny", "model.moe.random_routing=false"],
@@ -98,7 +103,7 @@ def _train_as_configured(model: str, layout: list[str], process: Process, steps:
         if t.interval.moe is not None:  # this step's MoE statistics, summed over ranks
             moe.append(all_reduce_sum(t.interval.moe).cpu())
             t.interval.moe = None
-    val = t.evaluate()["val_loss"] if model in ("gpt", "switch") else None
+    val = t.evaluate()["val_loss"] if model in ("gpt", "switch", "llama") else None
     return {"losses": losses, "params": full_parameters(t), "val_loss": val, "moe": moe}
 
 

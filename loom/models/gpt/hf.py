@@ -60,7 +60,8 @@ def config_from_hf(c: dict) -> dict:
     return {"arch": "gpt", "preset": "gpt2-124m", "n_layer": c["n_layer"], "n_head": c["n_head"], "n_embd": n_embd,
             "ffn_hidden": c.get("n_inner") or 4 * n_embd, "vocab_size": c["vocab_size"],
             "block_size": c.get("n_positions", c.get("n_ctx", 1024)), "dropout": next(iter(drops.values())),
-            "bias": True, "layer_norm_eps": c.get("layer_norm_epsilon", 1e-5), "moe": {"experts": 0}}
+            "bias": True, "layer_norm_eps": c.get("layer_norm_epsilon", 1e-5), "positions": "learned",
+            "n_kv_head": None, "moe": {"experts": 0}}
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -68,6 +69,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.moe.experts:
         raise ConfigError("a Mixture-of-Experts GPT has no Hugging Face GPT-2 equivalent; export it with "
                           "--format safetensors")
+    if cfg.positions not in ("auto", "learned") or cfg.kv_heads != cfg.n_head:
+        raise ConfigError(f"model.positions={cfg.positions}, model.n_kv_head={cfg.n_kv_head}: Hugging Face GPT-2 has "
+                          "learned positions and one key/value head per query head")
     if not cfg.bias:
         raise ConfigError("model.bias=false has no Hugging Face GPT-2 equivalent (GPT-2 has biases everywhere)")
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layer,
