@@ -38,3 +38,21 @@ def gpt2_dir(path: Path, texts: list[str], seed: int = 0, n_layer: int = 2, n_em
     model.save_pretrained(path, **save_kwargs)
     tok.save_pretrained(path)
     return model
+
+
+def llama_dir(path: Path, texts: list[str], seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 4,
+              n_kv_head: int = 2, max_positions: int = 32):
+    """A random ``LlamaForCausalLM`` (grouped-query attention: ``n_kv_head`` key/value heads) and its
+    tokenizer saved into ``path``; returns the model (eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer(texts)
+    config = LlamaConfig(hidden_size=n_embd, num_hidden_layers=n_layer, num_attention_heads=n_head,
+                         num_key_value_heads=n_kv_head, intermediate_size=2 * n_embd, vocab_size=VOCAB,
+                         max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model

@@ -52,5 +52,6 @@ def _sabotaged(on: bool):
         hf.source_region = original
 
 
-def train_cases(path: str, cases: list[list[str]]) -> dict:
-    return {tuple(layout): _train(path, layout, process_of_this_rank()) for layout in cases}
+def train_cases(paths: dict[str, str], cases: list[tuple[str, list[str]]]) -> dict:
+    """On every rank: ``{(model, layout...): result}``, ``paths[model]`` being its directory."""
+    return {(model, *layout): _train(paths[model], layout, process_of_this_rank()) for model, layout in cases}

@@ -1,9 +1,9 @@
 """A model imported from a Hugging Face directory fine-tunes under every layout as on one process: a
-tiny random ``transformers`` GPT-2 (4 blocks, so pipelines split it) trained in float64 under tp2 and
-pp2 (each rank reading only its shards of the safetensors file), and with LoRA under pp2, gives the
-one-process losses and parameters at the parity suite's tolerance, and the one-process first loss is
-``transformers``' loss on the same batch. A reader that forgets its shard's offset (every rank reads
-the first rectangle) fails the check."""
+tiny random ``transformers`` GPT-2 and Llama (grouped-query attention; 4 blocks each, so pipelines
+split them) trained in float64 under tp2 and pp2 (each rank reading only its shards of the
+safetensors file), and GPT-2 with LoRA under pp2, give the one-process losses and parameters at the
+parity suite's tolerance, and the one-process first loss is ``transformers``' loss on the same batch.
+A reader that forgets its shard's offset (every rank reads the first rectangle) fails the check."""
 
 from __future__ import annotations
 
@@ -18,19 +18,28 @@ from loom.parallel.launch import Process  # noqa: E402
 from tests.distributed.harness import run_on_ranks  # noqa: E402
 from tests.distributed.hf_parity import BROKEN, LAYOUTS, _train, train_cases, trainer  # noqa: E402
 from tests.distributed.parity import RTOL, assert_matches, merge_ranks  # noqa: E402
-from tests.hf_models import gpt2_dir  # noqa: E402
+from tests.hf_models import gpt2_dir, llama_dir  # noqa: E402
 
 pytestmark = pytest.mark.slow  # one 2-process job: about a minute on 2 cores
 
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gpt2")
-    return str(path), gpt2_dir(path, ["def f(x):\n    return x\n"] * 30, n_layer=4)
+MODELS = {"gpt2": gpt2_dir, "llama": llama_dir}
+CASES = [("gpt2", layout) for layout in LAYOUTS.values()] + [("llama", LAYOUTS["tp2"]), ("llama", LAYOUTS["pp2"])] \
+    + [("gpt2", layout) for layout in BROKEN.values()]
 
 
 @pytest.fixture(scope="module")
-def results(gpt2):
-    return tuple(run_on_ranks(2, train_cases, gpt2[0], [*LAYOUTS.values(), *BROKEN.values()]))
+def hf_dirs(tmp_path_factory) -> dict:
+    """{model: (directory, transformers model)}."""
+    out = {}
+    for name, save in MODELS.items():
+        path = tmp_path_factory.mktemp(name)
+        out[name] = (str(path), save(path, ["def f(x):\n    return x\n"] * 30, n_layer=4))
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(hf_dirs):
+    return tuple(run_on_ranks(2, train_cases, {k: v[0] for k, v in hf_dirs.items()}, CASES))
 
 
 @functools.cache
@@ -38,13 +47,14 @@ def _reference(path: str, *settings: str) -> dict:
     return _train(path, list(settings), Process())
 
 
-def _got_and_ref(gpt2, results, layout):
-    ref = _reference(gpt2[0], *(o for o in layout if o.startswith("train.")))
-    return merge_ranks(list(results), tuple(layout)), ref
+def _got_and_ref(hf_dirs, results, model, layout):
+    ref = _reference(hf_dirs[model][0], *(o for o in layout if o.startswith("train.")))
+    return merge_ranks(list(results), (model, *layout)), ref
 
 
-def test_first_loss_is_transformers_loss_on_the_same_batch(gpt2):
-    path, ref_model = gpt2
+@pytest.mark.parametrize("model", list(MODELS))
+def test_first_loss_is_transformers_loss_on_the_same_batch(model, hf_dirs):
+    path, ref_model = hf_dirs[model]
     t = trainer(path, [], Process())
     batch = t.task.train_batch(0, slice(None))
     with torch.no_grad():
@@ -54,12 +64,15 @@ def test_first_loss_is_transformers_loss_on_the_same_batch(gpt2):
     assert abs(ours - theirs) <= RTOL * theirs, (ours, theirs)
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_imported_gpt2_fine_tunes_under_the_layout_as_on_one_process(name, gpt2, results):
-    assert_matches(*_got_and_ref(gpt2, results, LAYOUTS[name]))
+NAMED = [(m, n) for m, layout in CASES for n, lay in LAYOUTS.items() if lay == layout]
 
 
-def test_a_reader_that_ignores_shard_offsets_fails_the_parity_check(gpt2, results):
-    got, ref = _got_and_ref(gpt2, results, BROKEN["tp2_reader_ignores_offsets"])
+@pytest.mark.parametrize("model, layout", NAMED)
+def test_imported_model_fine_tunes_under_the_layout_as_on_one_process(model, layout, hf_dirs, results):
+    assert_matches(*_got_and_ref(hf_dirs, results, model, LAYOUTS[layout]))
+
+
+def test_a_reader_that_ignores_shard_offsets_fails_the_parity_check(hf_dirs, results):
+    got, ref = _got_and_ref(hf_dirs, results, "gpt2", BROKEN["tp2_reader_ignores_offsets"])
     with pytest.raises(AssertionError):
         assert_matches(got, ref)

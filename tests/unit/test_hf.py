@@ -1,5 +1,7 @@
-"""Hugging Face model directories: a tiny random ``transformers`` GPT-2, saved with ``save_pretrained``,
-is the same model in loom (logits, greedy generation), in every weights format it may be saved in."""
+"""Hugging Face model directories: a tiny random ``transformers`` GPT-2 and Llama (grouped-query
+attention), saved with ``save_pretrained``, are the same models in loom (logits, greedy generation),
+in every weights format they may be saved in, and exported back ``transformers`` loads them with the
+same logits."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from loom.infer.generate import generate  # noqa: E402
 from loom.models import build_model  # noqa: E402
 from loom.models.hf import hf_model_settings  # noqa: E402
 from loom.train.hf import check_hf_weights, load_hf_weights  # noqa: E402
-from tests.hf_models import VOCAB, gpt2_dir  # noqa: E402
+from tests.hf_models import VOCAB, gpt2_dir, llama_dir  # noqa: E402
 
 TEXTS = ["def f(x):\n    return x + 1\n", "import os\nprint(os.getcwd())\n", "for i in range(10): pass\n"] * 20
 
@@ -37,23 +39,64 @@ def gpt2(tmp_path_factory):
     return path, gpt2_dir(path, TEXTS)
 
 
-def test_imported_gpt2_gives_transformers_logits(gpt2):
-    path, ref = gpt2
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def hf_model(request, tmp_path_factory):
+    """(directory, transformers model, loom family) of each family with a mapping."""
+    if request.param == "gpt2":
+        return *request.getfixturevalue("gpt2"), "gpt"
+    path = tmp_path_factory.mktemp("llama")
+    return path, llama_dir(path, TEXTS), "llama"
+
+
+def test_imported_model_gives_transformers_logits(hf_model):
+    path, ref, arch = hf_model
     cfg, model = imported(path)
-    assert (cfg.model.arch, cfg.model.n_layer, cfg.model.n_embd, cfg.model.vocab_size) == ("gpt", 2, 32, VOCAB)
+    assert (cfg.model.arch, cfg.model.n_layer, cfg.model.n_embd, cfg.model.vocab_size) == (arch, 2, 32, VOCAB)
+    if arch == "llama":
+        assert (cfg.model.n_head, cfg.model.kv_heads) == (4, 2)  # grouped-query attention
     x = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(x) - ref(x).logits).abs().max().item() <= 1e-4
 
 
-def test_imported_gpt2_greedy_generation_equals_transformers(gpt2):
-    path, ref = gpt2
+def test_imported_model_greedy_generation_equals_transformers(hf_model):
+    path, ref, _ = hf_model
     _, model = imported(path)
     prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
     ours = generate(model, prompt, max_new_tokens=12, temperature=0)
     theirs = ref.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False,
                           attention_mask=torch.ones_like(prompt), pad_token_id=0)
     assert ours.tolist() == theirs.tolist()
+
+
+def test_imported_then_exported_model_loads_in_transformers_with_the_same_logits(hf_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loom.infer.hf import export_hf
+    from loom.train.hf import import_hf
+
+    path, ref, _ = hf_model
+    out = export_hf(import_hf(path, tmp_path / "run"), tmp_path / "hf")
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back) is type(ref)
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (back(x).logits - ref(x).logits).abs().max().item() <= 1e-4
+
+
+def test_shards_and_index_are_written_for_a_model_over_the_shard_size(gpt2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loom.infer.hf import export_hf
+    from loom.train.hf import import_hf
+
+    path, ref = gpt2
+    out = export_hf(import_hf(path, tmp_path / "run"), tmp_path / "hf", shard_bytes=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (AutoModelForCausalLM.from_pretrained(out)(x).logits - ref(x).logits).abs().max().item() <= 1e-4
 
 
 def test_sharded_safetensors_import_the_same(tmp_path, gpt2):
