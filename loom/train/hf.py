@@ -118,6 +118,12 @@ def _local(p: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return p, (0,) * p.dim()
 
 
+def _vocab_padding(shape: torch.Size, cfg: ModelConfig, src) -> bool:
+    """Whether a parameter may hold more rows than its stored tensor: one row per token of a vocabulary
+    padded past the checkpoint's (``model.vocab_size`` raised so that tensor parallelism divides it)."""
+    return len(shape) >= 1 and shape[0] == cfg.vocab_size and not src.transpose and src.start == 0
+
+
 def check_hf_weights(path: str | Path, cfg: ModelConfig) -> str:
     """Check, before any process starts, that the directory's weights are the model's: every parameter
     found with its shape, no stored tensor left over. Returns the weights' format."""
@@ -133,6 +139,8 @@ def check_hf_weights(path: str | Path, cfg: ModelConfig) -> str:
             raise ConfigError(f"{path}: no tensor {src.name!r} (for loom's {name}) in the checkpoint")
         offsets, sizes = source_region(src, (0,) * p.dim(), tuple(p.shape))
         shape = stored[key][0]
+        if _vocab_padding(p.shape, cfg, src) and len(shape) == len(sizes):
+            sizes = (min(sizes[0], shape[0]), *sizes[1:])  # rows past the stored vocabulary: padding
         if len(shape) != len(sizes) or any(o + s > n for o, s, n in zip(offsets, sizes, shape)):
             raise ConfigError(f"{path}: tensor {key!r} has shape {tuple(shape)}, too small for loom's {name} "
                               f"{tuple(p.shape)}; config.json and the weights disagree")
@@ -165,6 +173,12 @@ def load_hf_weights(modules: list[nn.Module], cfg: ModelConfig, path: str | Path
             if key is None:
                 raise ConfigError(f"{path}: no tensor {src.name!r} (for loom's {name}) in the checkpoint")
             region_offsets, region_sizes = source_region(src, offsets, tuple(local.shape))
+            if _vocab_padding(p.shape, cfg, src):  # only the rows the checkpoint has; the padding is zero
+                local.zero_()
+                rows = max(0, min(region_sizes[0], stored[key][0][0] - region_offsets[0]))
+                if rows == 0:
+                    continue
+                local, region_sizes = local[:rows], (rows, *region_sizes[1:])
             reads.append(_Read(local, key, region_offsets, region_sizes, src.transpose))
     if fmt == "safetensors":
         state = {str(i): torch.empty(r.sizes, dtype=stored[r.stored][1]) for i, r in enumerate(reads)}

@@ -19,6 +19,8 @@ LAYOUTS = {
     "tp2": ["parallel.tp=2"],
     "pp2": ["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=2"],
     "pp2_lora": ["parallel.pp=2", "parallel.microbatches=2", "train.lora.rank=4"],
+    # 322 rows split 161 + 161: rank 1's shard holds the checkpoint's last 159 rows and 2 of padding
+    "tp2_padded_vocab": ["parallel.tp=2", "model.vocab_size=322"],
 }
 BROKEN = {"tp2_reader_ignores_offsets": ["parallel.tp=2", "sabotage:reader_ignores_offsets"]}
 

@@ -48,7 +48,7 @@ def _reference(path: str, *settings: str) -> dict:
 
 
 def _got_and_ref(hf_dirs, results, model, layout):
-    ref = _reference(hf_dirs[model][0], *(o for o in layout if o.startswith("train.")))
+    ref = _reference(hf_dirs[model][0], *(o for o in layout if o.startswith(("train.", "model."))))
     return merge_ranks(list(results), (model, *layout)), ref
 
 

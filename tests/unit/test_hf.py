@@ -99,6 +99,19 @@ def test_shards_and_index_are_written_for_a_model_over_the_shard_size(gpt2, tmp_
         assert (AutoModelForCausalLM.from_pretrained(out)(x).logits - ref(x).logits).abs().max().item() <= 1e-4
 
 
+def test_a_vocabulary_padded_for_tensor_parallelism_imports_with_zero_rows(gpt2):
+    path, ref = gpt2
+    cfg = load_config(None, ["model.vocab_size=324"], settings=hf_model_settings(path))
+    check_hf_weights(path, cfg.model)
+    model = build_model(cfg.model, "cpu")
+    model.init_weights(0)
+    load_hf_weights([model], cfg.model, path)
+    assert model.tok_emb.weight[VOCAB:].abs().max().item() == 0.0
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (model.eval()(x)[..., :VOCAB] - ref(x).logits).abs().max().item() <= 1e-4
+
+
 def test_sharded_safetensors_import_the_same(tmp_path, gpt2):
     path, ref = gpt2
     ref.save_pretrained(tmp_path, max_shard_size="20KB")
