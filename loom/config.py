@@ -34,7 +34,7 @@ PRESETS = models.presets()
 @dataclass
 class DataConfig:
     path: Optional[str] = None  # None: the Python standard library's source files
-    tokenizer: str = "auto"  # auto | bpe | jieba-sp
+    tokenizer: str = "auto"  # auto (the task's, else bpe or jieba-sp by the text) | bpe | jieba-sp | wordpiece
     val_fraction: float = 0.01
     jsonl_field: str = "text"
     cache_dir: Optional[str] = None  # None: $LOOM_CACHE or ~/.cache/loom
@@ -105,7 +105,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": tuple(models.families()),
     "train.task": ("auto", *tasks.names()),
     "model.moe.router": ("switch", "top2", "noisy-topk"),
-    "data.tokenizer": ("auto", "bpe", "jieba-sp"),
+    "data.tokenizer": ("auto", "bpe", "jieba-sp", "wordpiece"),
     "train.optimizer": ("adamw", "lamb"),
     "train.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16", "fp64"),

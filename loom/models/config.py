@@ -32,7 +32,7 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     preset: str = DEFAULT_PRESET
-    arch: str = "gpt"  # the family (loom describe --list): gpt | pangu
+    arch: str = "gpt"  # the family (loom describe --list): gpt | pangu | bert
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 192
@@ -42,6 +42,8 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     layer_norm_eps: float = 1e-5
+    post_ln: bool = False  # encoders: LayerNorm after each residual add (BERT as published); false: before
+    n_classes: int = 0  # encoders: outputs of a classification head on [CLS]; 0: the pretraining heads
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property

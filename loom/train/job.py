@@ -72,7 +72,7 @@ def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = F
 
 
 def _final(summary: dict) -> str:
-    if "val_loss" in summary:
+    if "val_ppl" in summary:
         return (f"val loss {summary['val_loss']:.3f} (perplexity {summary['val_ppl']:.1f}) against a unigram "
                 f"entropy of {summary.get('unigram_entropy_nats') or math.nan:.3f} nats")
     return ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k.startswith("val_") and isinstance(v, float))
