@@ -66,6 +66,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     run_dir: Optional[str] = None  # None: runs/<time>-<preset>
     progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | none
+    init_from: Optional[str] = None  # a run directory whose weights (not optimizer or step) start this run
 
 
 @dataclass

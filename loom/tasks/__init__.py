@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from loom.tasks.base import Batch, Task, slice_rows, to_device
 from loom.tasks.causal_lm import CausalLM, lm_loss, lm_metrics
+from loom.tasks.classification import Classification
 from loom.tasks.masked_lm import MaskedLM
 
-TASKS: dict[str, type[Task]] = {"causal_lm": CausalLM, "masked_lm": MaskedLM}
+TASKS: dict[str, type[Task]] = {"causal_lm": CausalLM, "masked_lm": MaskedLM, "classification": Classification}
 
-__all__ = ["TASKS", "Batch", "CausalLM", "MaskedLM", "Task", "build_task", "lm_loss", "lm_metrics", "names",
-           "slice_rows", "to_device"]
+__all__ = ["TASKS", "Batch", "CausalLM", "Classification", "MaskedLM", "Task", "build_task", "lm_loss", "lm_metrics",
+           "names", "slice_rows", "to_device"]
 
 
 def names() -> tuple[str, ...]:

@@ -46,6 +46,8 @@ def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = F
     run_dir = Path(_on_coordinator(process, _make_run_dir, cfg, run_dir, resume))
     with _log_to_file(run_dir / "train.log") if process.is_coordinator else contextlib.nullcontext():
         tok_dir = run_dir / "tokenizer" if resume else None
+        if cfg.train.init_from and not resume:  # fine-tuning reads text as the run it starts from did
+            tok_dir = Path(cfg.train.init_from).expanduser() / "tokenizer"
         data = _on_coordinator(process, prepare_run_data, cfg, tok_dir, share=False)
         if not process.is_coordinator:
             data = prepare_run_data(cfg, tok_dir)  # the coordinator has filled the cache

@@ -42,6 +42,8 @@ MODELS = {
     "glam": ["model=glam-tiny", "model.moe.random_routing=false"],
     # an encoder: masked-LM + next-sentence prediction on sentences (tiny_sentence_data)
     "bert": ["model=bert-tiny", "model.n_layer=4"],
+    # ... fine-tuned for classification (tiny_labelled_data), usually from a "bert" run (train.init_from)
+    "bert-cls": ["model=bert-tiny", "model.n_layer=4", "train.task=classification"],
 }
 COMMON = ["model.block_size=32", "train.batch_size=8", "train.warmup_steps=2", "train.steps=10",
           "train.progress=none", "train.device=cpu", "train.grad_clip=0.5", "train.lr=1e-3", "train.precision=fp64"]
@@ -82,6 +84,17 @@ def tiny_sentence_data(vocab: int = 512, docs: int = 300, seed: int = 0) -> Simp
     return SimpleNamespace(train=tokens[:cut], val=tokens[cut:], meta={}, tokenizer=tokenizer)
 
 
+def tiny_labelled_data(n: int = 400, seed: int = 0) -> SimpleNamespace:
+    """:func:`tiny_sentence_data`'s vocabulary and sentences as (token ids, label) examples: three
+    labels, each sentence's by its first token, so that it can be learnt."""
+    data = tiny_sentence_data(seed=seed)
+    rng = np.random.default_rng(seed)
+    stream = data.train[data.train > 6].astype(np.int64)
+    starts = rng.integers(0, len(stream) - 20, size=n)
+    examples = [(stream[s:s + int(rng.integers(5, 20))].tolist(), f"label{stream[s] % 3}") for s in starts]
+    return SimpleNamespace(examples=examples, tokenizer=data.tokenizer, meta={}, train=data.train, val=data.val)
+
+
 def config(model: str, layout: list[str]):
     return load_config(None, [*MODELS[model], *COMMON, *(o for o in layout if not o.startswith("sabotage:"))])
 
@@ -94,7 +107,7 @@ def trainer(model: str, layout: list[str], process: Process, run_dir=None, resum
     cfg = config(model, layout)
     plan = resolve_plan(cfg, process.world_size)
     check_plan(plan, cfg, process.world_size)
-    data = tiny_sentence_data() if model.startswith("bert") else tiny_data()
+    data = {"bert": tiny_sentence_data, "bert-cls": tiny_labelled_data}.get(model, tiny_data)()
     return Trainer(cfg, plan, Path(run_dir) if run_dir is not None else None, data, resume=resume,
                    process=process, device=torch.device("cpu"))
 
@@ -122,7 +135,7 @@ def _train_as_configured(model: str, layout: list[str], process: Process, steps:
         if t.interval.moe is not None:  # this step's MoE statistics, summed over ranks
             moe.append(all_reduce_sum(t.interval.moe).cpu())
             t.interval.moe = None
-    val = t.evaluate()["val_loss"] if model in ("gpt", "switch", "bert") else None
+    val = t.evaluate()["val_loss"] if model in ("gpt", "switch", "bert", "bert-cls") else None
     return {"losses": losses, "params": full_parameters(t), "val_loss": val, "moe": moe}
 
 
