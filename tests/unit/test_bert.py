@@ -123,3 +123,12 @@ def test_masked_lm_loss_is_normalized_by_the_global_count():
     pieces = torch.stack([loss(slice(i, i + 2)) for i in range(0, 8, 2)]).mean()
     assert pieces.item() == pytest.approx(whole.item(), rel=1e-12)
     assert task.units(batch) == sum(counts)
+
+
+def test_describe_and_plan_read_bert_from_its_spec(loom_cli):
+    code, out, _ = loom_cli("describe", "bert-large")
+    assert code == 0 and "336,226,108" in out and "(-1.11%)" in out and "bert: 24 layers" in out
+    code, out, err = loom_cli("plan", "bert-large", "--cluster", "64xa100-80g", "--global-batch", "1024",
+                              "--fix", "dp=32,tp=2,pp=1")
+    assert code == 0, err
+    assert "model=bert-large" in out and "dp=32 tp=2 pp=1" in out
