@@ -139,6 +139,11 @@ class MaskedLM(Task):
                 raise ConfigError(f"the {split} split has no document of two sentences (non-blank lines); "
                                   "masked-LM pretraining needs more text")
         self._cached: tuple[int, Batch] | None = None
+        # what a model that ignores context scores on the predicted tokens: the entropy of the training
+        # sentences' tokens (boundaries excluded), the bar pretraining must get well below
+        counts = np.bincount(self.train.tokens[~np.isin(self.train.tokens, boundaries)].astype(np.int64))
+        p = counts[counts > 0] / counts.sum()
+        self.unigram_entropy = float(-(p * np.log(p)).sum())
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -228,5 +233,5 @@ class MaskedLM(Task):
 
     def count_metrics(self, c: dict[str, float]) -> dict:
         mlm = c["mlm_ce"] / c["mlm_tokens"]
-        return {"mlm_loss": mlm, "mlm_ppl": math.exp(min(mlm, 50.0)),
+        return {"mlm_loss": mlm, "mlm_ppl": math.exp(min(mlm, 50.0)), "mlm_unigram_entropy": self.unigram_entropy,
                 "mlm_accuracy": c["mlm_correct"] / c["mlm_tokens"], "nsp_accuracy": c["nsp_correct"] / c["nsp_rows"]}

@@ -70,6 +70,7 @@ def test_bert_two_rank_layout_matches_single_process(name):
     assert_matches(*_got_and_ref(TWO_RANKS[name], 2))
 
 
+@pytest.mark.slow  # four processes on two cores (CI runs it)
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
 def test_bert_four_rank_layout_matches_single_process(name):
     assert_matches(*_got_and_ref(FOUR_RANKS[name], 4))
