@@ -35,7 +35,7 @@ PRESETS = models.presets()
 @dataclass
 class DataConfig:
     path: Optional[str] = None  # None: the Python standard library's source files
-    tokenizer: str = "auto"  # auto | bpe | jieba-sp
+    tokenizer: str = "auto"  # auto (the task's, else bpe or jieba-sp by the text) | bpe | jieba-sp | wordpiece
     val_fraction: float = 0.01
     jsonl_field: str = "text"
     cache_dir: Optional[str] = None  # None: $LOOM_CACHE or ~/.cache/loom
@@ -76,7 +76,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     run_dir: Optional[str] = None  # None: runs/<time>-<preset>
     progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | none
-    init_from: Optional[str] = None  # start from these weights: a Hugging Face model directory (docs/huggingface.md)
+    # start from these weights: a loom run directory (docs/encoders.md) or a Hugging Face model directory
+    # (docs/huggingface.md)
+    init_from: Optional[str] = None
     freeze: list[str] = field(default_factory=list)  # parameter-name patterns (fnmatch) that do not train
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
@@ -119,7 +121,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.task": ("auto", *tasks.names()),
     "model.moe.router": ("switch", "top2", "noisy-topk"),
     "model.positions": ("auto", "learned", "sinusoidal", "rotary"),
-    "data.tokenizer": ("auto", "bpe", "jieba-sp"),
+    "data.tokenizer": ("auto", "bpe", "jieba-sp", "wordpiece"),
     "train.optimizer": ("adamw", "lamb"),
     "train.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16", "fp64"),

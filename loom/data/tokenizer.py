@@ -14,7 +14,16 @@ Two kinds are supported:
     boundary. Decoding reverses the mapping. ``jieba`` and ``sentencepiece``
     are optional dependencies (``pip install 'loom[zh]'``).
 
-Both reserve the special token ``<|endoftext|>`` (:data:`EOS_TOKEN`), which is
+``wordpiece``
+    BERT's WordPiece (Devlin et al. 2018), trained with the ``tokenizers``
+    library: words and punctuation split apart, words into ``##``-continued
+    pieces, case kept (code is case-sensitive). It reserves BERT's special
+    tokens :data:`WORDPIECE_SPECIALS` ([PAD] [UNK] [CLS] [SEP] [MASK], then
+    ``<|endoftext|>`` and [NL]) as ids 0-6; every line of a document ends
+    with [NL], the sentence boundary masked-LM pretraining reads. Decoding
+    does not restore the original spacing.
+
+All reserve the special token ``<|endoftext|>`` (:data:`EOS_TOKEN`), which is
 appended after every document when a corpus is tokenized. Literal occurrences
 of that string inside documents are encoded as ordinary text.
 
@@ -38,7 +47,7 @@ from typing import Any, ClassVar
 from loom.data.corpus import DataError
 
 EOS_TOKEN = "<|endoftext|>"
-KINDS: tuple[str, ...] = ("bpe", "jieba-sp")
+KINDS: tuple[str, ...] = ("bpe", "jieba-sp", "wordpiece")
 META_FILE = "tokenizer_meta.json"
 #: Tokenizers are trained on at most this many characters of text, an evenly
 #: strided subset of the documents, to keep training fast on few cores.
@@ -358,6 +367,75 @@ class JiebaSpTokenizer(Tokenizer):
         path.write_bytes(self._proto)
 
 
+PAD, UNK, CLS, SEP, MASK, NL = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[NL]"
+#: WordPiece's special tokens, in id order.
+WORDPIECE_SPECIALS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK, EOS_TOKEN, NL)
+
+
+class WordPieceTokenizer(Tokenizer):
+    """BERT's WordPiece backed by a Hugging Face ``tokenizers.Tokenizer``; each line ends with [NL]."""
+
+    kind = "wordpiece"
+    model_file = "tokenizer.json"
+
+    def __init__(self, hf: Any) -> None:
+        self._hf = hf
+        self._hf.encode_special_tokens = True  # a literal "[MASK]" in the text is text
+        self.special_ids = {t: int(hf.token_to_id(t)) for t in WORDPIECE_SPECIALS}
+
+    @classmethod
+    def train(cls, texts: Iterator[str], vocab_size: int) -> WordPieceTokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+        hf = HFTokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
+        hf.normalizer = normalizers.NFC()
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        hf.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(WORDPIECE_SPECIALS),
+                                            show_progress=False)
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: Path) -> WordPieceTokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_file(str(path)))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._hf.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids[EOS_TOKEN]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Each non-blank line's pieces followed by [NL] (blank lines leave nothing)."""
+        lines = [[ln for ln in text.split("\n") if ln.strip()] for text in texts]
+        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        flat = encode([ln for doc in lines for ln in doc], add_special_tokens=False)
+        out, i, nl = [], 0, self.special_ids[NL]
+        for doc in lines:
+            ids: list[int] = []
+            for e in flat[i : i + len(doc)]:
+                ids.extend(e.ids)
+                ids.append(nl)
+            i += len(doc)
+            out.append(ids)
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._hf.decode([int(i) for i in ids], skip_special_tokens=False))
+
+    def _write_model(self, path: Path) -> None:
+        self._hf.save(str(path))
+
+
 def _check_kind(kind: str) -> str:
     """Return ``kind`` if it is a concrete tokenizer kind, else raise DataError."""
     if kind not in KINDS:
@@ -366,9 +444,9 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
-def _tokenizer_class(kind: str) -> type[BpeTokenizer] | type[JiebaSpTokenizer]:
+def _tokenizer_class(kind: str) -> type[Tokenizer]:
     """Return the class implementing tokenizer ``kind``."""
-    return BpeTokenizer if _check_kind(kind) == "bpe" else JiebaSpTokenizer
+    return {"bpe": BpeTokenizer, "jieba-sp": JiebaSpTokenizer, "wordpiece": WordPieceTokenizer}[_check_kind(kind)]
 
 
 def _is_cjk(ch: str) -> bool:

@@ -32,7 +32,7 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     preset: str = DEFAULT_PRESET
-    arch: str = "gpt"  # the family (loom describe --list): gpt | pangu | llama
+    arch: str = "gpt"  # the family (loom describe --list): gpt | pangu | llama | bert
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: Optional[int] = None  # key/value heads (grouped-query attention, Ainslie et al. 2023); None: n_head
@@ -46,6 +46,8 @@ class ModelConfig:
     # auto (the family's own) | learned | sinusoidal (Vaswani et al. 2017) | rotary (Su et al. 2021)
     positions: str = "auto"
     rope_theta: float = 10000.0  # rotary positions' base (Llama 3: 500000)
+    post_ln: bool = False  # encoders: LayerNorm after each residual add (BERT as published); false: before
+    n_classes: int = 0  # encoders: outputs of a classification head on [CLS]; 0: the pretraining heads
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property

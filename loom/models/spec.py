@@ -44,13 +44,19 @@ class Sharding:
     ``outside_query``: attention modules whose query comes from outside the residual stream, as a
     (B, T, C) tensor that is this rank's sequence slice under sequence parallelism (it is gathered).
     ``own_groups``: modules besides the blocks that data parallelism makes their own FSDP group (a
-    communication bucket that overlaps with compute)."""
+    communication bucket that overlaps with compute). ``stream_inputs``: attention and MLP modules
+    (patterns) that read the residual stream itself rather than a LayerNorm's output (post-LayerNorm
+    blocks): under sequence parallelism their inputs are gathered to the whole sequence first.
+    ``whole_inputs``: modules after the blocks whose input is already the whole sequence on every
+    rank (a head behind a replicated projection that gathered the stream), not this rank's slice."""
 
     table: dict[str, str]
     positional: tuple[str, ...] = ()
     local_positions: tuple[str, ...] = ()
     outside_query: tuple[str, ...] = ()
     own_groups: tuple[str, ...] = ()
+    stream_inputs: tuple[str, ...] = ()
+    whole_inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from loom.tasks.base import Batch, Task, slice_rows, to_device
 from loom.tasks.causal_lm import CausalLM, lm_loss, lm_metrics
+from loom.tasks.classification import Classification
+from loom.tasks.masked_lm import MaskedLM
 from loom.tasks.sft import SFT
 
-TASKS: dict[str, type[Task]] = {"causal_lm": CausalLM, "sft": SFT}
+TASKS: dict[str, type[Task]] = {"causal_lm": CausalLM, "masked_lm": MaskedLM, "classification": Classification,
+                              "sft": SFT}
 
-__all__ = ["TASKS", "Batch", "CausalLM", "Task", "build_task", "lm_loss", "lm_metrics", "names", "slice_rows",
-           "to_device"]
+__all__ = ["SFT", "TASKS", "Batch", "CausalLM", "Classification", "MaskedLM", "Task", "build_task", "lm_loss",
+           "lm_metrics", "names", "slice_rows", "to_device"]
 
 
 def names() -> tuple[str, ...]:
@@ -22,6 +25,6 @@ def build_task(name: str, data, block_size: int, batch_size: int, seed: int) -> 
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     cls = TASKS[name]
-    if hasattr(cls, "from_data"):  # a task that reads its own records (sft) rather than the token stream
+    if hasattr(cls, "from_data"):  # a task that reads more of the data than its token streams
         return cls.from_data(data, block_size, batch_size, seed)
     return cls(data.train, data.val, block_size, batch_size, seed)

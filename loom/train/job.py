@@ -49,6 +49,8 @@ def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = F
         tok_dir = run_dir / "tokenizer" if resume else None
         if not resume and starts_from_hf(cfg):  # the model directory's tokenizer encodes the data
             tok_dir = Path(_on_coordinator(process, prepare_hf_init, cfg, run_dir))
+        elif cfg.train.init_from and not resume:  # fine-tuning reads text as the run it starts from did
+            tok_dir = Path(cfg.train.init_from).expanduser() / "tokenizer"
         data = _on_coordinator(process, prepare_run_data, cfg, tok_dir, share=False)
         if not process.is_coordinator:
             data = prepare_run_data(cfg, tok_dir)  # the coordinator has filled the cache
@@ -75,7 +77,7 @@ def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = F
 
 
 def _final(summary: dict) -> str:
-    if "val_loss" in summary:
+    if "val_ppl" in summary:
         return (f"val loss {summary['val_loss']:.3f} (perplexity {summary['val_ppl']:.1f}) against a unigram "
                 f"entropy of {summary.get('unigram_entropy_nats') or math.nan:.3f} nats")
     return ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k.startswith("val_") and isinstance(v, float))

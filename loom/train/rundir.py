@@ -17,9 +17,10 @@ import itertools
 import time
 from pathlib import Path
 
-from loom.config import Config, ConfigError, load_config
+from loom.config import Config, ConfigError, load_config, task_name
 from loom.data import PreparedData, prepare_data
 from loom.errors import RunError
+from loom.tasks import TASKS
 
 __all__ = ["RunError", "check_run_dir", "load_resume_config", "load_run_config", "new_run_dir", "prepare_run_data"]
 
@@ -69,6 +70,8 @@ def prepare_run_data(cfg: Config, tokenizer_dir: Path | None = None) -> Prepared
     """The tokenized corpus of ``cfg.data``; with ``tokenizer_dir`` (a run's own tokenizer),
     encoded with that tokenizer rather than one trained for the cache."""
     d = cfg.data
+    # data.tokenizer=auto: the task's own kind where it needs one (masked-LM: WordPiece's special tokens)
+    kind = d.tokenizer if d.tokenizer != "auto" else getattr(TASKS[task_name(cfg)], "tokenizer_kind", "auto")
     field = "response" if cfg.train.task == "sft" else d.jsonl_field  # sft's records: {prompt, response}
-    return prepare_data(d.path, cfg.model.vocab_size, d.tokenizer, d.val_fraction, d.cache_dir, field,
+    return prepare_data(d.path, cfg.model.vocab_size, kind, d.val_fraction, d.cache_dir, field,
                         tokenizer_dir=tokenizer_dir)
