@@ -68,6 +68,10 @@ def hf_model_settings(path: str | Path) -> dict:
     except KeyError as e:
         raise ConfigError(f"config.json of {str(path)!r} lacks {e.args[0]!r}, which a {config['model_type']} "
                           "config needs") from None
+    shape = ("n_layer", "n_head", "n_embd", "vocab_size")
+    for name, preset in spec.presets.items():  # a known shape (GPT-2 124M, Llama 3 8B) keeps its name
+        if all(preset.get(k) == model.get(k) for k in shape):
+            model["preset"] = name
     return {f"model.{k}": v for k, v in model.items()}
 
 

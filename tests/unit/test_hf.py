@@ -166,3 +166,20 @@ def test_weights_that_do_not_fit_the_config_are_one_clear_error(tmp_path, gpt2):
     cfg = load_config(None, settings=hf_model_settings(tmp_path))
     with pytest.raises(ConfigError, match="have no place in loom's gpt model"):
         check_hf_weights(tmp_path, cfg.model)
+
+
+@pytest.mark.parametrize("config, preset, params", [
+    ({"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "n_positions": 1024},
+     "gpt2-124m", 124_439_808),
+    ({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+      "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256, "max_position_embeddings": 8192,
+      "rope_theta": 500000.0, "tie_word_embeddings": False}, "llama3-8b", 8_030_261_248),
+], ids=["gpt2", "llama3-8b"])
+def test_a_published_config_json_is_the_published_model(tmp_path, config, preset, params):
+    """The config.json of GPT-2 124M and of Llama 3 8B (as on the Hub) give loom's presets of those
+    models, counted on the meta device: nothing is allocated."""
+    from loom.models import count_params
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg = load_config(None, settings=hf_model_settings(tmp_path))
+    assert cfg.model.preset == preset and count_params(build_model(cfg.model)) == params
