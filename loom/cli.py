@@ -150,6 +150,9 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run's own config.yaml; pass changes as key=value overrides")
+        from loom.train.hf import check_resumable
+
+        check_resumable(Path(args.resume))
         cfg = load_resume_config(Path(args.resume), overrides, settings)
     else:
         cfg = load_config(args.config, overrides, settings)

@@ -254,6 +254,18 @@ def initial_tokenizer(cfg: Config, run_dir: Path) -> str | None:
     return str(Path(run_dir) / "tokenizer")
 
 
+def check_resumable(run_dir: Path) -> None:
+    """``loom train --resume`` of a run ``loom import`` made (weights, no optimizer state) is one line
+    that says how to train from it."""
+    ckpt = latest_checkpoint(Path(run_dir))
+    if ckpt is None or not (Path(run_dir) / INIT_FILE).is_file():
+        return
+    keys = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    if not any(k.startswith("optim.state.") for k in keys):
+        raise ConfigError(f"{run_dir} holds imported weights, not a training run to resume; start one from them "
+                          f"with: loom train train.init_from={run_dir} (or the model directory itself)")
+
+
 def import_hf(path: str | Path, out: str | Path, overrides: list[str] | None = None) -> Path:
     """``loom import``: a run directory made from the model directory ``path``: its config, its
     tokenizer, and its weights as checkpoint step 0, which ``loom generate``, ``eval`` and ``export``

@@ -17,10 +17,12 @@ from loom.config import TrainConfig
 
 def param_groups(model: nn.Module, weight_decay: float, params: list[nn.Parameter] | None = None) -> list[dict]:
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
-    return [
+    groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    # no empty group (LoRA trains matrices only): torch's flattened optimizer state cannot reload one
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, params: list[nn.Parameter] | None = None

@@ -79,6 +79,8 @@ def test_an_imported_run_is_a_run_that_init_from_starts_from(gpt2, tmp_path, loo
     imported, tuned, data = tmp_path / "imported", tmp_path / "tuned", tmp_path / "code.txt"
     data.write_text("def f(x):\n    return x + 1\n" * 200)
     assert loom_cli("import", str(path), "--out", str(imported))[0] == 0
+    code, _, err = loom_cli("train", "--resume", str(imported))
+    assert code == 2 and "holds imported weights, not a training run to resume" in err, err
     code, _, err = loom_cli("train", "--config", str(imported / "config.yaml"), f"train.init_from={imported}",
                             f"data.path={data}", f"train.run_dir={tuned}", "train.steps=1", "train.batch_size=2",
                             "train.eval_every=1", "train.eval_batches=1", "train.progress=none")

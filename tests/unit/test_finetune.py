@@ -48,6 +48,24 @@ def test_lora_trains_only_the_adapters_and_the_optimizer_holds_only_them():
     assert held == adapters and with_state == adapters
 
 
+def test_a_lora_run_resumes_from_its_checkpoint(tmp_path):
+    """Adapters and their optimizer state (matrices only: no empty parameter group) reload."""
+    cfg = load_config(None, [*TINY, "train.lora.rank=4", f"train.run_dir={tmp_path}"])
+
+    def make(resume: bool) -> Trainer:
+        return Trainer(cfg, resolve_plan(cfg, 1), tmp_path, tiny_data(), resume=resume, process=Process(),
+                       device=torch.device("cpu"))
+
+    t = make(False)
+    for step in range(2):
+        t.train_step(step)
+    t.save(2)
+    again = make(True)
+    assert again.start_step == 2
+    for (name, p), (_, q) in zip(t.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_merged_lora_gives_the_unmerged_logits():
     t, _, _ = trained("train.lora.rank=4", "train.precision=fp64")
     model = t.model.modules[0].eval()
