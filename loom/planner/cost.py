@@ -23,8 +23,9 @@ A collective over a group that fits inside a node runs at the intra-node bandwid
 inter-node bandwidth; ring algorithms move 2(n−1)/n of the buffer for an all-reduce, (n−1)/n for an
 all-gather, reduce-scatter or all-to-all.
 
-Memory per device (the stage that holds the most): weights, gradients and optimizer state (18 bytes per
-parameter in mixed precision: fp32 master 4 + bf16 copy 2 + fp32 gradient 4 + Adam 8, sharded by ZeRO), and
+Memory per device (the stage that holds the most): weights, gradients and optimizer state as FSDP2 holds
+them under each ZeRO stage (:func:`loom.planner.memory.state_bytes`: fp32 master, bf16 working copy,
+fp32 gradient, Adam 8 bytes, each sharded where the engine shards it), and
 activations by Korthikanti et al. 2022 (per layer and micro-batch, bytes):
 
     none       s·b·h·(34 + 5·a·s/h)            / tp with sp; (10 + 24/tp + 5·a·s/(h·tp)) without

@@ -97,8 +97,12 @@ def test_memory_follows_zero_and_recomputation():
     base = dict(dp=16, tp=8, pp=8, sp=True)
     mem = {z: estimate(cfg, plan_for_batch(1024, **base, zero=z), cluster, 1024, 2048).memory_gb for z in range(4)}
     assert mem[1]["optimizer"] == pytest.approx(mem[0]["optimizer"] / 16)
-    assert mem[2]["grads"] == pytest.approx(mem[1]["grads"] / 16)
-    assert mem[3]["weights"] < mem[2]["weights"]
+    # under a pipeline torch's stages keep whole gradients and gathered blocks until the step's end
+    # (one reduction per step), so ZeRO-2 and 3 hold what ZeRO-1 does; without one they shard them
+    assert mem[2]["grads"] == pytest.approx(mem[1]["grads"]) and mem[3]["weights"] == pytest.approx(mem[2]["weights"])
+    flat = dict(dp=128, tp=8, sp=True)
+    mem = {z: estimate(cfg, plan_for_batch(1024, **flat, zero=z), cluster, 1024, 2048).memory_gb for z in range(4)}
+    assert mem[2]["grads"] < mem[1]["grads"] / 16 and mem[3]["weights"] < mem[2]["weights"]
     act = {r: estimate(cfg, plan_for_batch(1024, **base, recompute=r), cluster, 1024, 2048)
            for r in ("none", "selective", "full")}
     assert act["none"].memory_gb["activations"] > act["selective"].memory_gb["activations"] \
