@@ -1,7 +1,8 @@
 """Memory per device: weights, gradients and optimizer state (sharded by ZeRO), and activations.
 
 Mixed precision (a GPU): up to 18 bytes per parameter (fp32 master 4 + bf16 copy 2 + fp32 gradient 4 +
-Adam 8, sharded where FSDP2 shards them: :func:`state_bytes`) and activations by Korthikanti et al. 2022 (per layer and micro-batch, bytes):
+Adam 8, sharded where FSDP2 shards them: :func:`state_bytes`) and activations by Korthikanti et al.
+2022 (per layer and micro-batch, bytes):
 
     none       s·b·h·(34 + 5·a·s/h)            / tp with sp; (10 + 24/tp + 5·a·s/(h·tp)) without
     selective  s·b·h·34 / tp with sp;           (10 + 24/tp) without
@@ -153,6 +154,18 @@ def in_flight(L: Plan, m: int, r: int) -> float:
     return min(m, L.pp - r)
 
 
+def fp32_saved_per_layer(L: Plan, recompute: str) -> float:
+    """(b, s, h)-sized tensors one block saves for backward in fp32 under ``recompute`` (this code's
+    blocks: SDPA attention, no dropout), per tp rank. Measured against the tensors a block really keeps
+    alive from forward to backward in tests/unit/test_activation_memory.py."""
+    tp = L.tp
+    if recompute == "none":
+        return FP32_SAVED["whole"] - FP32_SAVED["sp_split"] * (1 - 1 / tp) * L.sp + FP32_SAVED["split"] / tp
+    if recompute == "selective":
+        return FP32_SELECTIVE["whole"] + FP32_SELECTIVE["split"] / tp
+    return 1 / (tp if L.sp else 1)  # the block's input
+
+
 def _memory_fp32(sh: Shape, stages, L: Plan, b: int, m: int, acc) -> tuple[dict[str, float], list[dict[str, float]]]:
     """fp32 training, as on a CPU: :data:`FP32_BYTES_PER_PARAM` (ZeRO shards them; FSDP keeps a shard of
     weights and gradients beside the gathered ones), activations as this code saves them, and the
@@ -181,15 +194,8 @@ def _memory_fp32(sh: Shape, stages, L: Plan, b: int, m: int, acc) -> tuple[dict[
         weights, grads = weights * 4, grads * 4
         optimizer = shard * FP32_BYTES_PER_PARAM["optimizer"]
         layers = sum(len(stages[si]) for si in mine)
-        whole, split = FP32_SAVED["whole"], FP32_SAVED["split"]
-        full_layer = (whole - FP32_SAVED["sp_split"] * (1 - 1 / tp) * L.sp + split / tp
-                      + (FP32_TP_BUFFERS if tp > 1 else 0)) * sbh
-        if L.recompute == "none":
-            per_layer = full_layer
-        elif L.recompute == "selective":
-            per_layer = (FP32_SELECTIVE["whole"] + FP32_SELECTIVE["split"] / tp) * sbh
-        else:
-            per_layer = sbh / (tp if L.sp else 1)  # the block's input
+        full_layer = (fp32_saved_per_layer(L, "none") + (FP32_TP_BUFFERS if tp > 1 else 0)) * sbh
+        per_layer = full_layer if L.recompute == "none" else fp32_saved_per_layer(L, L.recompute) * sbh
         activations = per_layer * layers * in_flight(L, m, r)
         if L.recompute != "none":  # one block's activations live again while it is recomputed
             activations += full_layer
