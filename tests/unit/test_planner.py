@@ -118,6 +118,19 @@ def test_moe_plans_split_experts_over_ep():
     assert e.time_s["ep"] > 0
 
 
+def test_tensor_parallelism_does_not_split_expert_flops():
+    """Every tp rank runs the whole MoE layer (experts split over ep, not tp): doubling tp halves a
+    dense model's compute per device, but not the experts' share of a sparse one's."""
+    cluster = parse_cluster("64xa100-80g")
+
+    def compute(model, tp):
+        cfg = load_config(None, [f"model={model}"]).model
+        return estimate(cfg, plan_for_batch(256, dp=4, tp=tp), cluster, 256, 512).time_s["compute"]
+
+    assert compute("gpt2-350m", 2) == pytest.approx(compute("gpt2-350m", 1) / 2, rel=0.02)
+    assert compute("switch-base", 2) > 0.6 * compute("switch-base", 1)
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("tp=8,pp=x", "is not a int"),
     ("tq=8", "is not KEY=VALUE"),
