@@ -153,8 +153,8 @@ def cmd_train(args) -> int:
         cfg = load_resume_config(Path(args.resume), overrides, settings)
     else:
         cfg = load_config(args.config, overrides, settings)
-        if cfg.train.init_from:  # the model is the one the weights come from
-            cfg = _init_from_config(cfg.train.init_from, overrides, args.config, settings)
+        if cfg.train.init_from:  # a Hugging Face model directory: the model is the one its weights are for
+            cfg = _init_from_config(cfg, overrides, args.config, settings)
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be at least 1")
     launching = args.nproc > 1 and env_world_size() == 1
@@ -167,14 +167,17 @@ def cmd_train(args) -> int:
     return _run_train(cfg, plan, args.resume)
 
 
-def _init_from_config(path: str, overrides: list[str], config_file: str | None, settings: dict | None):
+def _init_from_config(cfg, overrides: list[str], config_file: str | None, settings: dict | None):
     from loom.models.hf import is_hf_dir
     from loom.train.hf import hf_init_config
 
-    if not is_hf_dir(path):
-        raise ConfigError(f"train.init_from={path} is not a Hugging Face model directory (a config.json with a "
-                          "model_type, the weights and the tokenizer files)")
-    return hf_init_config(path, overrides, config_file, settings)
+    path = cfg.train.init_from
+    if is_hf_dir(path):
+        return hf_init_config(path, overrides, config_file, settings)
+    if (Path(path).expanduser() / "config.yaml").is_file():  # a loom run: its weights load by name and shape
+        return cfg
+    raise ConfigError(f"train.init_from={path} is neither a loom run directory (config.yaml, checkpoints/) nor a "
+                      "Hugging Face model directory (config.json with a model_type, weights, tokenizer files)")
 
 
 def _run_train(cfg, plan, resume: str | None) -> int:

@@ -121,7 +121,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.task": ("auto", *tasks.names()),
     "model.moe.router": ("switch", "top2", "noisy-topk"),
     "model.positions": ("auto", "learned", "sinusoidal", "rotary"),
-    "data.tokenizer": ("auto", "bpe", "jieba-sp", "wordpiece"),
+    "data.tokenizer": ("auto", "bpe", "jieba-sp", "wordpiece"),  # or a folder holding one (tokenizer_is_dir)
     "train.optimizer": ("adamw", "lamb"),
     "train.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16", "fp64"),
@@ -262,6 +262,8 @@ def validate(cfg: Config) -> None:
         for part in path:
             owner = getattr(owner, part)
         value = getattr(owner, name)
+        if key == "data.tokenizer" and tokenizer_is_dir(value):
+            continue
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}"
                               + _did_you_mean(str(value), allowed))
@@ -275,6 +277,12 @@ def validate(cfg: Config) -> None:
     _validate_finetuning(cfg)
     if not 0.0 < cfg.data.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 0.5)")
+
+
+def tokenizer_is_dir(value: str) -> bool:
+    """Whether ``data.tokenizer`` names a folder (a Hugging Face model's or tokenizer's, or a run's
+    ``tokenizer/``) rather than a kind of tokenizer to train."""
+    return value not in CHOICES["data.tokenizer"] and Path(value).expanduser().is_dir()
 
 
 def _check(key: str, value: float, low: float = -math.inf, high: float = math.inf,

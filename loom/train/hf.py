@@ -27,9 +27,9 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.tensor import DTensor
 
-from loom.config import Config, config_to_yaml, load_config
+from loom.config import Config, config_to_yaml, load_config, tokenizer_is_dir
 from loom.data import DataError
-from loom.data.tokenizer import HFTokenizer
+from loom.data.tokenizer import META_FILE, HFTokenizer
 from loom.errors import ConfigError, RunError
 from loom.files import write_text_atomic
 from loom.models import build_model
@@ -232,6 +232,26 @@ def prepare_hf_init(cfg: Config, run_dir: Path) -> Path:
               "files": sorted(f.name for f in source.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))}
     write_text_atomic(Path(run_dir) / INIT_FILE, json.dumps(record, indent=2) + "\n")
     return tok_dir
+
+
+def initial_tokenizer(cfg: Config, run_dir: Path) -> str | None:
+    """The folder of the tokenizer a new run encodes its data with, when it does not train its own:
+    the model directory's of ``train.init_from`` (put into ``run_dir/tokenizer``, the weights' origin
+    into ``init.json``), or the one ``data.tokenizer=DIR`` names (a Hugging Face model or tokenizer
+    directory, or a run's ``tokenizer/``). None: the run trains a tokenizer (``data.tokenizer``'s kind)."""
+    if starts_from_hf(cfg):
+        return str(prepare_hf_init(cfg, run_dir))
+    if not tokenizer_is_dir(cfg.data.tokenizer):
+        return None
+    source = Path(cfg.data.tokenizer).expanduser()
+    if (source / META_FILE).is_file():  # a folder loom wrote (a run's tokenizer/)
+        return str(source)
+    try:
+        tokenizer = HFTokenizer.from_pretrained_dir(source)
+    except DataError as e:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: {e}") from None
+    tokenizer.save(Path(run_dir) / "tokenizer")
+    return str(Path(run_dir) / "tokenizer")
 
 
 def import_hf(path: str | Path, out: str | Path, overrides: list[str] | None = None) -> Path:

@@ -26,7 +26,7 @@ from loom.models import build_model, count_params
 from loom.parallel.launch import Process, barrier, broadcast_object, init_process
 from loom.parallel.plan import Plan
 from loom.train.checkpoint import latest_checkpoint
-from loom.train.hf import prepare_hf_init, starts_from_hf
+from loom.train.hf import initial_tokenizer, starts_from_hf
 from loom.train.memory import check_training_state_fits
 from loom.train.rundir import new_run_dir, prepare_run_data
 from loom.train.trainer import Trainer
@@ -47,10 +47,11 @@ def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = F
     run_dir = Path(_on_coordinator(process, _make_run_dir, cfg, run_dir, resume))
     with _log_to_file(run_dir / "train.log") if process.is_coordinator else contextlib.nullcontext():
         tok_dir = run_dir / "tokenizer" if resume else None
-        if not resume and starts_from_hf(cfg):  # the model directory's tokenizer encodes the data
-            tok_dir = Path(_on_coordinator(process, prepare_hf_init, cfg, run_dir))
-        elif cfg.train.init_from and not resume:  # fine-tuning reads text as the run it starts from did
-            tok_dir = Path(cfg.train.init_from).expanduser() / "tokenizer"
+        if not resume and cfg.train.init_from and not starts_from_hf(cfg):
+            tok_dir = Path(cfg.train.init_from).expanduser() / "tokenizer"  # reads text as the run it starts from
+        elif not resume:  # the model directory's (train.init_from) or data.tokenizer=DIR's; None: train one
+            given = _on_coordinator(process, initial_tokenizer, cfg, run_dir)
+            tok_dir = Path(given) if given else None
         data = _on_coordinator(process, prepare_run_data, cfg, tok_dir, share=False)
         if not process.is_coordinator:
             data = prepare_run_data(cfg, tok_dir)  # the coordinator has filled the cache

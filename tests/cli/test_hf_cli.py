@@ -74,10 +74,35 @@ def test_lora_sft_from_a_hf_directory_records_its_origin_and_exports_merged(gpt2
     assert (theirs - before).abs().max().item() > 1e-3  # the adapters did change the model
 
 
+def test_an_imported_run_is_a_run_that_init_from_starts_from(gpt2, tmp_path, loom_cli):
+    path, _ = gpt2
+    imported, tuned, data = tmp_path / "imported", tmp_path / "tuned", tmp_path / "code.txt"
+    data.write_text("def f(x):\n    return x + 1\n" * 200)
+    assert loom_cli("import", str(path), "--out", str(imported))[0] == 0
+    code, _, err = loom_cli("train", "--config", str(imported / "config.yaml"), f"train.init_from={imported}",
+                            f"data.path={data}", f"train.run_dir={tuned}", "train.steps=1", "train.batch_size=2",
+                            "train.eval_every=1", "train.eval_batches=1", "train.progress=none")
+    assert code == 0, err
+    assert "weights loaded, 0 new (-), 0 dropped (-)" in (tuned / "train.log").read_text()
+
+
+def test_training_from_scratch_with_a_model_directorys_tokenizer(gpt2, tmp_path, loom_cli):
+    path, _ = gpt2
+    run, data = tmp_path / "run", tmp_path / "code.txt"
+    data.write_text("def f(x):\n    return x + 1\n" * 200)
+    code, _, err = loom_cli("train", "model=gpt-tiny", f"data.tokenizer={path}", f"data.path={data}",
+                            f"train.run_dir={run}", "train.steps=1", "train.batch_size=2", "train.eval_every=1",
+                            "train.eval_batches=1", "train.progress=none")
+    assert code == 0, err
+    assert (run / "tokenizer" / "tokenizer.json").read_text() == (path / "tokenizer.json").read_text()
+    assert not (run / "init.json").exists()  # the weights are new: only the tokenizer came from there
+
+
 @pytest.mark.parametrize("args, fragment", [
-    (["train", "train.init_from=/nonexistent"], "is not a Hugging Face model directory"),
+    (["train", "train.init_from=/nonexistent"], "is neither a loom run directory (config.yaml, checkpoints/) nor"),
     (["import", "/nonexistent", "--out", "x"], "is not a Hugging Face model directory"),
     (["export", "RUN", "--format", "hf"], "--format hf needs a directory"),
+    (["train", "data.tokenizer=/nonexistent"], "data.tokenizer='/nonexistent' is not valid"),
 ])
 def test_bad_hf_paths_are_one_line_and_exit_code_2(args, fragment, loom_cli):
     code, _, err = loom_cli(*args)
