@@ -44,6 +44,9 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     post_ln: bool = False  # encoders: LayerNorm after each residual add (BERT as published); false: before
     n_classes: int = 0  # encoders: outputs of a classification head on [CLS]; 0: the pretraining heads
+    image_size: int = 0  # vision: images are image_size × image_size pixels of `channels` channels
+    patch_size: int = 0  # vision: square patches of patch_size pixels, one token each
+    channels: int = 3
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
