@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="start N local processes (one per device) for a parallel layout; parallel.dp defaults "
                    "to N / (tp × pp × ep). Multi-node: torchrun ... -m loom train ...")
+    t.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --nproc: start the processes again up to K times when one fails; they resume "
+                   "from the run's newest valid checkpoint (torchrun --max-restarts does the same)")
 
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("run_dir")
@@ -160,13 +164,15 @@ def cmd_train(args) -> int:
             cfg = _init_from_config(cfg, overrides, args.config, settings)
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be at least 1")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts={args.max_restarts} must be at least 0")
     launching = args.nproc > 1 and env_world_size() == 1
     world = args.nproc if launching else env_world_size()
     device = resolve_device(cfg.train.device)
     # the one place the job's layout is decided; everything below receives it
     cfg, plan = plan_job(cfg, world, device.type)
     if launching:
-        return _launch_train(cfg, plan, args.nproc, args.resume, device)
+        return _launch_train(cfg, plan, args.nproc, args.resume, device, args.max_restarts)
     return _run_train(cfg, plan, args.resume)
 
 
@@ -189,21 +195,32 @@ def _run_train(cfg, plan, resume: str | None) -> int:
 
     summary = train(cfg, plan, Path(resume), resume=True) if resume else train(cfg, plan)
     shutdown_process_group()  # every rank got here: leave the job in order (see its docstring)
-    return 0 if summary.get("finished", True) else 130  # 130: stopped by Ctrl-C, checkpoint saved
+    if summary.get("finished", True):
+        return 0
+    # stopped by a signal after saving a checkpoint: 128 + its number, as a shell reports it (130, 143)
+    return 128 + int(getattr(signal.Signals, summary.get("stopped_by", "SIGINT")))
 
 
-def _launch_train(cfg, plan, nproc: int, resume: str | None, device) -> int:
+def _launch_train(cfg, plan, nproc: int, resume: str | None, device, max_restarts: int = 0) -> int:
     """Check what the processes need of this machine, then start ``nproc`` workers."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from loom.parallel.launch import launch_local
     from loom.train.memory import check_training_state_fits
+    from loom.train.rundir import check_run_unlocked, new_run_dir
 
     if device.type == "cuda" and torch_device_count() < nproc:
         raise ConfigError(f"--nproc {nproc} needs {nproc} GPUs; this machine has {torch_device_count()}")
     check_training_state_fits(cfg, device, plan, local_processes=nproc)
+    if resume:
+        check_run_unlocked(Path(resume))  # another job trains it now: one line, before any process starts
+    elif not cfg.train.run_dir:  # decided here, so that restarted workers find the same one
+        cfg.train.run_dir = str(new_run_dir(cfg))
     try:
-        results = launch_local(nproc, _train_worker, cfg, plan, resume)
+        results = launch_local(nproc, _train_worker, cfg, plan, resume, max_restarts=max_restarts)
+    except SignalException as e:  # SIGHUP / SIGQUIT: the agent has stopped the workers
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
         if codes == {2}:  # a user error: the coordinator has printed it
@@ -298,6 +315,7 @@ def _check_sampling(args) -> None:
 
 def cmd_eval(args) -> int:
     import json
+    import math
 
     from loom.config import task_name
     from loom.infer.evaluate import evaluate
@@ -313,7 +331,12 @@ def cmd_eval(args) -> int:
     task = build_task(task_name(cfg), data, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
     device = next(model.parameters()).device
     result = evaluate(model, task, args.batches or cfg.train.eval_batches, device, cfg.train.precision)
-    print(json.dumps({"step": step, **result, "unigram_entropy_nats": data.meta.get("unigram_entropy_nats")}))
+    bad = {k: v for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:  # JSON has no NaN: say what is wrong instead of printing something no parser reads
+        raise RunError(f"the checkpoint of step {step} in {run_dir} gives non-finite "
+                       f"{', '.join(f'{k}={v}' for k, v in bad.items())}: its weights hold NaN or infinity")
+    print(json.dumps({"step": step, **result, "unigram_entropy_nats": data.meta.get("unigram_entropy_nats")},
+                     allow_nan=False))
     return 0
 
 

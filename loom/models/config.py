@@ -48,6 +48,9 @@ class ModelConfig:
     rope_theta: float = 10000.0  # rotary positions' base (Llama 3: 500000)
     post_ln: bool = False  # encoders: LayerNorm after each residual add (BERT as published); false: before
     n_classes: int = 0  # encoders: outputs of a classification head on [CLS]; 0: the pretraining heads
+    image_size: int = 0  # vision: images are image_size × image_size pixels of `channels` channels
+    patch_size: int = 0  # vision: square patches of patch_size pixels, one token each
+    channels: int = 3
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property

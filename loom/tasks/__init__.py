@@ -6,14 +6,15 @@ from __future__ import annotations
 from loom.tasks.base import Batch, Task, slice_rows, to_device
 from loom.tasks.causal_lm import CausalLM, lm_loss, lm_metrics
 from loom.tasks.classification import Classification
+from loom.tasks.image_classification import ImageClassification
 from loom.tasks.masked_lm import MaskedLM
 from loom.tasks.sft import SFT
 
 TASKS: dict[str, type[Task]] = {"causal_lm": CausalLM, "masked_lm": MaskedLM, "classification": Classification,
-                              "sft": SFT}
+                              "image_classification": ImageClassification, "sft": SFT}
 
-__all__ = ["SFT", "TASKS", "Batch", "CausalLM", "Classification", "MaskedLM", "Task", "build_task", "lm_loss",
-           "lm_metrics", "names", "slice_rows", "to_device"]
+__all__ = ["SFT", "TASKS", "Batch", "CausalLM", "Classification", "ImageClassification", "MaskedLM", "Task",
+           "build_task", "lm_loss", "lm_metrics", "names", "slice_rows", "to_device"]
 
 
 def names() -> tuple[str, ...]:

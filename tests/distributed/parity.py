@@ -49,6 +49,8 @@ MODELS = {
     "bert": ["model=bert-tiny", "model.n_layer=4"],
     # ... fine-tuned for classification (tiny_labelled_data), usually from a "bert" run (train.init_from)
     "bert-cls": ["model=bert-tiny", "model.n_layer=4", "train.task=classification"],
+    # a vision encoder on scikit-learn's digits (tiny_image_data)
+    "vit": ["model=vit-tiny"],
 }
 COMMON = ["model.block_size=32", "train.batch_size=8", "train.warmup_steps=2", "train.steps=10",
           "train.progress=none", "train.device=cpu", "train.grad_clip=0.5", "train.lr=1e-3", "train.precision=fp64"]
@@ -100,6 +102,13 @@ def tiny_labelled_data(n: int = 400, seed: int = 0) -> SimpleNamespace:
     return SimpleNamespace(examples=examples, tokenizer=data.tokenizer, meta={}, train=data.train, val=data.val)
 
 
+def tiny_image_data() -> SimpleNamespace:
+    """scikit-learn's 8×8 handwritten digits (they ship inside the package)."""
+    from loom.tasks.image_classification import digits
+
+    return SimpleNamespace(images=digits(), meta={})
+
+
 def config(model: str, layout: list[str]):
     return load_config(None, [*MODELS[model], *COMMON, *(o for o in layout if not o.startswith("sabotage:"))])
 
@@ -112,7 +121,7 @@ def trainer(model: str, layout: list[str], process: Process, run_dir=None, resum
     cfg = config(model, layout)
     plan = resolve_plan(cfg, process.world_size)
     check_plan(plan, cfg, process.world_size)
-    data = {"bert": tiny_sentence_data, "bert-cls": tiny_labelled_data}.get(model, tiny_data)()
+    data = {"bert": tiny_sentence_data, "bert-cls": tiny_labelled_data, "vit": tiny_image_data}.get(model, tiny_data)()
     return Trainer(cfg, plan, Path(run_dir) if run_dir is not None else None, data, resume=resume,
                    process=process, device=torch.device("cpu"))
 
@@ -140,7 +149,7 @@ def _train_as_configured(model: str, layout: list[str], process: Process, steps:
         if t.interval.moe is not None:  # this step's MoE statistics, summed over ranks
             moe.append(all_reduce_sum(t.interval.moe).cpu())
             t.interval.moe = None
-    val = t.evaluate()["val_loss"] if model in ("gpt", "switch", "llama", "bert", "bert-cls") else None
+    val = t.evaluate()["val_loss"] if model in ("gpt", "switch", "llama", "bert", "bert-cls", "vit") else None
     return {"losses": losses, "params": full_parameters(t), "val_loss": val, "moe": moe}
 
 

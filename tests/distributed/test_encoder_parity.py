@@ -4,7 +4,7 @@ under every layout, one process's losses at every step, parameters at the end an
 whose ranks normalized the masked-LM loss by their own counts would fail here (a test checks that
 it does). Fine-tuning a pretrained tiny BERT for classification (``train.init_from``) under tensor
 parallelism matches one process fine-tuning from the same run. Each world size starts its processes
-once and trains all its layouts."""
+once and trains all its layouts; ViT (on scikit-learn's digits) shares the two-rank processes."""
 
 from __future__ import annotations
 
@@ -30,6 +30,12 @@ FOUR_RANKS = {
     "dp2_tp2": ["parallel.dp=2", "parallel.tp=2"],
 }
 BROKEN = ("dp2_local_normalization",)
+# ViT on the digits, in the same processes
+VIT_TWO_RANKS = {
+    "dp2": ["parallel.dp=2"],
+    "tp2": ["parallel.tp=2"],
+    "pp2_1f1b": ["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=4"],
+}
 
 
 @functools.cache
@@ -51,6 +57,7 @@ def _results(world: int) -> tuple:
     cases = [("bert", layout) for layout in layouts.values()]
     if world == 2:
         cases.append(("bert-cls", _finetune_tp2()))
+        cases += [("vit", layout) for layout in VIT_TWO_RANKS.values()]
     return tuple(run_on_ranks(world, train_layouts, cases))
 
 
@@ -59,9 +66,14 @@ def _reference(*settings: str) -> dict:
     return train_single("bert", list(settings))
 
 
+@functools.cache
+def _reference_of(model: str, *settings: str) -> dict:
+    return train_single(model, list(settings))
+
+
 def _got_and_ref(layout: list[str], world: int, model: str = "bert") -> tuple[dict, dict]:
     settings = [o for o in layout if not o.startswith(("parallel.", "sabotage:"))]
-    ref = _reference(*settings) if model == "bert" else train_single(model, settings)
+    ref = _reference(*settings) if model == "bert" else _reference_of(model, *settings)
     return merge_ranks(list(_results(world)), (model, *layout)), ref
 
 
@@ -87,3 +99,8 @@ def test_masked_lm_normalized_per_rank_fails_the_parity_check():
 def test_finetuning_a_pretrained_bert_under_tp2_matches_single_process():
     got, ref = _got_and_ref(_finetune_tp2(), 2, model="bert-cls")
     assert_matches(got, ref)
+
+
+@pytest.mark.parametrize("name", list(VIT_TWO_RANKS))
+def test_vit_two_rank_layout_matches_single_process(name):
+    assert_matches(*_got_and_ref(VIT_TWO_RANKS[name], 2, model="vit"))
