@@ -33,10 +33,31 @@ def trainer(path: str, layout: list[str], process: Process) -> Trainer:
 
 
 def _train(path: str, layout: list[str], process: Process) -> dict:
-    with _sabotaged("sabotage:reader_ignores_offsets" in layout):
+    with _sabotaged("sabotage:reader_ignores_offsets" in layout), _counting_reads() as read:
         t = trainer(path, layout, process)
     losses = [t.mean_over_replicas(t.train_step(step)[0]).item() for step in range(STEPS)]
-    return {"losses": losses, "params": full_parameters(t), "val_loss": t.evaluate()["val_loss"]}
+    return {"losses": losses, "params": full_parameters(t), "val_loss": t.evaluate()["val_loss"],
+            "elements_read": read["elements"]}
+
+
+@contextlib.contextmanager
+def _counting_reads():
+    """How many tensor elements this rank's ``HuggingFaceStorageReader`` reads from the files."""
+    import math
+
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    read, original = {"elements": 0}, HuggingFaceStorageReader.read_data
+
+    def counted(self, plan, planner):
+        read["elements"] += sum(math.prod(item.lengths) for item in plan.items)
+        return original(self, plan, planner)
+
+    HuggingFaceStorageReader.read_data = counted
+    try:
+        yield read
+    finally:
+        HuggingFaceStorageReader.read_data = original
 
 
 @contextlib.contextmanager

@@ -72,6 +72,17 @@ def test_imported_model_fine_tunes_under_the_layout_as_on_one_process(model, lay
     assert_matches(*_got_and_ref(hf_dirs, results, model, LAYOUTS[layout]))
 
 
+@pytest.mark.parametrize("model, layout", [("gpt2", "tp2"), ("gpt2", "pp2"), ("llama", "tp2"), ("llama", "pp2")])
+def test_each_rank_reads_only_its_shards(model, layout, hf_dirs, results):
+    """The reads measured: one process reads every stored element once (GPT-2's tied embedding once
+    per use); a tp2 or pp2 rank reads about half, never the whole model (LayerNorms, replicated under
+    tp, and a pipeline's tied embedding are read by both)."""
+    whole = _reference(hf_dirs[model][0])["elements_read"]
+    for rank in results:
+        part = rank[(model, *LAYOUTS[layout])]["elements_read"]
+        assert 0.3 * whole < part < 0.65 * whole, (rank, part, whole)
+
+
 def test_a_reader_that_ignores_shard_offsets_fails_the_parity_check(hf_dirs, results):
     got, ref = _got_and_ref(hf_dirs, results, "gpt2", BROKEN["tp2_reader_ignores_offsets"])
     with pytest.raises(AssertionError):
