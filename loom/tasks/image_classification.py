@@ -61,7 +61,11 @@ class ImageClassification(Task):
     @classmethod
     def from_data(cls, data, block_size: int, batch_size: int, seed: int) -> ImageClassification:
         images = getattr(data, "images", None)  # (images, labels, names), given directly
-        return cls(*(images if images is not None else digits()), batch_size=batch_size, seed=seed)
+        task = cls(*(images if images is not None else digits()), batch_size=batch_size, seed=seed)
+        task.seq = block_size
+        return task
+
+    seq = 1  # the tokens an image is to the model (patches + [CLS]: model.block_size), for throughput
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, names: list[str], batch_size: int, seed: int):
         self.label_names, self.n_classes = names, len(names)
@@ -94,7 +98,7 @@ class ImageClassification(Task):
         return batch["labels"].numel()
 
     def tokens(self, batch: Batch) -> int:
-        return batch["labels"].numel()  # images: throughput is counted in images
+        return batch["labels"].numel() * self.seq  # each image is patches + [CLS] tokens
 
     def metrics(self, loss_sum: float, units: int) -> dict:
         if units == 0:
