@@ -105,7 +105,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": tuple(models.families()),
     "train.task": ("auto", *tasks.names()),
     "model.moe.router": ("switch", "top2", "noisy-topk"),
-    "model.positions": ("auto", "learned", "sinusoidal", "rotary"),
+    "model.positions": ("auto", "learned", "sinusoidal", "rotary", "relative"),
     "data.tokenizer": ("auto", "bpe", "jieba-sp"),
     "train.optimizer": ("adamw", "lamb"),
     "train.schedule": ("cosine", "constant"),

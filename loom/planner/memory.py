@@ -7,8 +7,10 @@ sharded by ZeRO) and activations by Korthikanti et al. 2022 (per layer and micro
     selective  s·b·h·34 / tp with sp;           (10 + 24/tp) without
     full       2·s·b·h (the layer input)        / tp with sp
 
-times the micro-batches in flight on the first stage (1F1B: pp; interleaved: pp·(1 + (pp−1)/(pp·v));
-GPipe: all of them), plus the logits of the last stage and one layer's recomputed activations.
+(24: GPT's block; :func:`split_activation_bytes` counts it for grouped-query attention, a SwiGLU
+MLP or another MLP width) times the micro-batches in flight on the first stage (1F1B: pp;
+interleaved: pp·(1 + (pp−1)/(pp·v)); GPipe: all of them), plus the logits of the last stage and one
+layer's recomputed activations.
 
 fp32 training (a CPU, as ``loom calibrate`` measures it): 16 bytes per parameter (weights 4, gradients
 4, Adam 8), fp32 activations as this code saves them, plus the runtime's own resident set.
@@ -39,6 +41,13 @@ FP32_BACKWARD_TRANSIENT = 8  # (b, s, h) tensors of gradients alive at once in a
 FP32_TP_BUFFERS = 6
 
 
+def split_activation_bytes(sh: Shape) -> float:
+    """Korthikanti et al.'s 24 (bytes per s·b·h of the 16-bit activations that tensor parallelism
+    splits: Q, K 4, V 2, the output projection's input 2, the MLP's 4h before and after GELU 16), for
+    this model's shape: keys and values of grouped-query attention's heads, a SwiGLU or other-width MLP."""
+    return 2 * (1 + 2 * sh.kv_ratio) + 2 + 2 * sh.mlp_hidden
+
+
 def memory(sh: Shape, stages, L: Plan, b: int, m: int, acc, fp32: bool = False
             ) -> tuple[dict[str, float], list[dict[str, float]]]:
     if fp32:
@@ -55,15 +64,17 @@ def memory(sh: Shape, stages, L: Plan, b: int, m: int, acc, fp32: bool = False
         optimizer = (dense / shard_dense + experts / shard_exp) * 8
         layers = sum(len(stages[si]) for si in mine)
         sbh = s * b * h
+        split = split_activation_bytes(sh)  # 24 for GPT's block
         if L.recompute == "none":
-            per_layer = sbh * ((34 + 5 * a * s / h) / L.tp if L.sp else 10 + 24 / L.tp + 5 * a * s / (h * L.tp))
+            per_layer = sbh * ((10 + split + 5 * a * s / h) / L.tp if L.sp
+                               else 10 + split / L.tp + 5 * a * s / (h * L.tp))
         elif L.recompute == "selective":
-            per_layer = sbh * (34 / L.tp if L.sp else 10 + 24 / L.tp)
+            per_layer = sbh * ((10 + split) / L.tp if L.sp else 10 + split / L.tp)
         else:
             per_layer = 2 * sbh / (L.tp if L.sp else 1)
         activations = per_layer * layers * in_flight(L, m, r)
         if L.recompute == "full":  # one layer's activations live while it is recomputed
-            activations += sbh * (10 + 24 / L.tp + 5 * a * s / (h * L.tp))
+            activations += sbh * (10 + split / L.tp + 5 * a * s / (h * L.tp))
         if len(stages) - 1 in mine:
             activations += s * b * sh.vocab / L.tp * 4 * 2  # fp32 logits and their gradient
         gib = 2**30
@@ -109,13 +120,16 @@ def _memory_fp32(sh: Shape, stages, L: Plan, b: int, m: int, acc) -> tuple[dict[
         weights, grads = weights * 4, grads * 4
         optimizer = shard * FP32_BYTES_PER_PARAM["optimizer"]
         layers = sum(len(stages[si]) for si in mine)
-        whole, split = FP32_SAVED["whole"], FP32_SAVED["split"]
+        whole = FP32_SAVED["whole"]
+        # FP32_SAVED's split 13 = q, k, v 3 + attention output 2 + MLP 8, for this model's shape
+        split = FP32_SAVED["split"] - 3 - 8 + (1 + 2 * sh.kv_ratio) + sh.mlp_hidden
+        selective = FP32_SELECTIVE["split"] - 3 - 4 + (1 + 2 * sh.kv_ratio) + sh.mlp_matmul_out
         full_layer = (whole - FP32_SAVED["sp_split"] * (1 - 1 / tp) * L.sp + split / tp
                       + (FP32_TP_BUFFERS if tp > 1 else 0)) * sbh
         if L.recompute == "none":
             per_layer = full_layer
         elif L.recompute == "selective":
-            per_layer = (FP32_SELECTIVE["whole"] + FP32_SELECTIVE["split"] / tp) * sbh
+            per_layer = (FP32_SELECTIVE["whole"] + selective / tp) * sbh
         else:
             per_layer = sbh / (tp if L.sp else 1)  # the block's input
         activations = per_layer * layers * in_flight(L, m, r)

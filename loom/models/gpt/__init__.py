@@ -16,6 +16,7 @@ PIPELINE = PipelineSplit(first=("tok_emb", "pos_emb"), last=("ln_f", "lm_head"),
 SHARDING = Sharding(table=TABLE, positional=("pos_emb",))
 
 SPEC = register(ModelSpec(name="gpt", build=GPT, presets=PRESETS, published_params=PUBLISHED_PARAMS,
-                          sharding=SHARDING, pipeline=PIPELINE, positions=("learned", "sinusoidal", "rotary")))
+                          sharding=SHARDING, pipeline=PIPELINE,
+                          positions=("learned", "sinusoidal", "rotary", "relative")))
 
 __all__ = ["GPT", "PIPELINE", "SHARDING", "SPEC"]
