@@ -120,7 +120,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": tuple(models.families()),
     "train.task": ("auto", *tasks.names()),
     "model.moe.router": ("switch", "top2", "noisy-topk"),
-    "model.positions": ("auto", "learned", "sinusoidal", "rotary"),
+    "model.positions": ("auto", "learned", "sinusoidal", "rotary", "relative"),
     "data.tokenizer": ("auto", "bpe", "jieba-sp", "wordpiece"),  # or a folder holding one (tokenizer_is_dir)
     "train.optimizer": ("adamw", "lamb"),
     "train.schedule": ("cosine", "constant"),

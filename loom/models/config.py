@@ -44,6 +44,7 @@ class ModelConfig:
     bias: bool = True
     layer_norm_eps: float = 1e-5
     # auto (the family's own) | learned | sinusoidal (Vaswani et al. 2017) | rotary (Su et al. 2021)
+    # | relative (T5's bucketed bias, Raffel et al. 2020)
     positions: str = "auto"
     rope_theta: float = 10000.0  # rotary positions' base (Llama 3: 500000)
     post_ln: bool = False  # encoders: LayerNorm after each residual add (BERT as published); false: before

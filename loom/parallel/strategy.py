@@ -36,7 +36,7 @@ _NOTATION = re.compile(r"\(\((\w+),(\w+)\),\((\w+),(\w+)\)\)")
 # Which strategies each module type accepts (colwise/rowwise only inside attention and MLP pairs).
 _ACCEPTS = {nn.Linear: ("colwise", "rowwise", "replicate"), nn.Embedding: ("vocab", "replicate"),
             nn.LayerNorm: ("replicate",), nn.RMSNorm: ("replicate",)}
-_PAIRS = ((Attention, ("q_proj", "k_proj", "v_proj"), "out_proj"), (MLP, ("fc",), "proj"),
+_PAIRS = ((Attention, ("q_proj", "k_proj", "v_proj", "rel_bias"), "out_proj"), (MLP, ("fc",), "proj"),
           (SwiGLU, ("gate_proj", "up_proj"), "down_proj"))
 
 
@@ -138,7 +138,7 @@ def check_strategies(model: nn.Module, strategies: dict[str, str], tp: int) -> N
     cfg = getattr(model, "cfg", None)
     modules = dict(model.named_modules())
     paired = {f"{prefix}.{c}" for prefix, mod in modules.items() for kind, producers, consumer in _PAIRS
-              if isinstance(mod, kind) for c in (*producers, consumer)}
+              if isinstance(mod, kind) for c in (*producers, consumer) if hasattr(mod, c)}
     for name, s in strategies.items():
         if name not in modules:
             continue  # held by another pipeline stage
@@ -178,6 +178,7 @@ def _check_pair(prefix: str, mod: nn.Module, producers: tuple[str, ...], consume
                 strategies: dict[str, str], tp: int) -> None:
     """Megatron-LM's pairing: colwise producers feed a rowwise consumer with their split output, so
     they go together (or all replicate)."""
+    producers = tuple(c for c in producers if hasattr(mod, c))  # an optional one (rel_bias) may be absent
     names = [f"{prefix}.{c}" for c in (*producers, consumer)]
     got = tuple(strategies.get(n, "replicate") for n in names)
     if got not in (("colwise",) * len(producers) + ("rowwise",), ("replicate",) * len(names)):

@@ -8,8 +8,10 @@ Adam 8, sharded where FSDP2 shards them: :func:`state_bytes`) and activations by
     selective  s·b·h·34 / tp with sp;           (10 + 24/tp) without
     full       2·s·b·h (the layer input)        / tp with sp
 
-times the micro-batches in flight on the first stage (1F1B: pp; interleaved: pp·(1 + (pp−1)/(pp·v));
-GPipe: all of them), plus the logits of the last stage and one layer's recomputed activations.
+(24: GPT's block; :func:`split_activation_bytes` counts it for grouped-query attention, a SwiGLU
+MLP or another MLP width) times the micro-batches in flight on the first stage (1F1B: pp;
+interleaved: pp·(1 + (pp−1)/(pp·v)); GPipe: all of them), plus the logits of the last stage and one
+layer's recomputed activations.
 
 fp32 training (a CPU, as ``loom calibrate`` measures it): 16 bytes per parameter (weights 4, gradients
 4, Adam 8), fp32 activations as this code saves them, plus the runtime's own resident set.
@@ -107,6 +109,13 @@ def _root_params(sh: Shape, stages, L: Plan, mine: list[int]) -> float:
     return total
 
 
+def split_activation_bytes(sh: Shape) -> float:
+    """Korthikanti et al.'s 24 (bytes per s·b·h of the 16-bit activations that tensor parallelism
+    splits: Q, K 4, V 2, the output projection's input 2, the MLP's 4h before and after GELU 16), for
+    this model's shape: keys and values of grouped-query attention's heads, a SwiGLU or other-width MLP."""
+    return 2 * (1 + 2 * sh.kv_ratio) + 2 + 2 * sh.mlp_hidden
+
+
 def memory(sh: Shape, stages, L: Plan, b: int, m: int, acc, fp32: bool = False
             ) -> tuple[dict[str, float], list[dict[str, float]]]:
     if fp32:
@@ -125,15 +134,17 @@ def memory(sh: Shape, stages, L: Plan, b: int, m: int, acc, fp32: bool = False
             weights += 2 * block * 2 if L.zero == 3 else 0.0
         layers = sum(len(stages[si]) for si in mine)
         sbh = s * b * h
+        split = split_activation_bytes(sh)  # 24 for GPT's block
         if L.recompute == "none":
-            per_layer = sbh * ((34 + 5 * a * s / h) / L.tp if L.sp else 10 + 24 / L.tp + 5 * a * s / (h * L.tp))
+            per_layer = sbh * ((10 + split + 5 * a * s / h) / L.tp if L.sp
+                               else 10 + split / L.tp + 5 * a * s / (h * L.tp))
         elif L.recompute == "selective":
-            per_layer = sbh * (34 / L.tp if L.sp else 10 + 24 / L.tp)
+            per_layer = sbh * ((10 + split) / L.tp if L.sp else 10 + split / L.tp)
         else:
             per_layer = 2 * sbh / (L.tp if L.sp else 1)
         activations = per_layer * layers * in_flight(L, m, r)
         if L.recompute == "full":  # one layer's activations live while it is recomputed
-            activations += sbh * (10 + 24 / L.tp + 5 * a * s / (h * L.tp))
+            activations += sbh * (10 + split / L.tp + 5 * a * s / (h * L.tp))
         if len(stages) - 1 in mine:
             activations += s * b * sh.vocab / L.tp * 4 * 2  # fp32 logits and their gradient
         gib = 2**30
@@ -154,15 +165,20 @@ def in_flight(L: Plan, m: int, r: int) -> float:
     return min(m, L.pp - r)
 
 
-def fp32_saved_per_layer(L: Plan, recompute: str) -> float:
+def fp32_saved_per_layer(L: Plan, recompute: str, sh: Shape | None = None) -> float:
     """(b, s, h)-sized tensors one block saves for backward in fp32 under ``recompute`` (this code's
-    blocks: SDPA attention, no dropout), per tp rank. Measured against the tensors a block really keeps
-    alive from forward to backward in tests/unit/test_activation_memory.py."""
+    blocks: SDPA attention, no dropout), per tp rank; ``sh`` adapts GPT's block to this model's shape
+    (keys and values of grouped-query attention, a SwiGLU or other-width MLP). Measured against the
+    tensors a block really keeps alive from forward to backward in tests/unit/test_activation_memory.py."""
     tp = L.tp
+    kv = 1 + 2 * (sh.kv_ratio if sh is not None else 1.0)  # q, k, v
     if recompute == "none":
-        return FP32_SAVED["whole"] - FP32_SAVED["sp_split"] * (1 - 1 / tp) * L.sp + FP32_SAVED["split"] / tp
+        # FP32_SAVED's split 13 = q, k, v 3 + attention output 2 + MLP 8
+        split = FP32_SAVED["split"] - 3 - 8 + kv + (sh.mlp_hidden if sh is not None else 8)
+        return FP32_SAVED["whole"] - FP32_SAVED["sp_split"] * (1 - 1 / tp) * L.sp + split / tp
     if recompute == "selective":
-        return FP32_SELECTIVE["whole"] + FP32_SELECTIVE["split"] / tp
+        split = FP32_SELECTIVE["split"] - 3 - 4 + kv + (sh.mlp_matmul_out if sh is not None else 4)
+        return FP32_SELECTIVE["whole"] + split / tp
     return 1 / (tp if L.sp else 1)  # the block's input
 
 
@@ -194,8 +210,8 @@ def _memory_fp32(sh: Shape, stages, L: Plan, b: int, m: int, acc) -> tuple[dict[
         weights, grads = weights * 4, grads * 4
         optimizer = shard * FP32_BYTES_PER_PARAM["optimizer"]
         layers = sum(len(stages[si]) for si in mine)
-        full_layer = (fp32_saved_per_layer(L, "none") + (FP32_TP_BUFFERS if tp > 1 else 0)) * sbh
-        per_layer = full_layer if L.recompute == "none" else fp32_saved_per_layer(L, L.recompute) * sbh
+        full_layer = (fp32_saved_per_layer(L, "none", sh) + (FP32_TP_BUFFERS if tp > 1 else 0)) * sbh
+        per_layer = full_layer if L.recompute == "none" else fp32_saved_per_layer(L, L.recompute, sh) * sbh
         activations = per_layer * layers * in_flight(L, m, r)
         if L.recompute != "none":  # one block's activations live again while it is recomputed
             activations += full_layer

@@ -42,6 +42,8 @@ MODELS = {
     "llama": ["model=llama-tiny", "model.n_layer=4"],
     # fixed positions: a parameterless module whose rows sequence parallelism splits
     "gpt_sinusoidal": ["model=gpt-tiny", "model.n_layer=4", "model.positions=sinusoidal"],
+    # T5's relative position bias: a table per attention layer, split by heads over tp
+    "gpt_relative": ["model=gpt-tiny", "model.n_layer=4", "model.positions=relative"],
     # sparse: an MoE layer in every block (switch) / every other block (top-2 without random routing)
     "switch": ["model=switch-tiny", "model.n_layer=4"],
     "glam": ["model=glam-tiny", "model.moe.random_routing=false"],

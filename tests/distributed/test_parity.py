@@ -59,11 +59,12 @@ MODELS = ("gpt", "pangu")
 # Other families and position encodings, each under the layouts that exercise what is new in it (the
 # same processes run them): Llama's grouped-query attention split over tp with whole key/value groups
 # per rank, RMSNorm under sequence parallelism, its untied output projection on the last pipeline stage;
-# GPT's sinusoidal positions sliced by sequence parallelism.
+# GPT's sinusoidal positions sliced by sequence parallelism, its relative position bias split by heads.
 MORE_MODELS = {
     "llama": {2: {name: TWO_RANKS[name] for name in ("tp2", "tp2_sp", "pp2_1f1b")},
               4: {"dp2_tp2_zero1": FOUR_RANKS["dp2_tp2_zero1"]}},
     "gpt_sinusoidal": {2: {"tp2_sp": TWO_RANKS["tp2_sp"]}},
+    "gpt_relative": {2: {"tp2_sp": TWO_RANKS["tp2_sp"], "pp2_1f1b": TWO_RANKS["pp2_1f1b"]}},
 }
 
 # The production precisions, one layout per dimension (data/ZeRO, tensor+sequence, pipeline on GPT; expert

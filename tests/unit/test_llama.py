@@ -110,3 +110,15 @@ def test_llama_learns_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_the_memory_model_counts_grouped_query_keys_and_swiglu_activations():
+    """Korthikanti et al.'s 24 bytes per s·b·h that tensor parallelism splits, for GPT's block; for
+    llama3-8b by hand: Q 2, K and V 0.5 each (8 of 32 heads), the output projection's input 2, and
+    SwiGLU's gate, SiLU(gate), up and product of 3.5h each, 2 bytes each: 4 × 7."""
+    from loom.planner.memory import split_activation_bytes
+    from loom.planner.shape import model_shape
+
+    assert split_activation_bytes(model_shape(load_config(None, ["model=gpt2-124m"]).model, 1024)) == 24
+    llama = model_shape(load_config(None, ["model=llama3-8b"]).model, 8192)
+    assert split_activation_bytes(llama) == 2 + 0.5 + 0.5 + 2 + 4 * 7

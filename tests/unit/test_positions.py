@@ -8,7 +8,7 @@ import torch
 
 from loom.config import ConfigError, load_config
 from loom.models import build_model, materialize
-from loom.models.common.positions import apply_rotary, rotary_angles, sinusoidal
+from loom.models.common.positions import apply_rotary, relative_bias_inputs, relative_buckets, rotary_angles, sinusoidal
 
 
 def test_sinusoidal_matches_the_formula_of_vaswani_et_al():
@@ -49,12 +49,36 @@ def test_rotary_is_a_rotation_and_the_identity_at_position_zero():
     torch.testing.assert_close(y[:, :, 0], x[:, :, 0])
 
 
+def test_relative_buckets_follow_t5():
+    """T5's buckets (32, max distance 128), by hand: offsets under half the (per-direction) buckets
+    exactly, then logarithmic, the farthest all in the last; a decoder's future keys in bucket 0."""
+    def expected(offset: int, bidirectional: bool) -> int:
+        n, base = (16, 16 * (offset > 0)) if bidirectional else (32, 0)
+        d = abs(offset) if bidirectional else max(-offset, 0)
+        exact = n // 2
+        return base + (d if d < exact else min(n - 1, exact + int(math.log(d / exact) / math.log(128 / exact)
+                                                                   * (n - exact))))
+    offsets = torch.arange(-300, 301)
+    for bidirectional in (True, False):
+        got = relative_buckets(offsets, bidirectional).tolist()
+        assert got == [expected(o, bidirectional) for o in offsets.tolist()]
+    assert relative_buckets(torch.tensor([-10, 10, -200]), True).tolist() == [8, 24, 15]
+
+
+def test_relative_bias_depends_only_on_the_offset():
+    q, k = torch.arange(5, 12), torch.arange(0, 12)
+    base = relative_bias_inputs(q, k, bidirectional=False, dtype=torch.float64)
+    for shift in (1, 40, 1000):
+        assert torch.equal(relative_bias_inputs(q + shift, k + shift, bidirectional=False, dtype=torch.float64), base)
+    assert not torch.equal(base[0], base[1])
+
+
 def _gpt(*overrides: str):
     cfg = load_config(None, ["model=gpt-tiny", *overrides]).model
     return materialize(build_model(cfg), "cpu", seed=0).eval()
 
 
-@pytest.mark.parametrize("positions", ["sinusoidal", "rotary"])
+@pytest.mark.parametrize("positions", ["sinusoidal", "rotary", "relative"])
 def test_gpt_with_other_positions_decodes_from_the_cache_as_it_recomputes(positions):
     model = _gpt(f"model.positions={positions}", "model.n_kv_head=2")
     idx = torch.randint(0, model.cfg.vocab_size, (2, 30))
@@ -67,9 +91,10 @@ def test_gpt_with_other_positions_decodes_from_the_cache_as_it_recomputes(positi
 
 def test_gpt_positions_choose_the_position_weights():
     names = {p: {n for n, _ in _gpt(f"model.positions={p}").named_parameters()}
-             for p in ("learned", "sinusoidal", "rotary")}
+             for p in ("learned", "sinusoidal", "rotary", "relative")}
     assert "pos_emb.weight" in names["learned"]
     assert names["sinusoidal"] == names["rotary"] == names["learned"] - {"pos_emb.weight"}
+    assert names["relative"] == names["rotary"] | {f"layers.{i}.attn.rel_bias.weight" for i in range(2)}
     # and they change what the model computes
     idx = torch.randint(0, 512, (1, 12))
     outs = [_gpt(f"model.positions={p}")(idx) for p in ("learned", "sinusoidal", "rotary")]
@@ -78,6 +103,7 @@ def test_gpt_positions_choose_the_position_weights():
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["model.positions=alibi"], "model.positions='alibi' is not valid; choose one of: auto, learned, sinusoidal"),
+    (["model=pangu-tiny", "model.positions=relative"], "model.positions=relative is not supported by model.arch=pangu"),
     (["model=pangu-tiny", "model.positions=rotary"],
      "model.positions=rotary is not supported by model.arch=pangu; valid for it: auto (learned), learned, sinusoidal"),
     (["model=llama-tiny", "model.positions=learned"], "not supported by model.arch=llama; valid for it: auto (rotary)"),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.models.common.positions import apply_rotary, rotary_angles
+from loom.models.common.positions import RELATIVE_BUCKETS, apply_rotary, relative_bias_inputs, rotary_angles
 from loom.models.config import ModelConfig
 
 
@@ -59,9 +59,11 @@ class KVCache:
 
 class Attention(nn.Module):
     """Multi-head (or grouped-query) scaled dot-product attention (Vaswani et al. 2017), causal,
-    through SDPA. ``rotary``: rotate queries and keys by their positions (RoFormer)."""
+    through SDPA. ``rotary``: rotate queries and keys by their positions (RoFormer). ``relative``: add
+    T5's learned bias per head and bucket of the key's offset (``rel_bias``, split by heads like the
+    query projection under tensor parallelism)."""
 
-    def __init__(self, cfg: ModelConfig, rotary: bool = False):
+    def __init__(self, cfg: ModelConfig, rotary: bool = False, relative: bool = False):
         super().__init__()
         d, kv = cfg.n_embd, cfg.kv_heads * cfg.head_dim
         self.head_dim = cfg.head_dim
@@ -70,6 +72,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv, bias=cfg.bias)
         self.v_proj = nn.Linear(d, kv, bias=cfg.bias)
         self.out_proj = nn.Linear(d, d, bias=cfg.bias)
+        if relative:  # (n_head, buckets): a Linear so that it splits by heads as q_proj does
+            self.rel_bias = nn.Linear(RELATIVE_BUCKETS, cfg.n_head, bias=False)
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.attn_dropout = cfg.dropout
 
@@ -99,7 +103,13 @@ class Attention(nn.Module):
             group = q.size(1) // k.size(1)
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, nh, past + T, hs)
         mask, causal = None, True
-        if past > 0:
+        if hasattr(self, "rel_bias"):
+            qpos, kpos = torch.arange(past, past + t, device=q.device), torch.arange(k.size(2), device=q.device)
+            buckets = relative_bias_inputs(qpos, kpos, bidirectional=False, dtype=q.dtype)  # (T, past + T, nb)
+            bias = self.rel_bias(buckets).permute(2, 0, 1)  # (nh, T, past + T)
+            mask = bias.masked_fill(kpos[None, None, :] > qpos[None, :, None], float("-inf"))
+            causal = False
+        elif past > 0:
             causal = False
             if t > 1:  # a chunk after a prefix: query i sees keys 0 .. past + i
                 qpos = torch.arange(past, past + t, device=q.device)[:, None]

@@ -51,13 +51,13 @@ class Block(nn.Module):
     the feed-forward layer is a sparse Mixture-of-Experts (:class:`~loom.models.common.moe.MoE`).
 
     GPT's block by default (LayerNorm, GELU MLP); Llama's with ``norm="rms"``, ``mlp="swiglu"`` and
-    ``rotary`` attention."""
+    ``rotary`` attention; ``relative``: T5's relative position bias in its attention."""
 
     def __init__(self, cfg: ModelConfig, moe: bool = False, norm_kind: str = "layer", mlp: str = "gelu",
-                 rotary: bool = False):
+                 rotary: bool = False, relative: bool = False):
         super().__init__()
         self.ln_1 = norm(cfg, norm_kind)
-        self.attn = Attention(cfg, rotary=rotary)
+        self.attn = Attention(cfg, rotary=rotary, relative=relative)
         self.ln_2 = norm(cfg, norm_kind)
         self.mlp = MoE(cfg) if moe else SwiGLU(cfg) if mlp == "swiglu" else MLP(cfg)
 

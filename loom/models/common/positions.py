@@ -9,21 +9,30 @@
                 (:class:`~loom.models.common.attention.Attention`), after the key/value cache offset,
                 so cached decoding sees the same positions as recomputation. No weights.
 
+``relative``    T5's relative position bias (Raffel et al. 2020, section 2.1; Shaw et al. 2018): a learned
+                scalar per head and *bucket* of the key's offset from the query, added to the attention
+                logits. Offsets 0 .. B/2 − 1 get a bucket each, larger ones share logarithmically wider
+                buckets up to ``max_distance``, beyond which all share the last; a causal decoder needs
+                only the offsets into the past (unidirectional buckets), an encoder both signs.
+
 Rotary pairs coordinate i with i + hs/2 (the "rotate half" layout of GPT-NeoX and Hugging Face's
 Llama), not adjacent coordinates (Meta's original code); the two differ by a fixed permutation of
 the query and key projections' rows.
 
-Nothing here has parameters or buffers: tables are computed from the positions on each call (in
-float64, then cast), so a model built on the meta device needs no extra initialization and every
-layout computes the same numbers.
+Nothing here has parameters or buffers (the relative bias's table is a weight of each attention):
+tables are computed from the positions on each call (in float64, then cast), so a model built on the
+meta device needs no extra initialization and every layout computes the same numbers.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-KINDS = ("learned", "sinusoidal", "rotary")
+KINDS = ("learned", "sinusoidal", "rotary", "relative")
+RELATIVE_BUCKETS, RELATIVE_MAX_DISTANCE = 32, 128  # T5's
 
 
 def resolve(cfg, default: str) -> str:
@@ -69,3 +78,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate ``x`` (B, nh, T, hs) by the angles of ``cos, sin`` (T, hs): coordinate pairs (i, i + hs/2)."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def relative_buckets(offsets: torch.Tensor, bidirectional: bool, n_buckets: int = RELATIVE_BUCKETS,
+                     max_distance: int = RELATIVE_MAX_DISTANCE) -> torch.Tensor:
+    """T5's bucket of each key-minus-query offset (any shape, int64) -> same shape, in [0, n_buckets)
+    (Raffel et al. 2020; the reference ``_relative_position_bucket`` of Mesh TensorFlow)."""
+    bucket = torch.zeros_like(offsets)
+    if bidirectional:  # half the buckets for keys after the query, half for keys before it
+        n_buckets //= 2
+        bucket = bucket + (offsets > 0).long() * n_buckets
+        distance = offsets.abs()
+    else:  # a causal decoder: only keys at or before the query
+        distance = (-offsets).clamp_min(0)
+    exact = n_buckets // 2
+    log_scaled = exact + (torch.log(distance.clamp_min(1).double() / exact) / math.log(max_distance / exact)
+                          * (n_buckets - exact)).long()
+    return bucket + torch.where(distance < exact, distance, log_scaled.clamp_max(n_buckets - 1))
+
+
+def relative_bias_inputs(q_positions: torch.Tensor, k_positions: torch.Tensor, bidirectional: bool,
+                         dtype: torch.dtype, n_buckets: int = RELATIVE_BUCKETS) -> torch.Tensor:
+    """One-hot buckets (Tq, Tk, n_buckets) of every (query, key) pair: a Linear(n_buckets, n_head)
+    turns them into the bias of each head (a lookup written as a matmul, so that tensor parallelism
+    splits the heads of the table as it splits the query heads)."""
+    offsets = k_positions[None, :] - q_positions[:, None]  # (Tq, Tk)
+    return torch.nn.functional.one_hot(relative_buckets(offsets, bidirectional, n_buckets), n_buckets).to(dtype)

@@ -29,5 +29,6 @@ def block_strategies(prefix: str, mlp: str = "gelu") -> dict[str, str]:
         f"{prefix}.attn.k_proj": "colwise",
         f"{prefix}.attn.v_proj": "colwise",
         f"{prefix}.attn.out_proj": "rowwise",
+        f"{prefix}.attn.rel_bias": "colwise",  # T5's relative position bias (if any): by heads, as q_proj
         **mlp_table,
     }

@@ -17,7 +17,7 @@ PIPELINE = PipelineSplit(first=("tok_emb", "pos_emb"), last=("ln_f", "lm_head"),
 SHARDING = Sharding(table=TABLE, positional=("pos_emb",))
 
 SPEC = register(ModelSpec(name="gpt", build=GPT, presets=PRESETS, published_params=PUBLISHED_PARAMS,
-                          sharding=SHARDING, pipeline=PIPELINE, positions=("learned", "sinusoidal", "rotary"),
-                          hf=HF, tasks=("causal_lm", "sft")))
+                          sharding=SHARDING, pipeline=PIPELINE,
+                          positions=("learned", "sinusoidal", "rotary", "relative"), hf=HF, tasks=("causal_lm", "sft")))
 
 __all__ = ["GPT", "PIPELINE", "SHARDING", "SPEC"]

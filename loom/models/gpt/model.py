@@ -1,7 +1,7 @@
 """GPT (Radford et al. 2018, 2019; Brown et al. 2020): a decoder-only Transformer language model.
 
-Learned position embeddings (or, with ``model.positions``, fixed sinusoidal ones or rotary
-attention), pre-LayerNorm blocks, GELU MLP, causal self-attention through
+Learned position embeddings (or, with ``model.positions``, fixed sinusoidal ones, rotary attention
+or T5's relative position bias), pre-LayerNorm blocks, GELU MLP, causal self-attention through
 ``F.scaled_dot_product_attention``, input and output embeddings tied, residual projections scaled
 at initialization. Blocks live in a ``ModuleDict`` keyed by their index so that their names stay the
 same when a pipeline split keeps only some of them.
@@ -26,10 +26,10 @@ class GPT(nn.Module):
         if self.positions == "learned":
             self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         elif self.positions == "sinusoidal":
-            self.pos_emb = SinusoidalPositions(cfg.n_embd)  # no weights; rotary: none here, inside attention
+            self.pos_emb = SinusoidalPositions(cfg.n_embd)  # no weights; rotary, relative: inside attention
         self.drop = nn.Dropout(cfg.dropout)
-        rotary = self.positions == "rotary"
-        self.layers = nn.ModuleDict({str(i): Block(cfg, moe=cfg.moe.is_moe_block(i), rotary=rotary)
+        rotary, relative = self.positions == "rotary", self.positions == "relative"
+        self.layers = nn.ModuleDict({str(i): Block(cfg, moe=cfg.moe.is_moe_block(i), rotary=rotary, relative=relative)
                                      for i in range(self.n_blocks)})
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -92,7 +92,7 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         if self.positions == "sinusoidal":  # Vaswani et al. 3.4: token embeddings × √C beside the fixed ±1 rows
             x = x * self.cfg.n_embd**0.5
-        if hasattr(self, "pos_emb"):  # learned or sinusoidal; rotary positions enter in attention
+        if hasattr(self, "pos_emb"):  # learned or sinusoidal; rotary and relative positions enter in attention
             pos = torch.arange(past, past + t, device=idx.device)  # (T,)
             x = x + self.pos_emb(pos).to(x.dtype)  # (T, C), broadcast over the batch
         return self.drop(x)  # (B, T, C)
