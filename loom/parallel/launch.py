@@ -72,8 +72,9 @@ def init_process(device_name: str) -> tuple[Process, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
+        timeout = datetime.timedelta(minutes=30)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                                **_restart_store(world, timeout))
     return Process(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
@@ -82,6 +83,19 @@ def threads_per_process(local_processes: int) -> int:
     the cores each, at least one (what ``loom train --nproc``, ``loom calibrate`` and
     :func:`run_on_ranks` all use, unless OMP_NUM_THREADS says otherwise)."""
     return max(1, (os.cpu_count() or 1) // max(1, local_processes))
+
+
+def _restart_store(world: int, timeout: datetime.timedelta) -> dict:
+    """Under an elastic agent that hosts the store (``torchrun``, ``loom train --nproc``), a store
+    whose keys are this start's own: the agent keeps one store across restarts, and restarted
+    workers that read the process group's keys of the group before them would dial its dead
+    workers' addresses ("Connection refused")."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return {"store": dist.PrefixStore(f"loom/start{restart_count()}", store), "rank": int(os.environ["RANK"]),
+            "world_size": world}
 
 
 def broadcast_object(obj, src: int = 0):

@@ -47,7 +47,7 @@ from loom.train.checkpoint import (
 from loom.train.finetune import prepare_for_finetuning
 from loom.train.hf import load_hf_weights, starts_from_hf
 from loom.train.init_from import init_from_run
-from loom.train.metrics import MetricsFile, peak_flops
+from loom.train.metrics import MetricsFile, peak_flops, raise_cpu_peak
 from loom.train.optim import lr_at
 from loom.train.precision import autocast, compute_dtype, param_dtype
 from loom.train.step import TrainingStep, mean_over_replicas
@@ -247,13 +247,18 @@ class Trainer:
         if not math.isfinite(loss) and not self.scaler.enabled:
             raise RunError(f"training diverged: the loss is {loss} at step {step}; lower train.lr "
                            f"(now {t.lr:g}) or set train.grad_clip, and {self._last_finite()}")
+        achieved = self.flops_per_token * tokens_per_s / self.process.world_size  # FLOP/s per device
+        if achieved > self.peak and self.device.type == "cpu":  # the measured peak was low (a busy machine)
+            self.peak = achieved
+            if self.process.is_coordinator:
+                raise_cpu_peak(t.precision, achieved)
         record = {
             "step": step,
             "loss": loss,
             "lr": lr_at(step - 1, t),
             "grad_norm": iv.grad_norm.item(),
             "tokens_per_s": tokens_per_s,
-            "mfu": self.flops_per_token * tokens_per_s / (self.peak * self.process.world_size),
+            "mfu": achieved / self.peak,
             "elapsed_s": time.perf_counter() - started,
             "mem_peak_mb": self._peak_memory_mb(),
         }

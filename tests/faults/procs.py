@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+STARTED: list[subprocess.Popen] = []  # killed (with their process groups) after each test: see conftest.py
+
 
 def loom_popen(*args: str, cwd: Path | None = None) -> subprocess.Popen:
     """``python -m loom ARGS`` in its own session, its stderr a pipe read line by line."""
-    return subprocess.Popen([sys.executable, "-m", "loom", *args], stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            start_new_session=True,
+    return popen([sys.executable, "-m", "loom", *args], cwd=cwd)
+
+
+def popen(cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    STARTED.append(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    """Whatever a failed test left running: each process started here and its group (workers)."""
+    while STARTED:
+        proc = STARTED.pop()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
 
 
 def wait_for_line(proc: subprocess.Popen, prefix: str) -> str:

@@ -14,7 +14,7 @@ import pytest
 
 from loom.parallel.launch import free_port
 from loom.train.metrics import read_metrics
-from tests.faults.procs import loom_popen, wait_for_line, workers_of
+from tests.faults.procs import loom_popen, popen, wait_for_line, workers_of
 
 TRAIN = ["model=gpt-tiny", "model.dropout=0.1", "train.steps=40", "train.batch_size=4", "train.log_every=1",
          "train.ckpt_every=5", "train.eval_every=1000", "train.progress=log"]
@@ -70,8 +70,7 @@ def torchrun_agent(port: int, run, tiny_corpus) -> subprocess.Popen:
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
            "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "loom", "train", "--data", str(tiny_corpus),
            *TRAIN, f"train.run_dir={run}"]
-    return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    return popen(cmd)
 
 
 @pytest.mark.slow
@@ -79,15 +78,10 @@ def test_two_nodes_on_localhost_train_and_survive_a_killed_worker(uninterrupted,
     run, port = tmp_path / "run", free_port()
     first = torchrun_agent(port, run, tiny_corpus)
     second = torchrun_agent(port, run, tiny_corpus)
-    try:
-        wait_for_line(first, "step 12/")  # rank 0, on the first node, logs
-        os.kill(workers_of(second.pid)[0], signal.SIGKILL)  # the second node's worker (rank 1)
-        out_first, out_second = first.stderr.read(), second.stderr.read()
-        assert first.wait(timeout=300) == 0, out_first
-        assert second.wait(timeout=300) == 0, out_second
-    finally:
-        for p in (first, second):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+    wait_for_line(first, "step 12/")  # rank 0, on the first node, logs
+    os.kill(workers_of(second.pid)[0], signal.SIGKILL)  # the second node's worker (rank 1)
+    out_first, out_second = first.stderr.read(), second.stderr.read()
+    assert first.wait(timeout=300) == 0, out_first
+    assert second.wait(timeout=300) == 0, out_second
     assert "resumed from" in out_first, out_first
     assert losses(run) == uninterrupted  # the same two ranks, dp=2, as the --nproc 2 job
