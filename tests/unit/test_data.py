@@ -170,8 +170,9 @@ def test_resolve_kind(chinese_lines) -> None:
     assert resolve_kind("auto", "") == "bpe"
     assert resolve_kind("bpe", chinese) == "bpe"
     assert resolve_kind("jieba-sp", "english") == "jieba-sp"
-    with pytest.raises(DataError, match="auto, bpe, jieba-sp"):
-        resolve_kind("wordpiece", "")
+    assert resolve_kind("wordpiece", "english") == "wordpiece"
+    with pytest.raises(DataError, match="auto, bpe, jieba-sp, wordpiece"):
+        resolve_kind("unigram", "")
 
 
 def test_vocab_size_too_small() -> None:
