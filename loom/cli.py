@@ -1,4 +1,4 @@
-"""``loom`` on the command line: train | generate | eval | export | plot | describe | plan | calibrate.
+"""``loom`` on the command line: train | generate | eval | export | import | plot | describe | plan | calibrate.
 
 Configuration errors are one line on stderr and exit code 2, before any work starts.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="start N local processes (one per device) for a parallel layout; parallel.dp defaults "
                    "to N / (tp × pp × ep). Multi-node: torchrun ... -m loom train ...")
+    t.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --nproc: start the processes again up to K times when one fails; they resume "
+                   "from the run's newest valid checkpoint (torchrun --max-restarts does the same)")
 
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("run_dir")
@@ -70,9 +74,20 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batches", type=int, default=None, help="validation batches (default: train.eval_batches)")
     e.add_argument("--device", default="auto")
 
-    x = sub.add_parser("export", help="write a trained run's weights as one layout-free safetensors file")
+    x = sub.add_parser("export", help="write a trained run's weights as one layout-free safetensors file, or as a "
+                                      "Hugging Face model directory (--format hf)")
     x.add_argument("run_dir")
-    x.add_argument("--out", help="where to write it (default: RUN_DIR/model.safetensors)")
+    x.add_argument("dest", nargs="?", help="where to write it (same as --out)")
+    x.add_argument("--out", help="where to write it (default: RUN_DIR/model.safetensors; --format hf: a new directory)")
+    x.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                   help="safetensors: loom's names, one file; hf: config.json, weights and tokenizer that "
+                        "transformers' Auto classes load")
+
+    im = sub.add_parser("import", help="make a run directory (config, tokenizer, checkpoint) from a Hugging Face "
+                                       "model directory on local disk")
+    im.add_argument("model_dir", help="a directory saved by transformers (config.json, weights, tokenizer files)")
+    im.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory to make")
+    im.add_argument("overrides", nargs="*", help="key=value settings recorded in the run, e.g. train.precision=bf16")
 
     pl = sub.add_parser("plot", help="draw the loss curve of a run to RUN_DIR/loss.png (and, for a Mixture-of-"
                                      "Experts model, the expert load to RUN_DIR/expert_load.png)")
@@ -101,6 +116,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)  # key=value settings may come after --options too
+    if getattr(args, "dest", "") is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.dest, extra = extra[0], []  # `loom export RUN --format hf OUT`: a positional after an option
     if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
@@ -137,19 +154,39 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run's own config.yaml; pass changes as key=value overrides")
+        from loom.train.hf import check_resumable
+
+        check_resumable(Path(args.resume))
         cfg = load_resume_config(Path(args.resume), overrides, settings)
     else:
         cfg = load_config(args.config, overrides, settings)
+        if cfg.train.init_from:  # a Hugging Face model directory: the model is the one its weights are for
+            cfg = _init_from_config(cfg, overrides, args.config, settings)
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be at least 1")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts={args.max_restarts} must be at least 0")
     launching = args.nproc > 1 and env_world_size() == 1
     world = args.nproc if launching else env_world_size()
     device = resolve_device(cfg.train.device)
     # the one place the job's layout is decided; everything below receives it
     cfg, plan = plan_job(cfg, world, device.type)
     if launching:
-        return _launch_train(cfg, plan, args.nproc, args.resume, device)
+        return _launch_train(cfg, plan, args.nproc, args.resume, device, args.max_restarts)
     return _run_train(cfg, plan, args.resume)
+
+
+def _init_from_config(cfg, overrides: list[str], config_file: str | None, settings: dict | None):
+    from loom.models.hf import is_hf_dir
+    from loom.train.hf import hf_init_config
+
+    path = cfg.train.init_from
+    if is_hf_dir(path):
+        return hf_init_config(path, overrides, config_file, settings)
+    if (Path(path).expanduser() / "config.yaml").is_file():  # a loom run: its weights load by name and shape
+        return cfg
+    raise ConfigError(f"train.init_from={path} is neither a loom run directory (config.yaml, checkpoints/) nor a "
+                      "Hugging Face model directory (config.json with a model_type, weights, tokenizer files)")
 
 
 def _run_train(cfg, plan, resume: str | None) -> int:
@@ -158,21 +195,32 @@ def _run_train(cfg, plan, resume: str | None) -> int:
 
     summary = train(cfg, plan, Path(resume), resume=True) if resume else train(cfg, plan)
     shutdown_process_group()  # every rank got here: leave the job in order (see its docstring)
-    return 0 if summary.get("finished", True) else 130  # 130: stopped by Ctrl-C, checkpoint saved
+    if summary.get("finished", True):
+        return 0
+    # stopped by a signal after saving a checkpoint: 128 + its number, as a shell reports it (130, 143)
+    return 128 + int(getattr(signal.Signals, summary.get("stopped_by", "SIGINT")))
 
 
-def _launch_train(cfg, plan, nproc: int, resume: str | None, device) -> int:
+def _launch_train(cfg, plan, nproc: int, resume: str | None, device, max_restarts: int = 0) -> int:
     """Check what the processes need of this machine, then start ``nproc`` workers."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from loom.parallel.launch import launch_local
     from loom.train.memory import check_training_state_fits
+    from loom.train.rundir import check_run_unlocked, new_run_dir
 
     if device.type == "cuda" and torch_device_count() < nproc:
         raise ConfigError(f"--nproc {nproc} needs {nproc} GPUs; this machine has {torch_device_count()}")
     check_training_state_fits(cfg, device, plan, local_processes=nproc)
+    if resume:
+        check_run_unlocked(Path(resume))  # another job trains it now: one line, before any process starts
+    elif not cfg.train.run_dir:  # decided here, so that restarted workers find the same one
+        cfg.train.run_dir = str(new_run_dir(cfg))
     try:
-        results = launch_local(nproc, _train_worker, cfg, plan, resume)
+        results = launch_local(nproc, _train_worker, cfg, plan, resume, max_restarts=max_restarts)
+    except SignalException as e:  # SIGHUP / SIGQUIT: the agent has stopped the workers
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
         if codes == {2}:  # a user error: the coordinator has printed it
@@ -202,7 +250,25 @@ def torch_device_count() -> int:
 def cmd_export(args) -> int:
     from loom.infer.export import export_safetensors
 
-    out = export_safetensors(Path(args.run_dir), Path(args.out) if args.out else None)
+    if args.dest and args.out and args.dest != args.out:
+        raise ConfigError(f"two destinations given: {args.dest} and --out {args.out}; give one")
+    dest = args.dest or args.out
+    if args.format == "hf":
+        from loom.infer.hf import export_hf
+
+        if not dest:
+            raise ConfigError("--format hf needs a directory to write: loom export RUN --format hf OUT_DIR")
+        print(export_hf(Path(args.run_dir), Path(dest)))
+        return 0
+    out = export_safetensors(Path(args.run_dir), Path(dest) if dest else None)
+    print(out)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from loom.train.hf import import_hf
+
+    out = import_hf(args.model_dir, args.out, args.overrides)
     print(out)
     return 0
 
@@ -249,6 +315,7 @@ def _check_sampling(args) -> None:
 
 def cmd_eval(args) -> int:
     import json
+    import math
 
     from loom.config import task_name
     from loom.infer.evaluate import evaluate
@@ -264,7 +331,12 @@ def cmd_eval(args) -> int:
     task = build_task(task_name(cfg), data, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
     device = next(model.parameters()).device
     result = evaluate(model, task, args.batches or cfg.train.eval_batches, device, cfg.train.precision)
-    print(json.dumps({"step": step, **result, "unigram_entropy_nats": data.meta.get("unigram_entropy_nats")}))
+    bad = {k: v for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:  # JSON has no NaN: say what is wrong instead of printing something no parser reads
+        raise RunError(f"the checkpoint of step {step} in {run_dir} gives non-finite "
+                       f"{', '.join(f'{k}={v}' for k, v in bad.items())}: its weights hold NaN or infinity")
+    print(json.dumps({"step": step, **result, "unigram_entropy_nats": data.meta.get("unigram_entropy_nats")},
+                     allow_nan=False))
     return 0
 
 
@@ -342,7 +414,8 @@ def cmd_calibrate(args) -> int:
 
 
 COMMANDS = {"plan": cmd_plan, "calibrate": cmd_calibrate, "train": cmd_train, "generate": cmd_generate,
-            "eval": cmd_eval, "export": cmd_export, "plot": cmd_plot, "describe": cmd_describe}
+            "eval": cmd_eval, "export": cmd_export, "plot": cmd_plot, "describe": cmd_describe,
+            "import": cmd_import}
 
 
 if __name__ == "__main__":

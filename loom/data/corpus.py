@@ -6,18 +6,25 @@ A user corpus is a single file or a folder searched recursively for
 ``.txt``, ``.jsonl``, ``.md`` and ``.py`` files.
 
 Every ``.jsonl`` line is one document (its ``jsonl_field`` key); every other
-file is one document (its whole text).
+file is one document (its whole text), read in pieces so that memory stays
+bounded whatever its size: a file longer than :data:`MAX_DOCUMENT_CHARS` is
+cut into documents of at most that many characters, at line ends where it has
+them. Bytes that are not UTF-8 become U+FFFD, one per byte, and are counted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".md", ".py")
+MAX_DOCUMENT_CHARS = 1 << 20  # longer text files are several documents (memory, not meaning)
+_READ_CHARS = 1 << 18
+_UNDECODED = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
 _EXCLUDED_PARTS = frozenset({"site-packages", "dist-packages"})
 
 
@@ -82,12 +89,23 @@ def corpus_files(path: str | None) -> list[Path]:
     return [p]
 
 
-def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
+def _decoded(text: str, file: Path, replaced: dict[str, int] | None) -> str:
+    """``text`` read with ``surrogateescape``, each undecodable byte turned into U+FFFD and counted."""
+    n = len(_UNDECODED.findall(text))
+    if not n:
+        return text
+    if replaced is not None:
+        replaced[str(file)] = replaced.get(str(file), 0) + n
+    return _UNDECODED.sub("\ufffd", text)
+
+
+def _jsonl_documents(file: Path, field: str, replaced: dict[str, int] | None = None) -> Iterator[str]:
     """Yield the ``field`` text of every JSON object line of ``file``."""
-    with file.open(encoding="utf-8", errors="replace") as f:
+    with file.open(encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            line = _decoded(line, file, replaced)
             where = f"{file}:{lineno}"
             try:
                 record = json.loads(line)
@@ -101,19 +119,37 @@ def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
             yield text
 
 
-def iter_documents(files: Iterable[Path], jsonl_field: str = "text") -> Iterator[str]:
+def _text_documents(file: Path, replaced: dict[str, int] | None = None) -> Iterator[str]:
+    """The text of ``file`` as one document, or, past :data:`MAX_DOCUMENT_CHARS`, as several cut at
+    line ends (mid-line only where a line is longer than that); never more than about twice that
+    much of it in memory."""
+    pending = ""
+    with file.open(encoding="utf-8", errors="surrogateescape") as f:  # universal newlines, as read_text
+        while block := f.read(_READ_CHARS):
+            pending += _decoded(block, file, replaced)
+            while len(pending) > MAX_DOCUMENT_CHARS:
+                cut = pending.rfind("\n", 0, MAX_DOCUMENT_CHARS) + 1 or MAX_DOCUMENT_CHARS
+                yield pending[:cut]
+                pending = pending[cut:]
+    if pending:
+        yield pending
+
+
+def iter_documents(files: Iterable[Path], jsonl_field: str = "text",
+                   replaced: dict[str, int] | None = None) -> Iterator[str]:
     """Yield the text of every non-empty document in ``files``, in order.
 
     ``.jsonl`` files give one document per line (the ``jsonl_field`` value);
-    any other file is one document, read as UTF-8 with undecodable bytes
-    replaced.
+    any other file is one document (several when it is longer than
+    :data:`MAX_DOCUMENT_CHARS`), read as UTF-8 with undecodable bytes replaced
+    by U+FFFD; ``replaced`` (when given) counts them per file.
 
     Raises:
         DataError: a ``.jsonl`` line is not JSON or lacks ``jsonl_field``.
     """
     for file in files:
         if file.suffix == ".jsonl":
-            docs: Iterable[str] = _jsonl_documents(file, jsonl_field)
+            docs: Iterable[str] = _jsonl_documents(file, jsonl_field, replaced)
         else:
-            docs = (file.read_text(encoding="utf-8", errors="replace"),)
+            docs = _text_documents(file, replaced)
         yield from (doc for doc in docs if doc)

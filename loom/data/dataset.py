@@ -195,14 +195,17 @@ def _load(dir: Path) -> PreparedData:
     )
 
 
-def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
-    """Group ``docs`` into lists of ``size`` (the last may be shorter)."""
+def _chunks(docs: Iterator[str], size: int, max_chars: int = 1 << 20) -> Iterator[list[str]]:
+    """Group ``docs`` into lists of ``size``, or fewer once they hold ``max_chars`` characters (the
+    last may be shorter): what is encoded at once, and so held in memory as token lists."""
     chunk: list[str] = []
+    chars = 0
     for doc in docs:
         chunk.append(doc)
-        if len(chunk) == size:
+        chars += len(doc)
+        if len(chunk) == size or chars >= max_chars:
             yield chunk
-            chunk = []
+            chunk, chars = [], 0
     if chunk:
         yield chunk
 
@@ -334,8 +337,14 @@ def _build(
             time.perf_counter() - start,
         )
     trained = time.perf_counter()
-    facts = _tokenize_and_split(tokenizer, iter_documents(files, jsonl_field), dir, val_fraction)
+    replaced: dict[str, int] = {}
+    facts = _tokenize_and_split(tokenizer, iter_documents(files, jsonl_field, replaced), dir, val_fraction)
     encoded = time.perf_counter()
+    if replaced:  # said, not silently replaced
+        worst = max(replaced, key=replaced.get)
+        _LOG.warning("%d bytes that are not UTF-8 (in %d file(s); most in %s: %d) were read as U+FFFD",
+                     sum(replaced.values()), len(replaced), worst, replaced[worst])
+    facts["replaced_bytes"] = sum(replaced.values())
     _LOG.info(
         "encoded %d documents into %d train + %d val tokens (%s split) in %.1fs",
         facts["n_documents"],

@@ -11,21 +11,24 @@ from loom.data import Tokenizer, load_tokenizer
 from loom.errors import RunError
 from loom.models import build_model, materialize
 from loom.parallel.launch import resolve_device
-from loom.train.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
+from loom.train.checkpoint import checkpoint_step, load_newest
+from loom.train.finetune import adapt
 from loom.train.precision import param_dtype
 from loom.train.rundir import load_run_config
 
 
 def load_for_inference(run_dir: Path, device: str = "auto") -> tuple[Config, nn.Module, Tokenizer, int]:
     """The run's model with its newest checkpoint's weights (whatever layout saved it), in eval mode,
-    its tokenizer, and the checkpoint's step."""
+    its tokenizer, and the checkpoint's step. Checkpoints are verified as resume verifies them: one
+    that is damaged is skipped with a warning for the newest intact one."""
     cfg = load_run_config(run_dir)
-    ckpt = latest_checkpoint(Path(run_dir))
-    if ckpt is None:
-        raise RunError(f"{str(run_dir)!r} has no complete checkpoint yet (checkpoints/step_*)")
     dev = resolve_device(device, key="--device")
-    model = materialize(build_model(cfg.model).to(param_dtype(cfg.train.precision)), dev, cfg.train.seed)
-    load_checkpoint(ckpt, model)
+    model = adapt(build_model(cfg.model), cfg.train)  # LoRA adapters, when the run trained them
+    model = materialize(model.to(param_dtype(cfg.train.precision)), dev, cfg.train.seed)
+    found = load_newest(Path(run_dir), model)
+    if found is None:
+        raise RunError(f"{str(run_dir)!r} has no complete checkpoint yet (checkpoints/step_*)")
+    ckpt = found[0]
     model.eval()
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
     return cfg, model, tokenizer, checkpoint_step(ckpt)

@@ -32,7 +32,7 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     preset: str = DEFAULT_PRESET
-    arch: str = "gpt"  # the family (loom describe --list): gpt | pangu | llama
+    arch: str = "gpt"  # the family (loom describe --list): gpt | pangu | llama | bert
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: Optional[int] = None  # key/value heads (grouped-query attention, Ainslie et al. 2023); None: n_head
@@ -47,6 +47,11 @@ class ModelConfig:
     # | relative (T5's bucketed bias, Raffel et al. 2020)
     positions: str = "auto"
     rope_theta: float = 10000.0  # rotary positions' base (Llama 3: 500000)
+    post_ln: bool = False  # encoders: LayerNorm after each residual add (BERT as published); false: before
+    n_classes: int = 0  # encoders: outputs of a classification head on [CLS]; 0: the pretraining heads
+    image_size: int = 0  # vision: images are image_size × image_size pixels of `channels` channels
+    patch_size: int = 0  # vision: square patches of patch_size pixels, one token each
+    channels: int = 3
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property

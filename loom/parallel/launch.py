@@ -63,14 +63,39 @@ def init_process(device_name: str) -> tuple[Process, torch.device]:
         return Process(), resolve_device(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # elastic_launch (unlike torchrun) leaves every worker all the cores: N processes would then
+        # run N × cores threads. One share each, as `loom calibrate` measured the machine.
+        torch.set_num_threads(threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
+        timeout = datetime.timedelta(minutes=30)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                                **_restart_store(world, timeout))
     return Process(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def threads_per_process(local_processes: int) -> int:
+    """Intra-op threads of each of ``local_processes`` CPU processes sharing this machine: one share of
+    the cores each, at least one (what ``loom train --nproc``, ``loom calibrate`` and
+    :func:`run_on_ranks` all use, unless OMP_NUM_THREADS says otherwise)."""
+    return max(1, (os.cpu_count() or 1) // max(1, local_processes))
+
+
+def _restart_store(world: int, timeout: datetime.timedelta) -> dict:
+    """Under an elastic agent that hosts the store (``torchrun``, ``loom train --nproc``), a store
+    whose keys are this start's own: the agent keeps one store across restarts, and restarted
+    workers that read the process group's keys of the group before them would dial its dead
+    workers' addresses ("Connection refused")."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return {"store": dist.PrefixStore(f"loom/start{restart_count()}", store), "rank": int(os.environ["RANK"]),
+            "world_size": world}
 
 
 def broadcast_object(obj, src: int = 0):
@@ -116,22 +141,41 @@ def native_threads() -> list[str]:
     return sorted(names)
 
 
-def launch_local(nproc: int, entrypoint, *args) -> dict:
+def launch_local(nproc: int, entrypoint, *args, max_restarts: int = 0) -> dict:
     """Run ``entrypoint(*args)`` in ``nproc`` local worker processes joined by a local rendezvous;
-    returns each local rank's return value. A failed worker raises ``ChildFailedError``."""
+    returns each local rank's return value. A failed worker group is started again up to
+    ``max_restarts`` times (each worker sees ``TORCHELASTIC_RESTART_COUNT``); when they are spent a
+    failed worker raises ``ChildFailedError``.
+
+    SIGTERM or SIGINT to this process is passed on to every worker, which finish their step, agree
+    to stop after the same one, save a checkpoint and return; a worker that receives one directly
+    does the same. (The elastic agent's own handling of these signals would stop waiting for the
+    workers' results and kill them after a timeout, mid-save.) A terminal's Ctrl-C reaches the
+    workers twice, directly and from here, within a second: they take it as one request."""
+    import multiprocessing
+
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # Ctrl-C reaches the workers straight from the terminal: each finishes its step, they agree to
-    # stop after the same one and save a checkpoint. The launcher itself must neither die of it nor
-    # pass it on (a second SIGINT would abort the workers' save).
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn", signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
+                          monitor_interval=0.1, start_method="spawn", signals_to_handle="SIGHUP,SIGQUIT")
+
+    def pass_on(signum, frame) -> None:
+        for worker in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return elastic_launch(config, entrypoint)(*args)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def restart_count() -> int:
+    """How many times the elastic agent has restarted this worker's group (0: the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def free_port() -> int:
@@ -178,7 +222,7 @@ def run_on_ranks(world_size: int, fn: Callable, *args, threads: int | None = Non
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
-    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    threads = threads or threads_per_process(world_size)
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.start_processes(_gloo_entry, args=(world_size, free_port(), fn, args, out, threads),
                                  nprocs=world_size, join=False, start_method="spawn")

@@ -18,6 +18,7 @@ memory outside attention and MLP is divided by tp at the same communication volu
 from __future__ import annotations
 
 import contextlib
+from fnmatch import fnmatchcase
 from functools import partial
 
 from torch import nn
@@ -79,7 +80,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
             continue
         parent, leaf = parents.get(name), name.rsplit(".", 1)[-1]
         strategy = strategies.get(name, "replicate")
-        if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+        # a module behind a head that gathered the stream reads the whole sequence, not this rank's slice
+        whole = any(fnmatchcase(name, p) for p in sharding.whole_inputs)
+        inp = Replicate() if whole else stream
+        if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) and whole:
+            styles = [_Replicated(Replicate(), Replicate())]
+        elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
             # Inside a block it feeds colwise projections: hand them the whole sequence as a
             # replicated DTensor (one gather for q, k and v; their partial input gradients sum
             # before the single reduce-scatter/all-reduce). Elsewhere (a final norm) it is the stream.
@@ -108,8 +114,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
             else:
                 styles = [_Replicated(Replicate(), stream if consumer else Replicate())]
         elif isinstance(mod, nn.Linear):  # an output projection: reads the stream
-            styles = [ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
-                      if strategy == "vocab" else _Replicated(stream, Replicate())]
+            styles = [ColwiseParallel(input_layouts=inp, output_layouts=Shard(-1), use_local_output=False)
+                      if strategy == "vocab" else _Replicated(inp, Replicate())]
             setattr(mod, VOCAB_PARALLEL, strategy == "vocab")
         else:
             styles = [_Replicated(Replicate(), Replicate())]
@@ -117,6 +123,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
             parallelize_module(mod, tp_mesh, style, src_data_rank=src)
     if sequence_parallel:
         modules = dict(model.named_modules())
+        for name, mod in modules.items():
+            if isinstance(mod, (Attention, MLP)) and any(fnmatchcase(name, p) for p in sharding.stream_inputs):
+                # a post-LayerNorm block's attention (x, mask) or MLP (x) reads this rank's slice of the
+                # stream: gather it (its backward reduce-scatters the input gradient back to the slice)
+                layouts = (Shard(1), None) if isinstance(mod, Attention) else (Shard(1),)
+                parallelize_module(mod, tp_mesh, PrepareModuleInput(
+                    input_layouts=layouts, desired_input_layouts=(Replicate(), *layouts[1:])))
         for name in (n for n in sharding.outside_query if n in modules):  # a pipeline stage may lack it
             # the query arrives as this rank's sequence slice; keys and values come from a LayerNorm
             # that already gathered them

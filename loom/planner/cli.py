@@ -40,6 +40,10 @@ def cmd_plan(args) -> int:
     if any(not o.startswith("model.") for o in args.overrides):
         raise ConfigError(f"plan takes model.key=value settings only, not {args.overrides}")
     cfg = load_config(None, [f"model={args.model}", *args.overrides]).model
+    if args.seq is not None and args.seq < 1:
+        raise ConfigError(f"--seq {args.seq} must be at least 1 (default: model.block_size={cfg.block_size})")
+    if args.top < 1:
+        raise ConfigError(f"--top {args.top} must be at least 1")
     seq = args.seq or cfg.block_size
     if seq > cfg.block_size:
         raise ConfigError(f"--seq {seq} exceeds model.block_size={cfg.block_size}")
@@ -57,7 +61,7 @@ def cmd_plan(args) -> int:
     shown = results[: max(1, args.top)]
     best = shown[0]
     if args.json:
-        print(json.dumps([_record(e) for e in shown], indent=2))
+        print(json.dumps([_record(e) for e in shown], indent=2, allow_nan=False))
     else:
         print(f"model={cfg.preset}  cluster: {cluster.describe()}  batch {args.global_batch} × {seq} tokens")
         if not args.fix:

@@ -142,7 +142,9 @@ def _from_file(path: Path) -> Cluster:
     for key, value in d.items():
         if key in conv:
             name, unit = conv[key]
-            fields[name] = float(value) * unit
+            fields[name] = _number(value, f"{path}: {key}") * unit
+            if not fields[name] > 0:
+                raise ConfigError(f"{path}: {key}={value!r} must be > 0")
         elif key in {f.name for f in dataclasses.fields(Accelerator)}:
             fields[key] = value
         else:
@@ -155,7 +157,49 @@ def _from_file(path: Path) -> Cluster:
     if missing or devices is None:
         raise ConfigError(f"{path}: missing {', '.join(missing + (['devices'] if devices is None else []))} "
                           "(or name a catalogue accelerator to start from)")
-    return Cluster(Accelerator(**fields), int(devices))
+    n = _number(devices, f"{path}: devices")
+    if n != int(n) or n < 1:
+        raise ConfigError(f"{path}: devices={devices!r} must be a whole number >= 1")
+    return Cluster(check_accelerator(Accelerator(**fields), str(path)), int(n))
+
+
+# what must be > 0 (a zero bandwidth or peak divides by zero; a negative one ranks layouts wrongly)
+_POSITIVE = ("peak_flops", "memory_bytes", "intra_node_bw", "inter_node_bw", "devices_per_node")
+
+
+def check_accelerator(acc: Accelerator, where: str) -> Accelerator:
+    """Raise :class:`ConfigError` unless every figure of ``acc`` is a finite number in its range:
+    peak, memory, bandwidths and devices per node > 0, latencies, efficiencies and overheads >= 0."""
+    for f in dataclasses.fields(Accelerator):
+        value = getattr(acc, f.name)
+        if f.name in ("name", "precision", "collectives") or value is None:
+            continue
+        v = _number(value, f"{where}: {f.name}")
+        if f.name in _POSITIVE and not v > 0:
+            raise ConfigError(f"{where}: {f.name}={value!r} must be > 0")
+        if not v >= 0:
+            raise ConfigError(f"{where}: {f.name}={value!r} must be >= 0")
+    if acc.devices_per_node != int(acc.devices_per_node):
+        raise ConfigError(f"{where}: devices_per_node={acc.devices_per_node!r} must be a whole number")
+    for kind, latency, bandwidth in acc.collectives:
+        if not (_number(latency, f"{where}: collectives.{kind}") >= 0
+                and _number(bandwidth, f"{where}: collectives.{kind}") > 0):
+            raise ConfigError(f"{where}: collectives.{kind}=[{latency}, {bandwidth}] needs latency >= 0 "
+                              "and bandwidth > 0")
+    if acc.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"{where}: precision={acc.precision!r}; choose bf16 or fp32")
+    return acc
+
+
+def _number(value, key: str) -> float:
+    """``value`` as a finite float, or a :class:`ConfigError` naming ``key``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a number") from None
+    if isinstance(value, bool) or v != v or v in (float("inf"), float("-inf")):
+        raise ConfigError(f"{key}={value!r} must be a finite number")
+    return v
 
 
 def apply_profile(acc: Accelerator, profile: str | Path) -> Accelerator:
@@ -172,10 +216,14 @@ def apply_profile(acc: Accelerator, profile: str | Path) -> Accelerator:
     _tuple_collectives(fields)
     if "name" not in fields and d.get("machine"):
         fields["name"] = f"{acc.name}, calibrated: {d['machine']}"
-    return dataclasses.replace(acc, **fields)
+    return check_accelerator(dataclasses.replace(acc, **fields), str(p))
 
 
 def _tuple_collectives(fields: dict) -> None:
     """``collectives`` as a file writes it, ``{kind: [latency_s, bandwidth]}``, as the field holds it."""
     if isinstance(fields.get("collectives"), dict):
-        fields["collectives"] = tuple((str(k), float(v[0]), float(v[1])) for k, v in fields["collectives"].items())
+        try:
+            fields["collectives"] = tuple((str(k), float(v[0]), float(v[1])) for k, v in fields["collectives"].items())
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise ConfigError(f"collectives={fields['collectives']!r}: write {{kind: [latency_s, bytes_per_s]}}") \
+                from None

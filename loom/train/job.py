@@ -23,11 +23,12 @@ from loom.data.corpus import corpus_files
 from loom.errors import RunError
 from loom.files import read_json, write_text_atomic
 from loom.models import build_model, count_params
-from loom.parallel.launch import Process, barrier, broadcast_object, init_process
+from loom.parallel.launch import Process, barrier, broadcast_object, init_process, restart_count
 from loom.parallel.plan import Plan
 from loom.train.checkpoint import latest_checkpoint
+from loom.train.hf import initial_tokenizer, starts_from_hf
 from loom.train.memory import check_training_state_fits
-from loom.train.rundir import new_run_dir, prepare_run_data
+from loom.train.rundir import lock_run_dir, new_run_dir, prepare_run_data, run_lock_owner
 from loom.train.trainer import Trainer
 
 log = logging.getLogger("loom.train")
@@ -43,16 +44,25 @@ def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = F
                           f"were started (e.g. --nproc {plan.world_size})")
     check_training_state_fits(cfg, device, plan, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     corpus_files(cfg.data.path)  # a wrong data.path fails before a run directory is made
-    run_dir = Path(_on_coordinator(process, _make_run_dir, cfg, run_dir, resume))
-    with _log_to_file(run_dir / "train.log") if process.is_coordinator else contextlib.nullcontext():
-        tok_dir = run_dir / "tokenizer" if resume else None
+    run_dir, resume = _on_coordinator(process, _make_run_dir, cfg, run_dir, resume)
+    run_dir = Path(run_dir)
+    with _holding_lock(process, run_dir), \
+            _log_to_file(run_dir / "train.log") if process.is_coordinator else contextlib.nullcontext():
+        # a restarted job may have died before it wrote the tokenizer
+        tok_dir = run_dir / "tokenizer" if resume and (run_dir / "tokenizer").is_dir() else None
+        if not resume and cfg.train.init_from and not starts_from_hf(cfg):
+            tok_dir = Path(cfg.train.init_from).expanduser() / "tokenizer"  # reads text as the run it starts from
+        elif not resume:  # the model directory's (train.init_from) or data.tokenizer=DIR's; None: train one
+            given = _on_coordinator(process, initial_tokenizer, cfg, run_dir)
+            tok_dir = Path(given) if given else None
         data = _on_coordinator(process, prepare_run_data, cfg, tok_dir, share=False)
         if not process.is_coordinator:
             data = prepare_run_data(cfg, tok_dir)  # the coordinator has filled the cache
         check_vocabulary(cfg, data)
         trainer = Trainer(cfg, plan, run_dir, data, resume=resume, process=process, device=device)
         if process.is_coordinator:
-            _write_run_files(cfg, run_dir, data, with_tokenizer=not resume)  # only once the checkpoint loaded
+            # only once the checkpoint loaded; the tokenizer too where the run directory lacks it
+            _write_run_files(cfg, run_dir, data, with_tokenizer=not (run_dir / "tokenizer").is_dir())
         if trainer.start_step >= cfg.train.steps:
             log.info("%s is already trained to step %d of train.steps=%d; to go further, resume with "
                      "train.steps=N", run_dir, trainer.start_step, cfg.train.steps)
@@ -72,19 +82,39 @@ def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = F
 
 
 def _final(summary: dict) -> str:
-    if "val_loss" in summary:
+    if "val_ppl" in summary:
         return (f"val loss {summary['val_loss']:.3f} (perplexity {summary['val_ppl']:.1f}) against a unigram "
                 f"entropy of {summary.get('unigram_entropy_nats') or math.nan:.3f} nats")
     return ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k.startswith("val_") and isinstance(v, float))
 
 
-def _make_run_dir(cfg: Config, run_dir: Path | None, resume: bool) -> str:
+def _make_run_dir(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[str, bool]:
+    """The run directory, and whether to resume it: a worker group that the elastic agent restarted
+    (``--max-restarts``) resumes the run its first start began (the lock file names the job)."""
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     if not resume and latest_checkpoint(run_dir) is not None:
+        if restart_count() > 0 and run_lock_owner(run_dir).get("job") == _job_id():
+            return str(run_dir), True
         raise RunError(f"{str(run_dir)!r} already holds a run with checkpoints; continue it with "
                        f"`loom train --resume {run_dir}` or choose another train.run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return str(run_dir)
+    return str(run_dir), resume or restart_count() > 0
+
+
+def _job_id() -> str:
+    """This job's id, the same in every restart of its workers (the elastic agent's run id)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
+@contextlib.contextmanager
+def _holding_lock(process: Process, run_dir: Path):
+    """The run directory's lock, held by the coordinator while the job runs (one job per run)."""
+    lock = _on_coordinator(process, lock_run_dir, run_dir, _job_id(), share=False)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _on_coordinator(process: Process, fn, *args, share: bool = True):

@@ -9,19 +9,26 @@
       checkpoints/       step_NNNNNNN/ directories in torch.distributed.checkpoint format
       summary.json       final validation loss, throughput, timings
       loss.png           the loss curve (``loom plot``; MoE models: also expert_load.png)
+      .lock              held (``flock``) by the job training the run: one job per run directory
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
+import json
+import os
 import time
 from pathlib import Path
 
-from loom.config import Config, ConfigError, load_config
+from loom.config import Config, ConfigError, load_config, task_name, tokenizer_is_dir
 from loom.data import PreparedData, prepare_data
 from loom.errors import RunError
+from loom.tasks import TASKS
 
-__all__ = ["RunError", "check_run_dir", "load_resume_config", "load_run_config", "new_run_dir", "prepare_run_data"]
+__all__ = ["RunError", "check_run_dir", "check_run_unlocked", "load_resume_config", "load_run_config", "lock_run_dir",
+           "new_run_dir", "prepare_run_data", "run_lock_owner"]
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -69,5 +76,50 @@ def prepare_run_data(cfg: Config, tokenizer_dir: Path | None = None) -> Prepared
     """The tokenized corpus of ``cfg.data``; with ``tokenizer_dir`` (a run's own tokenizer),
     encoded with that tokenizer rather than one trained for the cache."""
     d = cfg.data
-    return prepare_data(d.path, cfg.model.vocab_size, d.tokenizer, d.val_fraction, d.cache_dir, d.jsonl_field,
+    # data.tokenizer=auto: the task's own kind where it needs one (masked-LM: WordPiece's special tokens)
+    kind = d.tokenizer if d.tokenizer != "auto" else getattr(TASKS[task_name(cfg)], "tokenizer_kind", "auto")
+    field = "response" if cfg.train.task == "sft" else d.jsonl_field  # sft's records: {prompt, response}
+    if tokenizer_is_dir(d.tokenizer):  # a given folder: tokenizer_dir says which tokenizer
+        kind = "auto"
+    return prepare_data(d.path, cfg.model.vocab_size, kind, d.val_fraction, d.cache_dir, field,
                         tokenizer_dir=tokenizer_dir)
+
+
+LOCK = ".lock"
+
+
+def lock_run_dir(run_dir: Path, job: str = "") -> contextlib.AbstractContextManager:
+    """Hold ``run_dir``'s lock until the returned object is closed (or the process ends, however it
+    ends: the kernel releases a ``flock`` with its holder, so a killed job leaves no stale lock).
+    A second job on the same run raises :class:`RunError` instead of overwriting its checkpoints."""
+    fh = (Path(run_dir) / LOCK).open("a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise RunError(_in_use(run_dir)) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(json.dumps({"pid": os.getpid(), "job": job}))
+    fh.flush()
+    return fh
+
+
+def check_run_unlocked(run_dir: Path) -> None:
+    """Raise :class:`RunError` when a job holds ``run_dir`` now (a check before starting processes)."""
+    if (Path(run_dir) / LOCK).is_file():
+        lock_run_dir(run_dir).close()
+
+
+def run_lock_owner(run_dir: Path) -> dict:
+    """Who last held the lock: ``{"pid": ..., "job": ...}`` (empty when unknown)."""
+    try:
+        return json.loads((Path(run_dir) / LOCK).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _in_use(run_dir: Path) -> str:
+    pid = run_lock_owner(run_dir).get("pid", "?")
+    return (f"{str(run_dir)!r} is in use by another job (process {pid}); wait for it to finish or stop it "
+            f"before resuming (one job per run directory)")

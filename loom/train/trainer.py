@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from loom.config import Config, task_name
 from loom.data import PreparedData
-from loom.errors import RunError
+from loom.errors import ConfigError, RunError
 from loom.files import write_text_atomic
 from loom.models import build_model, count_params, flops_per_token, spec_of
 from loom.models.common import STAT_FIELDS
@@ -40,10 +40,14 @@ from loom.train.checkpoint import (
     checkpoint_step,
     clear_partial_saves,
     latest_checkpoint,
-    load_checkpoint,
+    load_newest,
+    nonfinite_state,
     save_checkpoint,
 )
-from loom.train.metrics import MetricsFile, peak_flops
+from loom.train.finetune import prepare_for_finetuning
+from loom.train.hf import load_hf_weights, starts_from_hf
+from loom.train.init_from import init_from_run
+from loom.train.metrics import MetricsFile, peak_flops, raise_cpu_peak
 from loom.train.optim import lr_at
 from loom.train.precision import autocast, compute_dtype, param_dtype
 from loom.train.step import TrainingStep, mean_over_replicas
@@ -67,27 +71,41 @@ class Interval:
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) asks the loop to stop after the current step and save a checkpoint; a
-    second Ctrl-C aborts at once. Interrupting mid-step could save half-updated weights."""
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM asks the loop to stop after the current step and
+    save a checkpoint; a second signal aborts at once. Interrupting mid-step could save half-updated
+    weights. A signal within a second of the first is the same request arriving twice (a terminal's
+    Ctrl-C reaches the worker directly and again through its launcher), not a second one."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SAME_REQUEST_S = 1.0
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.signum = 0  # the first signal received; 0: none
+        self._at = 0.0
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
+            if time.monotonic() - self._at < self.SAME_REQUEST_S:
+                return
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
+        self.signum, self._at = signum, time.monotonic()
+        log.warning("%s: stopping after this step and saving a checkpoint (again to abort now)",
+                    signal.Signals(signum).name)
 
 
 class Trainer:
@@ -113,13 +131,19 @@ class Trainer:
         self.replica = self.coord.data(plan.ep) if self.coord else 0  # which slice of each batch
         torch.manual_seed(t.seed + (self.replica * 7919 + self.coord.pp * 104729 if self.coord else 0))
         self.task = build_task(task_name(cfg), data, cfg.model.block_size, t.batch_size, t.seed)
+        _check_classes(cfg, self.task)
         spec = spec_of(cfg.model)
+        model = prepare_for_finetuning(build_model(cfg.model), t)  # LoRA adapters, frozen parameters
         self.model: ParallelModel = parallelize(
-            build_model(cfg.model).to(param_dtype(t.precision)), plan, mesh, spec=spec, loss_fn=self.task.loss,
+            model.to(param_dtype(t.precision)), plan, mesh, spec=spec, loss_fn=self.task.loss,
             device=self.device, seed=t.seed, mixed_precision=compute_dtype(t.precision))
         self.step = TrainingStep(self.model, self.task, plan, t, self.replica, self.device)
         self.interval = Interval()
         self.start_step = self._resume() if resume else 0
+        if self.start_step == 0 and starts_from_hf(cfg):  # the model directory's weights, each rank its shards
+            load_hf_weights(self.model.modules, cfg.model, t.init_from)
+        elif t.init_from and self.start_step == 0:  # a resumed run continues its own weights
+            init_from_run(t.init_from, self.model.modules)
         self.flops_per_token = flops_per_token(cfg.model, cfg.model.block_size)
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", truncate_after_step=self.start_step) \
             if run_dir is not None and self.process.is_coordinator else None
@@ -178,7 +202,8 @@ class Trainer:
                     self._show(bar, record)
                 if bar is not None:
                     bar.update(1)
-                stopping = self._agree(stop.requested)
+                self.stop_signal = self._agree_signal(stop.signum)
+                stopping = self.stop_signal != 0
                 if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps or stopping:
                     self.save(done)
                 if stopping:
@@ -190,6 +215,14 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         return self._summary(last_eval, time.perf_counter() - started, done)
+
+    def _agree_signal(self, signum: int) -> int:
+        """The signal any rank received (SIGTERM before SIGINT), or 0: all ranks stop after the same step."""
+        if self.process.world_size == 1:
+            return signum
+        seen = torch.tensor([float(signum == signal.SIGTERM), float(signum == signal.SIGINT)], device=self.device)
+        term, interrupt = all_reduce_sum(seen).tolist()
+        return int(signal.SIGTERM) if term else int(signal.SIGINT) if interrupt else 0
 
     def _agree(self, flag: bool) -> bool:
         """Whether any rank asked to stop: all ranks stop after the same step."""
@@ -213,14 +246,19 @@ class Trainer:
         loss = self.mean_over_replicas(torch.stack(iv.losses)).mean().item()
         if not math.isfinite(loss) and not self.scaler.enabled:
             raise RunError(f"training diverged: the loss is {loss} at step {step}; lower train.lr "
-                           f"(now {t.lr:g}) or set train.grad_clip, and resume from the last checkpoint")
+                           f"(now {t.lr:g}) or set train.grad_clip, and {self._last_finite()}")
+        achieved = self.flops_per_token * tokens_per_s / self.process.world_size  # FLOP/s per device
+        if achieved > self.peak and self.device.type == "cpu":  # the measured peak was low (a busy machine)
+            self.peak = achieved
+            if self.process.is_coordinator:
+                raise_cpu_peak(t.precision, achieved)
         record = {
             "step": step,
             "loss": loss,
             "lr": lr_at(step - 1, t),
             "grad_norm": iv.grad_norm.item(),
             "tokens_per_s": tokens_per_s,
-            "mfu": self.flops_per_token * tokens_per_s / (self.peak * self.process.world_size),
+            "mfu": achieved / self.peak,
             "elapsed_s": time.perf_counter() - started,
             "mem_peak_mb": self._peak_memory_mb(),
         }
@@ -274,8 +312,16 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------
 
     def save(self, step: int) -> Path | None:
+        """Checkpoint the state after ``step`` steps: never from non-finite weights or optimizer
+        state (every rank checks its share; all agree), so every checkpoint is one to go back to."""
         if self.run_dir is None:
             return None
+        bad = nonfinite_state(self.model.modules, self.optimizers)
+        if self._agree(bool(bad)):
+            where = ", ".join(bad[:3]) or "another rank's share of the weights or optimizer state"
+            raise RunError(f"training diverged: non-finite values at step {step} in {where}; "
+                           f"no checkpoint written; lower train.lr (now {self.cfg.train.lr:g}) or set "
+                           f"train.grad_clip, and {self._last_finite()}")
         state = {
             "step": step,
             "scaler": self.scaler.state_dict(),
@@ -295,17 +341,22 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
 
+    def _last_finite(self) -> str:
+        """Where to go back to: every checkpoint written was checked finite before its save."""
+        last = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        return f"resume from the last finite checkpoint, {last}" if last else "start again (no checkpoint was saved)"
+
     def _resume(self) -> int:
         if self.run_dir is None:
             return 0
         if self.process.is_coordinator:
             clear_partial_saves(self.run_dir)
         barrier()
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
+        found = load_newest(self.run_dir, self.model.modules, self.optimizers, rng_keys=self._rng_state().keys())
+        if found is None:
             log.info("no checkpoint in %s yet: starting from step 0", self.run_dir)
             return 0
-        state, rng = load_checkpoint(ckpt, self.model.modules, self.optimizers, rng_keys=self._rng_state().keys())
+        ckpt, state, rng = found
         if rng:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and self.device.type == "cuda":
@@ -340,11 +391,26 @@ class Trainer:
             "skipped_steps": self.scaler.skipped_steps,
             **last_eval,
         }
+        if getattr(self, "stop_signal", 0):
+            summary["stopped_by"] = signal.Signals(self.stop_signal).name  # the exit code is 128 + its number
         if self.process.world_size > 1:
             summary["layout"] = self.plan.describe()
         if self.run_dir is not None and self.process.is_coordinator:
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _check_classes(cfg: Config, task) -> None:
+    """A task with labels sizes the model's classifier: ``model.n_classes=0`` takes the data's count."""
+    n = getattr(task, "n_classes", None)
+    if n is not None and cfg.model.n_classes == 0:
+        cfg.model.n_classes = n
+    elif n is not None and cfg.model.n_classes != n:
+        raise ConfigError(f"model.n_classes={cfg.model.n_classes} but the data holds {n} labels; "
+                          f"set model.n_classes={n} (or 0: the data's count)")
+    elif n is None and cfg.model.n_classes:
+        raise ConfigError(f"model.n_classes={cfg.model.n_classes} gives a classifier, which "
+                          f"train.task={task.name} does not train; set model.n_classes=0")
 
 
 def moe_records(names: tuple[str, ...], stats: torch.Tensor) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from loom.errors import ConfigError
 from loom.models.config import ModelConfig
+from loom.models.llama.hf import HF
 from loom.models.llama.model import Llama
 from loom.models.llama.presets import PRESETS, PUBLISHED_PARAMS
 from loom.models.llama.sharding import TABLE
@@ -24,6 +25,7 @@ def validate(cfg: ModelConfig) -> None:
 
 
 SPEC = register(ModelSpec(name="llama", build=Llama, presets=PRESETS, published_params=PUBLISHED_PARAMS,
-                          sharding=SHARDING, pipeline=PIPELINE, validate=validate, positions=("rotary",)))
+                          sharding=SHARDING, pipeline=PIPELINE, validate=validate, positions=("rotary",),
+                          hf=HF, tasks=("causal_lm", "sft")))
 
 __all__ = ["PIPELINE", "SHARDING", "SPEC", "Llama"]
