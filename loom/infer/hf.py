@@ -1,7 +1,7 @@
 """``loom export RUN --format hf OUT``: a run as a Hugging Face model directory that ``transformers``'
 Auto classes load: ``config.json``, the weights (``model.safetensors``, or shards with
-``model.safetensors.index.json``) written by ``torch.distributed.checkpoint``'s
-``HuggingFaceStorageWriter``, and the tokenizer files. LoRA adapters are merged into the weights first.
+``model.safetensors.index.json``) written file by file by ``torch.distributed.checkpoint``'s
+``HuggingFaceStorageWriter``, and the tokenizer files. LoRA adapters are merged into the weights.
 """
 
 from __future__ import annotations
@@ -17,24 +17,34 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
+from loom.data import load_tokenizer
 from loom.data.tokenizer import BpeTokenizer, HFTokenizer
 from loom.errors import RunError
 from loom.files import write_text_atomic
-from loom.infer.load import load_for_inference
-from loom.models.hf import hf_state_dict, mapping
-from loom.models.lora import merge_lora
+from loom.models import build_model
+from loom.models.hf import assemble, hf_parts, mapping
+from loom.models.lora import LORA_PARAMS, is_lora_param
+from loom.train.checkpoint import (
+    CheckpointError,
+    SafeFileSystemReader,
+    checkpoint_dirs,
+    checkpoint_step,
+    verify_checkpoint,
+)
+from loom.train.finetune import adapt
+from loom.train.precision import param_dtype
 from loom.train.rundir import load_run_config
 
 log = logging.getLogger("loom")
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # as transformers' save_pretrained
+INDEX = "model.safetensors.index.json"
 
 
-def _file_index(state: dict[str, torch.Tensor], shard_bytes: int) -> dict[str, int]:
+def _file_index(sizes: dict[str, int], shard_bytes: int) -> dict[str, int]:
     """Tensor name -> file number (from 1): consecutive tensors fill a file up to ``shard_bytes``."""
     index, file, size = {}, 1, 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
+    for name, nbytes in sizes.items():
         if size and size + nbytes > shard_bytes:
             file, size = file + 1, 0
         index[name] = file
@@ -42,37 +52,79 @@ def _file_index(state: dict[str, torch.Tensor], shard_bytes: int) -> dict[str, i
     return index
 
 
+def _newest_intact(run_dir: Path) -> Path:
+    """The newest checkpoint whose files verify (as ``loom generate`` and ``--resume`` choose)."""
+    problems = []
+    for ckpt in reversed(checkpoint_dirs(Path(run_dir))):
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt
+        except CheckpointError as e:
+            problems.append(str(e))
+    raise RunError(f"{str(run_dir)!r} has no intact checkpoint" + (f": {'; '.join(problems)}" if problems else ""))
+
+
 def export_hf(run_dir: Path, out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write the run's newest checkpoint as the Hugging Face model directory ``out``."""
+    """Write the run's newest checkpoint as the Hugging Face model directory ``out``, one weights file
+    at a time: only the loom parameters of the file being written are read from the checkpoint (by
+    name, whatever layout saved it), so the export holds at most one file's tensors, never the model."""
     cfg = load_run_config(run_dir)
     config = mapping(cfg.model).config_to_hf(cfg.model)  # no mapping, no equivalent: one line, before any work
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RunError(f"{str(out)!r} is not empty; export into a new directory")
-    cfg, model, tokenizer, step = load_for_inference(run_dir, device="cpu")
-    merge_lora(model)  # adapters folded into their weights: transformers sees a plain model
-    state = hf_state_dict(model, cfg.model)
-    dtype = next(iter(state.values())).dtype
+    ckpt = _newest_intact(run_dir)
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
+    dtype = param_dtype(cfg.train.precision)
+    shapes = {n: p.shape for n, p in adapt(build_model(cfg.model), cfg.train).named_parameters()}  # meta
+    parts = hf_parts([n for n in shapes if not is_lora_param(n)], cfg.model)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    files = _file_index({k: sum(shapes[n].numel() for _, n in v) * itemsize for k, v in parts.items()}, shard_bytes)
     config.update({"torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": tokenizer.eos_id,
                    "eos_token_id": tokenizer.eos_id})
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = _file_index(state, shard_bytes)
-    with warnings.catch_warnings():  # one process writes the whole model: no collective is intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp), fqn_to_index_mapping=files), no_dist=True)
+    weight_map = {}
+    for number in sorted(set(files.values())):
+        names = [k for k, f in files.items() if f == number]
+        tensors = _read(ckpt, [n for k in names for _, n in parts[k]], shapes, dtype, cfg.train.lora)
+        with warnings.catch_warnings():  # one process writes: no collective is intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({k: assemble(parts[k], tensors) for k in names},
+                     storage_writer=HuggingFaceStorageWriter(str(tmp), fqn_to_index_mapping=files), no_dist=True)
+        weight_map.update(json.loads((tmp / INDEX).read_text())["weight_map"])
     if max(files.values()) == 1:  # one file: the name transformers looks for first, no index needed
         os.replace(tmp / "model-00001-of-00001.safetensors", tmp / "model.safetensors")
-        (tmp / "model.safetensors.index.json").unlink()
+        (tmp / INDEX).unlink()
+    else:  # each save wrote the index of its own file: the index of them all
+        total = sum(shapes[n].numel() * itemsize for v in parts.values() for _, n in v)
+        index = {"metadata": {"total_size": total}, "weight_map": {k: Path(f).name for k, f in weight_map.items()}}
+        write_text_atomic(tmp / INDEX, json.dumps(index, indent=2) + "\n")
     write_text_atomic(tmp / "config.json", json.dumps(config, indent=2) + "\n")
     _write_tokenizer(tokenizer, tmp, cfg.model.block_size)
-    write_text_atomic(tmp / "loom_export.json", json.dumps({"run": str(Path(run_dir).resolve()), "step": step},
-                                                            indent=2) + "\n")
+    write_text_atomic(tmp / "loom_export.json", json.dumps({"run": str(Path(run_dir).resolve()),
+                                                            "step": checkpoint_step(ckpt)}, indent=2) + "\n")
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
     return out
+
+
+def _read(ckpt: Path, names: list[str], shapes: dict, dtype: torch.dtype, lora) -> dict[str, torch.Tensor]:
+    """The parameters ``names`` from the checkpoint, LoRA adapters merged into their weights
+    (W + α/r · B A, as :meth:`~loom.models.lora.LoRALinear.merge`)."""
+    adapters = {f"{n.rsplit('.', 1)[0]}.{a}" for n in names for a in LORA_PARAMS} & set(shapes)
+    state = {"model": {n: torch.empty(shapes[n], dtype=dtype) for n in [*names, *sorted(adapters)]}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=SafeFileSystemReader(ckpt), no_dist=True)
+    tensors = state["model"]
+    for n in names:
+        owner = n.rsplit(".", 1)[0]
+        if n.endswith(".weight") and f"{owner}.lora_a" in tensors:
+            tensors[n] += (lora.alpha / lora.rank) * (tensors[f"{owner}.lora_b"] @ tensors[f"{owner}.lora_a"])
+    return tensors
 
 
 def _write_tokenizer(tokenizer, out: Path, block_size: int) -> None:

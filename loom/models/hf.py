@@ -98,21 +98,28 @@ def source_region(src: HFSource, offsets: tuple[int, ...], sizes: tuple[int, ...
     return tuple(off), tuple(size)
 
 
+def hf_parts(names, cfg: ModelConfig) -> dict[str, list[tuple[HFSource, str]]]:
+    """Each stored tensor's name -> the loom parameters (with their sources) it is made of, in order
+    along the fused dimension; ``names``: the model's parameter names (a tied one once; LoRA adapters,
+    merged beforehand, left out)."""
+    hf = mapping(cfg)
+    parts: dict[str, list[tuple[HFSource, str]]] = {}
+    for name in names:
+        src = hf.source(name, cfg)
+        parts.setdefault(src.name, []).append((src, name))
+    return {k: sorted(v, key=lambda sn: sn[0].start) for k, v in parts.items()}
+
+
+def assemble(parts: list[tuple[HFSource, str]], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One stored tensor from its loom parts (:func:`hf_parts`): concatenated along the fused
+    dimension, transposed back where the checkpoint stores (in, out)."""
+    src = parts[0][0]
+    full = torch.cat([tensors[n] for _, n in parts], dim=src.dim) if len(parts) > 1 else tensors[parts[0][1]]
+    return (full.t() if src.transpose else full).contiguous()
+
+
 def hf_state_dict(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Every stored tensor of ``model`` (a whole single-device model) by its Hugging Face name: fused
     tensors assembled from their parts, ``Conv1D`` weights transposed back, a tied weight once."""
-    hf = mapping(cfg)
-    parts: dict[str, list[tuple[HFSource, torch.Tensor]]] = {}
-    for name, p in model.named_parameters():  # a tied parameter comes once
-        src = hf.source(name, cfg)
-        parts.setdefault(src.name, []).append((src, p.detach()))
-    out = {}
-    for key, pieces in parts.items():
-        src0, t0 = pieces[0]
-        if len(pieces) == 1 and src0.start == 0:
-            full = t0
-        else:  # parts of one fused tensor, each at its start along its dim (loom's layout)
-            pieces = sorted(pieces, key=lambda sp: sp[0].start)
-            full = torch.cat([t for _, t in pieces], dim=src0.dim)
-        out[key] = (full.t() if src0.transpose else full).contiguous()
-    return out
+    tensors = {name: p.detach() for name, p in model.named_parameters()}  # a tied parameter comes once
+    return {k: assemble(parts, tensors) for k, parts in hf_parts(tensors, cfg).items()}

@@ -5,6 +5,12 @@ to ``block_size + 1`` tokens and padded with the end-of-text token; the labels a
 one, with every position that predicts a prompt token (or padding) set to :data:`IGNORE`, so the loss
 is the mean cross-entropy over the response's tokens only (the prompt conditions, it is not learned).
 
+Responses differ in length, so a slice of a batch (a data-parallel replica's rows, a pipeline
+micro-batch) holds its own number of scored tokens. As the masked-LM task does, every row carries the
+*global* batch's count per row (``sft_weight``), and a slice divides its summed cross-entropy by its
+rows' share of that count: the pieces' losses, averaged over equal numbers of rows as the engine
+averages them, give exactly the mean over the whole batch's response tokens, under any layout.
+
 The records are the ``.jsonl`` files of ``data.path``; every ``k``-th record (``k = 1 /
 data.val_fraction``, at least one record) is held out. The batch of step ``s`` is ``batch_size``
 records drawn from ``numpy.random.default_rng([seed, s])``, like the causal LM's windows.
@@ -91,30 +97,41 @@ class SFT(Task):
         val = [p for p, h in zip(pairs, held) if h]
         return cls(train, val, block_size, batch_size, seed, pad=tok.eos_id)
 
+    @staticmethod
+    def _batch(x: torch.Tensor, y: torch.Tensor) -> Batch:
+        """A whole batch, each row carrying the batch's scored tokens per row."""
+        weight = float((y != IGNORE).sum()) / len(y)
+        return {"input_ids": x, "labels": y, "sft_weight": torch.full((len(y),), weight, dtype=torch.float64)}
+
     def train_batch(self, step: int, rows: slice) -> Batch:
-        pick = np.random.default_rng([self.seed, step]).integers(0, len(self.train_x), self.batch_size)[rows]
-        index = torch.from_numpy(pick)
-        return {"input_ids": self.train_x[index], "labels": self.train_y[index]}
+        pick = np.random.default_rng([self.seed, step]).integers(0, len(self.train_x), self.batch_size)
+        index = torch.from_numpy(pick)  # the whole global batch: its count is global
+        return {k: v[rows] for k, v in self._batch(self.train_x[index], self.train_y[index]).items()}
 
     def eval_batches(self, max_batches: int) -> Iterator[Batch]:
-        for b in range(min(max_batches, -(-len(self.val_x) // self.batch_size))):
+        """Whole batches of the held-out records (a layout splits a batch's rows evenly), or the
+        records there are when they do not fill one."""
+        for b in range(min(max_batches, max(len(self.val_x) // self.batch_size, 1))):
             rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            yield {"input_ids": self.val_x[rows], "labels": self.val_y[rows]}
+            yield self._batch(self.val_x[rows], self.val_y[rows])
 
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         return (batch["input_ids"],)
 
-    def targets(self, batch: Batch) -> torch.Tensor:
-        return batch["labels"]
+    def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["labels"], batch["sft_weight"]
 
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the response tokens (0 for a micro-batch without any)."""
-        total = F.cross_entropy(at_least_fp32(outputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+    def loss(self, outputs: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy summed over the response tokens of these rows, over their share of the whole
+        batch's count (the mean over the response tokens when the rows are the whole batch)."""
+        labels, weight = targets
+        total = F.cross_entropy(at_least_fp32(outputs).flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                                 reduction="sum")
-        return total / (targets != IGNORE).sum().clamp_min(1)
+        return total / weight.sum().to(total.dtype).clamp_min(1e-12)
 
-    def units(self, batch: Batch) -> int:
-        return int((batch["labels"] != IGNORE).sum())
+    def units(self, batch: Batch) -> float:
+        """Scored tokens of ``batch``, as its rows' share of its whole batch's count."""
+        return float(batch["sft_weight"].sum())
 
     def metrics(self, loss_sum: float, units: int) -> dict:
         return lm_metrics(loss_sum, units)

@@ -5,6 +5,7 @@ without it)."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -15,12 +16,17 @@ from loom.train.trainer import Trainer
 from tests.distributed.parity import COMMON, STEPS, full_parameters, process_of_this_rank, tiny_data
 from tests.hf_models import VOCAB
 
+SFT_FILE = "sft.jsonl"  # {prompt, response} records beside the model's files (their names are not weights)
+
 LAYOUTS = {
     "tp2": ["parallel.tp=2"],
     "pp2": ["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=2"],
     "pp2_lora": ["parallel.pp=2", "parallel.microbatches=2", "train.lora.rank=4"],
     # 322 rows split 161 + 161: rank 1's shard holds the checkpoint's last 159 rows and 2 of padding
     "tp2_padded_vocab": ["parallel.tp=2", "model.vocab_size=322"],
+    # {prompt, response} records of different lengths: replicas and micro-batches score different counts
+    "dp2_sft": ["parallel.dp=2", "train.task=sft"],
+    "pp2_sft": ["parallel.pp=2", "parallel.microbatches=2", "train.task=sft"],
 }
 BROKEN = {"tp2_reader_ignores_offsets": ["parallel.tp=2", "sabotage:reader_ignores_offsets"]}
 
@@ -29,7 +35,20 @@ def trainer(path: str, layout: list[str], process: Process) -> Trainer:
     cfg = hf_init_config(path, [*COMMON, *(o for o in layout if not o.startswith("sabotage:"))])
     plan = resolve_plan(cfg, process.world_size)
     check_plan(plan, cfg, process.world_size)
-    return Trainer(cfg, plan, None, tiny_data(vocab=VOCAB), process=process, device=torch.device("cpu"))
+    return Trainer(cfg, plan, None, _data(path, cfg.train.task), process=process, device=torch.device("cpu"))
+
+
+def _data(path: str, task: str):
+    """The parity suite's token stream, or for sft the model directory's records (``sft.jsonl``,
+    written by the test) with its tokenizer."""
+    if task != "sft":
+        return tiny_data(vocab=VOCAB)
+    from types import SimpleNamespace
+
+    from loom.data.tokenizer import HFTokenizer
+
+    return SimpleNamespace(tokenizer=HFTokenizer.from_pretrained_dir(path), train=None, val=None,
+                           meta={"source": str(Path(path) / SFT_FILE), "val_fraction": 0.25})
 
 
 def _train(path: str, layout: list[str], process: Process) -> dict:

@@ -2,12 +2,15 @@
 tiny random ``transformers`` GPT-2 and Llama (grouped-query attention; 4 blocks each, so pipelines
 split them) trained in float64 under tp2 and pp2 (each rank reading only its shards of the
 safetensors file), and GPT-2 with LoRA under pp2, give the one-process losses and parameters at the
-parity suite's tolerance, and the one-process first loss is ``transformers``' loss on the same batch.
+parity suite's tolerance (and so does supervised fine-tuning, whose replicas and micro-batches score
+different numbers of response tokens), and the one-process first loss is ``transformers``' loss on the same batch.
 A reader that forgets its shard's offset (every rank reads the first rectangle) fails the check."""
 
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ pytest.importorskip("transformers")
 
 from loom.parallel.launch import Process  # noqa: E402
 from tests.distributed.harness import run_on_ranks  # noqa: E402
-from tests.distributed.hf_parity import BROKEN, LAYOUTS, _train, train_cases, trainer  # noqa: E402
+from tests.distributed.hf_parity import BROKEN, LAYOUTS, SFT_FILE, _train, train_cases, trainer  # noqa: E402
 from tests.distributed.parity import RTOL, assert_matches, merge_ranks  # noqa: E402
 from tests.hf_models import gpt2_dir, llama_dir  # noqa: E402
 
@@ -34,6 +37,9 @@ def hf_dirs(tmp_path_factory) -> dict:
     for name, save in MODELS.items():
         path = tmp_path_factory.mktemp(name)
         out[name] = (str(path), save(path, ["def f(x):\n    return x\n"] * 30, n_layer=4))
+    records = [{"prompt": f"def f{i}(x):\n" + "    # note\n" * (i % 3), "response": "    return x" + " + 1" * i}
+               for i in range(40)]
+    (Path(out["gpt2"][0]) / SFT_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
 
 

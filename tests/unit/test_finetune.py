@@ -130,18 +130,25 @@ def test_sft_labels_only_the_response():
 def test_sft_loss_ignores_what_the_model_says_about_the_prompt(tmp_path):
     from loom.data.tokenizer import BpeTokenizer
 
-    records = [{"prompt": f"Q{i}: what is {i}+{i}?", "response": f" {2 * i}"} for i in range(10)]
+    records = [{"prompt": f"Q{i}: what is {i}+{i}?", "response": f" {2 * i}" + " and so on" * i} for i in range(10)]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     tok = BpeTokenizer.train(iter([r["prompt"] + r["response"] for r in records]), 300)
     data = SimpleNamespace(tokenizer=tok, meta={"source": str(tmp_path), "val_fraction": 0.1})
-    task = SFT.from_data(data, block_size=16, batch_size=4, seed=0)
+    task = SFT.from_data(data, block_size=48, batch_size=4, seed=0)
     batch = task.train_batch(0, slice(None))
-    logits = torch.randn(4, 16, tok.vocab_size, dtype=torch.float64)
-    loss = task.loss(logits, batch["labels"])
+    logits = torch.randn(4, 48, tok.vocab_size, dtype=torch.float64)
+    loss = task.loss(logits, task.targets(batch))
     scored = batch["labels"] != IGNORE
     assert task.units(batch) == int(scored.sum()) > 0
     noisy = logits.clone()
     noisy[~scored] = torch.randn_like(noisy[~scored])  # what the model says where nothing is learned
-    assert torch.equal(task.loss(noisy, batch["labels"]), loss)
+    assert torch.equal(task.loss(noisy, task.targets(batch)), loss)
     ref = torch.nn.functional.cross_entropy(logits[scored], batch["labels"][scored])
     torch.testing.assert_close(loss, ref)
+    # halves of the batch (two replicas, two micro-batches) average to the whole batch's mean, though
+    # they hold different numbers of response tokens
+    halves = [task.train_batch(0, rows) for rows in (slice(0, 2), slice(2, 4))]
+    counts = [int((h["labels"] != IGNORE).sum()) for h in halves]
+    assert counts[0] != counts[1], counts  # a mean per half would weigh their tokens unequally
+    parts = [task.loss(logits[r], task.targets(h)) for r, h in zip((slice(0, 2), slice(2, 4)), halves)]
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, ref)

@@ -84,16 +84,21 @@ def test_imported_then_exported_model_loads_in_transformers_with_the_same_logits
         assert (back(x).logits - ref(x).logits).abs().max().item() <= 1e-4
 
 
-def test_shards_and_index_are_written_for_a_model_over_the_shard_size(gpt2, tmp_path):
+def test_shards_and_index_are_written_for_a_model_over_the_shard_size(gpt2, tmp_path, monkeypatch):
+    """Written file by file: no read from the checkpoint holds more than one file's tensors."""
     from transformers import AutoModelForCausalLM
 
-    from loom.infer.hf import export_hf
+    from loom.infer import hf
     from loom.train.hf import import_hf
 
     path, ref = gpt2
-    out = export_hf(import_hf(path, tmp_path / "run"), tmp_path / "hf", shard_bytes=20_000)
+    run, reads, read = import_hf(path, tmp_path / "run"), [], hf._read
+    monkeypatch.setattr(hf, "_read", lambda *a: reads.append(read(*a)) or reads[-1])
+    out = hf.export_hf(run, tmp_path / "hf", shard_bytes=20_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) > 1
+    assert len(set(index["weight_map"].values())) == len(reads) > 2
+    total = sum(p.numel() for p in ref.parameters())
+    assert max(sum(t.numel() for t in r.values()) for r in reads) < total / 2
     x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert (AutoModelForCausalLM.from_pretrained(out)(x).logits - ref(x).logits).abs().max().item() <= 1e-4
