@@ -1,4 +1,4 @@
-"""``loom`` on the command line: train | generate | eval | export | plot | describe | plan | calibrate.
+"""``loom`` on the command line: train | generate | eval | export | import | plot | describe | plan | calibrate.
 
 Configuration errors are one line on stderr and exit code 2, before any work starts.
 """
@@ -74,9 +74,20 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batches", type=int, default=None, help="validation batches (default: train.eval_batches)")
     e.add_argument("--device", default="auto")
 
-    x = sub.add_parser("export", help="write a trained run's weights as one layout-free safetensors file")
+    x = sub.add_parser("export", help="write a trained run's weights as one layout-free safetensors file, or as a "
+                                      "Hugging Face model directory (--format hf)")
     x.add_argument("run_dir")
-    x.add_argument("--out", help="where to write it (default: RUN_DIR/model.safetensors)")
+    x.add_argument("dest", nargs="?", help="where to write it (same as --out)")
+    x.add_argument("--out", help="where to write it (default: RUN_DIR/model.safetensors; --format hf: a new directory)")
+    x.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                   help="safetensors: loom's names, one file; hf: config.json, weights and tokenizer that "
+                        "transformers' Auto classes load")
+
+    im = sub.add_parser("import", help="make a run directory (config, tokenizer, checkpoint) from a Hugging Face "
+                                       "model directory on local disk")
+    im.add_argument("model_dir", help="a directory saved by transformers (config.json, weights, tokenizer files)")
+    im.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory to make")
+    im.add_argument("overrides", nargs="*", help="key=value settings recorded in the run, e.g. train.precision=bf16")
 
     pl = sub.add_parser("plot", help="draw the loss curve of a run to RUN_DIR/loss.png (and, for a Mixture-of-"
                                      "Experts model, the expert load to RUN_DIR/expert_load.png)")
@@ -105,6 +116,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)  # key=value settings may come after --options too
+    if getattr(args, "dest", "") is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.dest, extra = extra[0], []  # `loom export RUN --format hf OUT`: a positional after an option
     if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
@@ -141,9 +154,14 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run's own config.yaml; pass changes as key=value overrides")
+        from loom.train.hf import check_resumable
+
+        check_resumable(Path(args.resume))
         cfg = load_resume_config(Path(args.resume), overrides, settings)
     else:
         cfg = load_config(args.config, overrides, settings)
+        if cfg.train.init_from:  # a Hugging Face model directory: the model is the one its weights are for
+            cfg = _init_from_config(cfg, overrides, args.config, settings)
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be at least 1")
     if args.max_restarts < 0:
@@ -156,6 +174,19 @@ def cmd_train(args) -> int:
     if launching:
         return _launch_train(cfg, plan, args.nproc, args.resume, device, args.max_restarts)
     return _run_train(cfg, plan, args.resume)
+
+
+def _init_from_config(cfg, overrides: list[str], config_file: str | None, settings: dict | None):
+    from loom.models.hf import is_hf_dir
+    from loom.train.hf import hf_init_config
+
+    path = cfg.train.init_from
+    if is_hf_dir(path):
+        return hf_init_config(path, overrides, config_file, settings)
+    if (Path(path).expanduser() / "config.yaml").is_file():  # a loom run: its weights load by name and shape
+        return cfg
+    raise ConfigError(f"train.init_from={path} is neither a loom run directory (config.yaml, checkpoints/) nor a "
+                      "Hugging Face model directory (config.json with a model_type, weights, tokenizer files)")
 
 
 def _run_train(cfg, plan, resume: str | None) -> int:
@@ -219,7 +250,25 @@ def torch_device_count() -> int:
 def cmd_export(args) -> int:
     from loom.infer.export import export_safetensors
 
-    out = export_safetensors(Path(args.run_dir), Path(args.out) if args.out else None)
+    if args.dest and args.out and args.dest != args.out:
+        raise ConfigError(f"two destinations given: {args.dest} and --out {args.out}; give one")
+    dest = args.dest or args.out
+    if args.format == "hf":
+        from loom.infer.hf import export_hf
+
+        if not dest:
+            raise ConfigError("--format hf needs a directory to write: loom export RUN --format hf OUT_DIR")
+        print(export_hf(Path(args.run_dir), Path(dest)))
+        return 0
+    out = export_safetensors(Path(args.run_dir), Path(dest) if dest else None)
+    print(out)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from loom.train.hf import import_hf
+
+    out = import_hf(args.model_dir, args.out, args.overrides)
     print(out)
     return 0
 
@@ -315,8 +364,10 @@ def cmd_describe(args) -> int:
     n = count_params(model)
     rows = [
         ("preset", cfg.preset),
-        ("shape", f"{cfg.arch}: {cfg.n_layer} layers, d={cfg.n_embd}, ffn={cfg.ffn}, {cfg.n_head} heads, "
-                  f"vocab {cfg.vocab_size}, seq {cfg.block_size}"),
+        ("shape", f"{cfg.arch}: {cfg.n_layer} layers, d={cfg.n_embd}, ffn={cfg.ffn}, {cfg.n_head} heads"
+                  + (f" ({cfg.kv_heads} key/value)" if cfg.kv_heads != cfg.n_head else "")
+                  + f", vocab {cfg.vocab_size}, seq {cfg.block_size}"
+                  + (f", {cfg.positions} positions" if cfg.positions != "auto" else "")),
         ("parameters", f"{n:,} ({n / 1e9:.3f} B)"),
     ]
     if cfg.preset in published_params():
@@ -363,7 +414,8 @@ def cmd_calibrate(args) -> int:
 
 
 COMMANDS = {"plan": cmd_plan, "calibrate": cmd_calibrate, "train": cmd_train, "generate": cmd_generate,
-            "eval": cmd_eval, "export": cmd_export, "plot": cmd_plot, "describe": cmd_describe}
+            "eval": cmd_eval, "export": cmd_export, "plot": cmd_plot, "describe": cmd_describe,
+            "import": cmd_import}
 
 
 if __name__ == "__main__":

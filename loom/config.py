@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -26,7 +27,7 @@ from loom.data.tokenizer import MIN_VOCAB_SIZE
 from loom.errors import ConfigError
 from loom.models.config import DEFAULT_PRESET, ModelConfig, MoEConfig
 
-__all__ = ["CHOICES", "Config", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "ParallelConfig",
+__all__ = ["CHOICES", "Config", "ConfigError", "DataConfig", "LoRAConfig", "ModelConfig", "MoEConfig", "ParallelConfig",
            "TrainConfig", "config_to_yaml", "load_config", "task_name", "validate"]
 PRESETS = models.presets()
 
@@ -34,10 +35,19 @@ PRESETS = models.presets()
 @dataclass
 class DataConfig:
     path: Optional[str] = None  # None: the Python standard library's source files
-    tokenizer: str = "auto"  # auto | bpe | jieba-sp
+    tokenizer: str = "auto"  # auto (the task's, else bpe or jieba-sp by the text) | bpe | jieba-sp | wordpiece
     val_fraction: float = 0.01
     jsonl_field: str = "text"
     cache_dir: Optional[str] = None  # None: $LOOM_CACHE or ~/.cache/loom
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2022) on the linear layers named by ``targets``; rank 0: none."""
+
+    rank: int = 0  # r: adapters of rank r train, every other weight is frozen
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    targets: list[str] = field(default_factory=lambda: ["*.q_proj", "*.v_proj"])  # module-name patterns
 
 
 @dataclass
@@ -66,6 +76,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     run_dir: Optional[str] = None  # None: runs/<time>-<preset>
     progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | none
+    # start from these weights: a loom run directory (docs/encoders.md) or a Hugging Face model directory
+    # (docs/huggingface.md)
+    init_from: Optional[str] = None
+    freeze: list[str] = field(default_factory=list)  # parameter-name patterns (fnmatch) that do not train
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -105,7 +120,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": tuple(models.families()),
     "train.task": ("auto", *tasks.names()),
     "model.moe.router": ("switch", "top2", "noisy-topk"),
-    "data.tokenizer": ("auto", "bpe", "jieba-sp"),
+    "model.positions": ("auto", "learned", "sinusoidal", "rotary", "relative"),
+    "data.tokenizer": ("auto", "bpe", "jieba-sp", "wordpiece"),  # or a folder holding one (tokenizer_is_dir)
     "train.optimizer": ("adamw", "lamb"),
     "train.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16", "fp64"),
@@ -188,6 +204,9 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot parse overrides {overrides}: {e.msg}") from None
+    except yaml.YAMLError as e:  # YAML's own errors, e.g. an unquoted leading * (an alias in YAML)
+        raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]} (quote patterns "
+                          "that start with *, e.g. train.freeze=['*.bias'])") from None
 
 
 def _preset_name(*cfgs: DictConfig) -> str:
@@ -243,6 +262,8 @@ def validate(cfg: Config) -> None:
         for part in path:
             owner = getattr(owner, part)
         value = getattr(owner, name)
+        if key == "data.tokenizer" and tokenizer_is_dir(value):
+            continue
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}"
                               + _did_you_mean(str(value), allowed))
@@ -253,8 +274,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.task={cfg.train.task} is not one model.arch={cfg.model.arch} is trained for; "
                           f"valid: auto, {', '.join(spec.tasks)}")
     _validate_parallel(cfg.parallel)
+    _validate_finetuning(cfg)
     if not 0.0 < cfg.data.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 0.5)")
+
+
+def tokenizer_is_dir(value: str) -> bool:
+    """Whether ``data.tokenizer`` names a folder (a Hugging Face model's or tokenizer's, or a run's
+    ``tokenizer/``) rather than a kind of tokenizer to train."""
+    return value not in CHOICES["data.tokenizer"] and Path(value).expanduser().is_dir()
 
 
 def _check(key: str, value: float, low: float = -math.inf, high: float = math.inf,
@@ -282,12 +310,31 @@ def _validate_model(m: ModelConfig) -> None:
         divisors = [h for h in range(1, m.n_head * 2 + 1) if m.n_embd % h == 0][-4:]
         raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
                           f"heads that divide it: {', '.join(map(str, divisors))}")
+    _validate_attention(m)
     spec = models.spec_of(m)
+    if m.positions != "auto" and m.positions not in spec.positions:
+        raise ConfigError(f"model.positions={m.positions} is not supported by model.arch={m.arch}; "
+                          f"valid for it: auto ({spec.positions[0]}), {', '.join(spec.positions)}")
+    if (spec.positions[0] if m.positions == "auto" else m.positions) == "rotary" and m.head_dim % 2:
+        raise ConfigError(f"model.positions=rotary rotates pairs of coordinates, but the head width "
+                          f"model.n_embd / model.n_head = {m.head_dim} is odd; choose an even head width")
     if spec.validate is not None:
         spec.validate(m)
     _check("model.dropout", m.dropout, 0.0, 1.0, high_open=True)
     _check("model.layer_norm_eps", m.layer_norm_eps, 0.0, low_open=True)
     _validate_moe(m)
+
+
+def _validate_attention(m: ModelConfig) -> None:
+    """Grouped-query heads and the rotary base."""
+    if m.n_kv_head is not None:
+        _check("model.n_kv_head", m.n_kv_head, 1, m.n_head)
+        if m.n_head % m.n_kv_head:
+            ok = [h for h in range(1, m.n_head + 1) if m.n_head % h == 0]
+            raise ConfigError(f"model.n_kv_head={m.n_kv_head} does not divide model.n_head={m.n_head} (each "
+                              "key/value head serves a whole group of query heads); "
+                              f"choose one of {', '.join(map(str, ok))}")
+    _check("model.rope_theta", m.rope_theta, 0.0, low_open=True)
 
 
 def _validate_moe(m: ModelConfig) -> None:
@@ -331,6 +378,19 @@ def _validate_train(t: TrainConfig) -> None:
     _check("train.seed", t.seed, 0, 2**32 - 1)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device={t.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
+
+
+def _validate_finetuning(cfg: Config) -> None:
+    lora = cfg.train.lora
+    _check("train.lora.rank", lora.rank, low=0)
+    if lora.rank == 0:
+        return
+    _check("train.lora.alpha", lora.alpha, 0.0, low_open=True)
+    if not lora.targets:
+        raise ConfigError("train.lora.targets is empty; name the linear layers to adapt, e.g. [*.q_proj,*.v_proj]")
+    if cfg.parallel.tp > 1:
+        raise ConfigError(f"train.lora.rank={lora.rank} with parallel.tp={cfg.parallel.tp}: LoRA adapters are not "
+                          "split by tensor parallelism yet; use data or pipeline parallelism (dp, zero, pp)")
 
 
 MESH_AXES = ("pp", "dp", "ep", "tp")

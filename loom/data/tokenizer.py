@@ -14,7 +14,16 @@ Two kinds are supported:
     boundary. Decoding reverses the mapping. ``jieba`` and ``sentencepiece``
     are optional dependencies (``pip install 'loom[zh]'``).
 
-Both reserve the special token ``<|endoftext|>`` (:data:`EOS_TOKEN`), which is
+``wordpiece``
+    BERT's WordPiece (Devlin et al. 2018), trained with the ``tokenizers``
+    library: words and punctuation split apart, words into ``##``-continued
+    pieces, case kept (code is case-sensitive). It reserves BERT's special
+    tokens :data:`WORDPIECE_SPECIALS` ([PAD] [UNK] [CLS] [SEP] [MASK], then
+    ``<|endoftext|>`` and [NL]) as ids 0-6; every line of a document ends
+    with [NL], the sentence boundary masked-LM pretraining reads. Decoding
+    does not restore the original spacing.
+
+All reserve the special token ``<|endoftext|>`` (:data:`EOS_TOKEN`), which is
 appended after every document when a corpus is tokenized. Literal occurrences
 of that string inside documents are encoded as ordinary text.
 
@@ -38,7 +47,7 @@ from typing import Any, ClassVar
 from loom.data.corpus import DataError
 
 EOS_TOKEN = "<|endoftext|>"
-KINDS: tuple[str, ...] = ("bpe", "jieba-sp")
+KINDS: tuple[str, ...] = ("bpe", "jieba-sp", "wordpiece")
 META_FILE = "tokenizer_meta.json"
 #: Tokenizers are trained on at most this many characters of text, an evenly
 #: strided subset of the documents, to keep training fast on few cores.
@@ -171,6 +180,77 @@ class BpeTokenizer(Tokenizer):
         self._hf.save(str(path))
 
 
+class HFTokenizer(BpeTokenizer):
+    """The tokenizer of a Hugging Face model directory (GPT-2's, Llama's, ...): its ``tokenizer.json``
+    (or GPT-2's ``vocab.json`` + ``merges.txt``) read by the ``tokenizers`` library, with the
+    directory's end-of-sequence token as loom's end of a document. Its ``tokenizer_config.json`` and
+    ``special_tokens_map.json`` travel with it, so an exported model gets them back."""
+
+    kind = "hf"
+    model_file = "tokenizer.json"
+    EXTRA_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+    def __init__(self, hf: Any, eos_token: str = EOS_TOKEN, extra: dict[str, str] | None = None) -> None:
+        self.eos_token, self.extra = eos_token, dict(extra or {})
+        super().__init__(hf)
+        self._eos_id = hf.token_to_id(eos_token)
+        if self._eos_id is None:
+            raise DataError(f"the tokenizer has no token {eos_token!r} (its end-of-sequence token)")
+
+    @classmethod
+    def from_pretrained_dir(cls, dir: Path) -> HFTokenizer:
+        """The tokenizer of the model directory ``dir`` (as ``transformers`` saves it)."""
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, models, pre_tokenizers
+
+        dir = Path(dir).expanduser()
+        if (dir / "tokenizer.json").is_file():
+            hf = HFTok.from_file(str(dir / "tokenizer.json"))
+        elif (dir / "vocab.json").is_file() and (dir / "merges.txt").is_file():  # GPT-2's older files
+            hf = HFTok(models.BPE.from_file(str(dir / "vocab.json"), str(dir / "merges.txt")))
+            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            hf.decoder = decoders.ByteLevel()
+        else:
+            raise DataError(f"{str(dir)!r} holds no tokenizer.json (nor vocab.json + merges.txt); loom reads "
+                            "fast (tokenizers-library) tokenizers")
+        extra = {f: (dir / f).read_text() for f in cls.EXTRA_FILES if (dir / f).is_file()}
+        return cls(hf, _eos_token(dir, extra, hf), extra)
+
+    @classmethod
+    def load(cls, path: Path) -> HFTokenizer:
+        from tokenizers import Tokenizer as HFTok
+
+        dir = Path(path).parent
+        meta = json.loads((dir / META_FILE).read_text())
+        extra = {f: (dir / f).read_text() for f in cls.EXTRA_FILES if (dir / f).is_file()}
+        return cls(HFTok.from_file(str(path)), meta["eos_token"], extra)
+
+    def save(self, dir: Path) -> None:
+        super().save(dir)
+        for name, text in self.extra.items():
+            (Path(dir) / name).write_text(text)
+        meta = {"kind": self.kind, "model_file": self.model_file, "eos_token": self.eos_token}
+        (Path(dir) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _eos_token(dir: Path, extra: dict[str, str], hf: Any) -> str:
+    """The end-of-sequence token a model directory names (tokenizer_config.json, special_tokens_map.json,
+    config.json's eos_token_id), else ``<|endoftext|>``."""
+    for name in HFTokenizer.EXTRA_FILES:
+        eos = json.loads(extra[name]).get("eos_token") if name in extra else None
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str) and eos:
+            return eos
+    config = dir / "config.json"
+    if config.is_file():
+        eos_id = json.loads(config.read_text()).get("eos_token_id")
+        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
+        if isinstance(eos_id, int) and hf.id_to_token(eos_id) is not None:
+            return hf.id_to_token(eos_id)
+    return EOS_TOKEN
+
+
 def _import_zh() -> tuple[ModuleType, ModuleType]:
     """Import and return ``(jieba, sentencepiece)``, quietly.
 
@@ -287,6 +367,75 @@ class JiebaSpTokenizer(Tokenizer):
         path.write_bytes(self._proto)
 
 
+PAD, UNK, CLS, SEP, MASK, NL = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[NL]"
+#: WordPiece's special tokens, in id order.
+WORDPIECE_SPECIALS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK, EOS_TOKEN, NL)
+
+
+class WordPieceTokenizer(Tokenizer):
+    """BERT's WordPiece backed by a Hugging Face ``tokenizers.Tokenizer``; each line ends with [NL]."""
+
+    kind = "wordpiece"
+    model_file = "tokenizer.json"
+
+    def __init__(self, hf: Any) -> None:
+        self._hf = hf
+        self._hf.encode_special_tokens = True  # a literal "[MASK]" in the text is text
+        self.special_ids = {t: int(hf.token_to_id(t)) for t in WORDPIECE_SPECIALS}
+
+    @classmethod
+    def train(cls, texts: Iterator[str], vocab_size: int) -> WordPieceTokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+        hf = HFTokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
+        hf.normalizer = normalizers.NFC()
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        hf.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(WORDPIECE_SPECIALS),
+                                            show_progress=False)
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: Path) -> WordPieceTokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_file(str(path)))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._hf.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids[EOS_TOKEN]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Each non-blank line's pieces followed by [NL] (blank lines leave nothing)."""
+        lines = [[ln for ln in text.split("\n") if ln.strip()] for text in texts]
+        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        flat = encode([ln for doc in lines for ln in doc], add_special_tokens=False)
+        out, i, nl = [], 0, self.special_ids[NL]
+        for doc in lines:
+            ids: list[int] = []
+            for e in flat[i : i + len(doc)]:
+                ids.extend(e.ids)
+                ids.append(nl)
+            i += len(doc)
+            out.append(ids)
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._hf.decode([int(i) for i in ids], skip_special_tokens=False))
+
+    def _write_model(self, path: Path) -> None:
+        self._hf.save(str(path))
+
+
 def _check_kind(kind: str) -> str:
     """Return ``kind`` if it is a concrete tokenizer kind, else raise DataError."""
     if kind not in KINDS:
@@ -295,9 +444,9 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
-def _tokenizer_class(kind: str) -> type[BpeTokenizer] | type[JiebaSpTokenizer]:
+def _tokenizer_class(kind: str) -> type[Tokenizer]:
     """Return the class implementing tokenizer ``kind``."""
-    return BpeTokenizer if _check_kind(kind) == "bpe" else JiebaSpTokenizer
+    return {"bpe": BpeTokenizer, "jieba-sp": JiebaSpTokenizer, "wordpiece": WordPieceTokenizer}[_check_kind(kind)]
 
 
 def _is_cjk(ch: str) -> bool:
@@ -383,5 +532,7 @@ def load_tokenizer(dir: Path) -> Tokenizer:
     if not meta_path.is_file():
         raise DataError(f"no tokenizer in {str(dir)!r} (missing {META_FILE})")
     meta = json.loads(meta_path.read_text())
+    if meta["kind"] == HFTokenizer.kind:
+        return HFTokenizer.load(Path(dir) / meta["model_file"])
     cls = _tokenizer_class(meta["kind"])
     return cls.load(Path(dir) / meta["model_file"])

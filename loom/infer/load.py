@@ -12,6 +12,7 @@ from loom.errors import RunError
 from loom.models import build_model, materialize
 from loom.parallel.launch import resolve_device
 from loom.train.checkpoint import checkpoint_step, load_newest
+from loom.train.finetune import adapt
 from loom.train.precision import param_dtype
 from loom.train.rundir import load_run_config
 
@@ -22,7 +23,8 @@ def load_for_inference(run_dir: Path, device: str = "auto") -> tuple[Config, nn.
     that is damaged is skipped with a warning for the newest intact one."""
     cfg = load_run_config(run_dir)
     dev = resolve_device(device, key="--device")
-    model = materialize(build_model(cfg.model).to(param_dtype(cfg.train.precision)), dev, cfg.train.seed)
+    model = adapt(build_model(cfg.model), cfg.train)  # LoRA adapters, when the run trained them
+    model = materialize(model.to(param_dtype(cfg.train.precision)), dev, cfg.train.seed)
     found = load_newest(Path(run_dir), model)
     if found is None:
         raise RunError(f"{str(run_dir)!r} has no complete checkpoint yet (checkpoints/step_*)")

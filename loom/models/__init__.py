@@ -1,6 +1,6 @@
 """Models, written once for a single device; nothing here imports ``torch.distributed``.
 
-Each family lives in its own folder (``gpt/``, ``pangu/``) with its model, presets, shard strategies
+Each family lives in its own folder (``gpt/``, ``pangu/``, ``llama/``) with its model, presets, shard strategies
 and pipeline split, and registers a :class:`~loom.models.spec.ModelSpec`; shared building blocks are
 in ``common/``. Everything outside this package reads a family through its spec.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.models import gpt, pangu  # noqa: F401  (each registers its family)
+from loom.models import bert, gpt, llama, pangu, vit  # noqa: F401  (each registers its family)
 from loom.models.config import DEFAULT_PRESET, ModelConfig, MoEConfig
 from loom.models.costs import ModelCosts, PartCost
 from loom.models.costs import model_costs as _model_costs

@@ -32,9 +32,10 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     preset: str = DEFAULT_PRESET
-    arch: str = "gpt"  # the family (loom describe --list): gpt | pangu
+    arch: str = "gpt"  # the family (loom describe --list): gpt | pangu | llama | bert
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: Optional[int] = None  # key/value heads (grouped-query attention, Ainslie et al. 2023); None: n_head
     n_embd: int = 192
     ffn_hidden: Optional[int] = None  # None: 4 * n_embd
     vocab_size: int = 4096
@@ -42,6 +43,15 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     layer_norm_eps: float = 1e-5
+    # auto (the family's own) | learned | sinusoidal (Vaswani et al. 2017) | rotary (Su et al. 2021)
+    # | relative (T5's bucketed bias, Raffel et al. 2020)
+    positions: str = "auto"
+    rope_theta: float = 10000.0  # rotary positions' base (Llama 3: 500000)
+    post_ln: bool = False  # encoders: LayerNorm after each residual add (BERT as published); false: before
+    n_classes: int = 0  # encoders: outputs of a classification head on [CLS]; 0: the pretraining heads
+    image_size: int = 0  # vision: images are image_size × image_size pixels of `channels` channels
+    patch_size: int = 0  # vision: square patches of patch_size pixels, one token each
+    channels: int = 3
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -51,6 +61,11 @@ class ModelConfig:
     @property
     def ffn(self) -> int:
         return self.ffn_hidden if self.ffn_hidden is not None else 4 * self.n_embd
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, or one per query head."""
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
 
     @property
     def head_dim(self) -> int:

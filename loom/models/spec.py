@@ -14,7 +14,9 @@ that it registers (:func:`loom.models.register`). The spec says, as data:
 - its **cost description** (:func:`loom.models.costs.model_costs` by default, derived from the modules
   themselves): parameters and forward FLOPs per token of every block and of the first and last
   stage's own modules, which ``loom describe``, the pipeline balancer and the planner all read;
-- the **tasks** it can be trained for, its own first (:mod:`loom.tasks`).
+- the **tasks** it can be trained for, its own first (:mod:`loom.tasks`);
+- optionally, its **Hugging Face mapping** (:class:`HFMapping`): how a ``transformers`` model directory's
+  config and tensors become its config and parameters, and back (:mod:`loom.models.hf`).
 
 The model itself provides ``initial_value(name, shape, seed)`` (so that any layout initializes each
 shard as one device would), ``tie_weights()``, and a forward in three parts that a pipeline stage can
@@ -42,13 +44,19 @@ class Sharding:
     ``outside_query``: attention modules whose query comes from outside the residual stream, as a
     (B, T, C) tensor that is this rank's sequence slice under sequence parallelism (it is gathered).
     ``own_groups``: modules besides the blocks that data parallelism makes their own FSDP group (a
-    communication bucket that overlaps with compute)."""
+    communication bucket that overlaps with compute). ``stream_inputs``: attention and MLP modules
+    (patterns) that read the residual stream itself rather than a LayerNorm's output (post-LayerNorm
+    blocks): under sequence parallelism their inputs are gathered to the whole sequence first.
+    ``whole_inputs``: modules after the blocks whose input is already the whole sequence on every
+    rank (a head behind a replicated projection that gathered the stream), not this rank's slice."""
 
     table: dict[str, str]
     positional: tuple[str, ...] = ()
     local_positions: tuple[str, ...] = ()
     outside_query: tuple[str, ...] = ()
     own_groups: tuple[str, ...] = ()
+    stream_inputs: tuple[str, ...] = ()
+    whole_inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,40 @@ class PipelineSplit:
 
 
 @dataclass(frozen=True)
+class HFSource:
+    """Where one loom parameter lives in a Hugging Face checkpoint: in tensor ``name``, transposed when
+    ``transpose`` (GPT-2's ``Conv1D`` stores (in, out), ``nn.Linear`` (out, in)), starting at ``start``
+    along dimension ``dim`` of the loom layout (one part of a fused tensor, e.g. the keys in GPT-2's
+    ``c_attn``). A parameter is a rectangle of its source, so any shard of it is one too: each rank
+    reads only the rectangle its shard needs."""
+
+    name: str
+    transpose: bool = False
+    dim: int = 0
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class HFMapping:
+    """How a family reads and writes the ``transformers`` format (:mod:`loom.models.hf` applies it).
+
+    ``model_types``: the ``model_type`` values of ``config.json`` it reads. ``config_from_hf``: a
+    ``config.json`` dict -> ``model.*`` settings (:class:`~loom.errors.ConfigError` naming any option
+    loom's model does not have). ``config_to_hf``: a :class:`ModelConfig` -> ``config.json`` dict.
+    ``source``: (parameter name, config) -> its :class:`HFSource`. ``prefixes``: prefixes a checkpoint
+    may put before (or leave off) the names ``source`` gives, e.g. older GPT-2 files lack
+    ``transformer.``. ``ignore``: ``fnmatch`` patterns of checkpoint tensors with no loom parameter
+    (buffers such as a stored causal mask)."""
+
+    model_types: tuple[str, ...]
+    config_from_hf: Callable[[dict], dict]
+    config_to_hf: Callable[[ModelConfig], dict]
+    source: Callable[[str, ModelConfig], HFSource]
+    prefixes: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str  # the ``model.arch`` value
     build: Callable[[ModelConfig], nn.Module]
@@ -79,6 +121,9 @@ class ModelSpec:
     published_params: dict[str, float] = field(default_factory=dict)  # preset -> parameter count as published
     tasks: tuple[str, ...] = ("causal_lm",)  # what it can be trained for; the first unless train.task says
     n_blocks: Callable[[ModelConfig], int] = lambda cfg: cfg.n_layer  # entries of the block container
+    # the position encodings (model.positions) it can use; the first is its own (what auto means)
+    positions: tuple[str, ...] = ("learned",)
     validate: Callable[[ModelConfig], None] | None = None  # family-specific config checks (ConfigError)
     # (model, spec, seq) -> ModelCosts; None: loom.models.costs.model_costs, read off the modules
     costs: Callable | None = None
+    hf: HFMapping | None = None  # reading and writing Hugging Face model directories; None: not supported

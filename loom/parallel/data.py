@@ -1,13 +1,22 @@
 """Data parallelism and ZeRO (Rajbhandari et al. 2020) through FSDP2's ``fully_shard``.
 
 Every replica runs the whole (stage of the) model on its slice of the batch; gradients are averaged
-over the dp ranks, so the step equals one device's step on the whole batch. What each rank keeps:
+over the dp ranks, so the step equals one device's step on the whole batch. What each rank keeps
+(measured byte for byte by tests/distributed/test_memory_accounting.py; the planner's
+``loom.planner.memory.state_bytes`` computes the same figures):
 
-    zero=0  everything replicated; gradients all-reduced            (DDP)
-    zero=1  optimizer state sharded; full gradients kept over accumulation micro-steps and
-            reduce-scattered once per step; parameters all-gathered after the update
-    zero=2  gradients reduce-scattered every micro-step as well
-    zero=3  parameters sharded at rest too, gathered for each block's forward and backward
+    zero=0  everything replicated; gradients all-reduced. FSDP over a shard group of one, so besides
+            the master weights a gathered working copy exists from forward to backward (in bf16 under
+            mixed precision; a second full copy in fp32 training)
+    zero=1  master weights and optimizer state sharded; the working copy gathered for forward and kept
+            until backward; whole gradients kept over accumulation micro-steps and reduce-scattered
+            on the last one
+    zero=2  gradients reduce-scattered every micro-step (with grad_accum=1 the same as zero=1)
+    zero=3  the working copy freed after each block's forward and gathered again for its backward
+
+Under a pipeline (pp > 1) torch's stages turn gradient reduction and resharding after backward off
+for every micro-batch and reduce once, after the last: every stage then keeps whole gradients and the
+gathered working copy until the step's end, so zero=2 and zero=3 hold what zero=1 holds.
 
 All four are one mechanism: ``fully_shard`` over the 2-D mesh ``dp_replicate × dp_shard`` with
 ``dp_shard = 1`` for zero=0 and ``dp_shard = shard_group`` otherwise (hybrid sharding when the

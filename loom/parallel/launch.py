@@ -63,6 +63,10 @@ def init_process(device_name: str) -> tuple[Process, torch.device]:
         return Process(), resolve_device(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # elastic_launch (unlike torchrun) leaves every worker all the cores: N processes would then
+        # run N × cores threads. One share each, as `loom calibrate` measured the machine.
+        torch.set_num_threads(threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -72,6 +76,13 @@ def init_process(device_name: str) -> tuple[Process, torch.device]:
         _check_restart_store()
         dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     return Process(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def threads_per_process(local_processes: int) -> int:
+    """Intra-op threads of each of ``local_processes`` CPU processes sharing this machine: one share of
+    the cores each, at least one (what ``loom train --nproc``, ``loom calibrate`` and
+    :func:`run_on_ranks` all use, unless OMP_NUM_THREADS says otherwise)."""
+    return max(1, (os.cpu_count() or 1) // max(1, local_processes))
 
 
 def _check_restart_store() -> None:
@@ -217,7 +228,7 @@ def run_on_ranks(world_size: int, fn: Callable, *args, threads: int | None = Non
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
-    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    threads = threads or threads_per_process(world_size)
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.start_processes(_gloo_entry, args=(world_size, free_port(), fn, args, out, threads),
                                  nprocs=world_size, join=False, start_method="spawn")

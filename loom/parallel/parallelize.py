@@ -94,10 +94,12 @@ class ParallelModel:
         detached mean loss where it is known (every rank without a pipeline, the last stage's ranks
         with one)."""
         set_gradient_sync(self.modules, self.plan.zero, last_micro_step)
-        # the MoE auxiliary losses enter backward with the factor the task's loss gets
-        aux_scale = float(scale(torch.ones((), device=self.device)))
-        for _, moe in self._moe_layers():
-            moe.aux_grad_scale = aux_scale / (self.plan.microbatches if self.pipeline is not None else 1)
+        # the MoE auxiliary losses enter backward with the factor the task's loss gets (a host sync:
+        # only where there are MoE layers)
+        if self.moe_names:
+            aux_scale = float(scale(torch.ones((), device=self.device)))
+            for _, moe in self._moe_layers():
+                moe.aux_grad_scale = aux_scale / (self.plan.microbatches if self.pipeline is not None else 1)
         if self.pipeline is not None:
             return self._pipeline_step(inputs, targets, scale)
         outputs = self.modules[0](*inputs)
@@ -191,11 +193,10 @@ class ParallelModel:
         Each rank adds the squares of the gradient it holds, weighted by the share of that piece's
         copies it stands for: a piece split over the tensor or ZeRO group is counted by its holder;
         a piece replicated over ``c`` ranks is counted 1/c by each. One all-reduce adds them up.
-        (Gradients are in their parameters' layouts by now: no partial sums.)"""
+        (Gradients are in their parameters' layouts by now: no partial sums.) The pieces' norms come
+        from one fused kernel per kind of piece (``torch._foreach_norm``), not a loop of reductions."""
         stage_ranks = self.plan.world_size // self.plan.pp
-        # float64 accumulation: the sum's rounding is then far below that of any fp32 term, so the
-        # clipping coefficient does not depend on the order in which a layout adds the pieces
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        by_copies: dict[int, list[torch.Tensor]] = {}
         for name, p in self.named_parameters():
             if p.grad is None:
                 continue
@@ -207,7 +208,13 @@ class ParallelModel:
                     mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate())
                 g = g.to_local()
             copies *= 2 if name in self.shared_across_stages else 1
-            total += at_least_fp32(g.detach()).pow(2).sum().double() / copies
+            by_copies.setdefault(copies, []).append(at_least_fp32(g.detach()))
+        # float64 accumulation: the sum's rounding is then far below that of any fp32 term, so the
+        # clipping coefficient does not depend on the order in which a layout adds the pieces
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for copies, grads in by_copies.items():
+            norms = torch.stack(torch._foreach_norm(grads, 2)).double()
+            total += norms.pow(2).sum() / copies
         if is_distributed():
             dist.all_reduce(total)
         return total.sqrt()
@@ -218,10 +225,10 @@ class ParallelModel:
         norm = self.grad_norm()
         if math.isfinite(max_norm):
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for p in self.parameters():
-                if p.grad is not None:
-                    g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                    g.mul_(coef)
+            grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                     for p in self.parameters() if p.grad is not None]
+            for dtype in {g.dtype for g in grads}:  # one fused multiply per dtype
+                torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
         return norm
 
 

@@ -20,7 +20,8 @@ elsewhere (the family's :class:`~loom.models.spec.PipelineSplit` names them), so
 those of the single-device model and checkpoints load into any layout. The model files are not
 changed: a copy's ``forward`` is replaced by one that runs ``embed`` (first stage), its blocks, and
 ``head`` (last stage). What passes between stages is one tensor or a tuple of them (a task's stages
-may carry more than the hidden states).
+may carry more than the hidden states: an encoder's padding mask travels with them). The targets
+are one tensor or a tuple of them (split into micro-batches along the rows alike).
 
 Tied parameters (an output projection that is the input embedding): where the first and last stages
 are on different ranks, the last stage's copy keeps the first-stage module that owns the tied tensor
@@ -246,7 +247,8 @@ class Pipeline:
         # Each micro-batch's loss is divided by their number, so the gradients sum to those of the mean
         # over the batch; torch's own scaling (scale_grads) would divide a weight that two local stages
         # share (ZB-V's tied embedding) twice.
-        scaled = functools.partial(_scaled_loss, loss_fn=loss_fn, n=microbatches)
+        self._loss_fn, self._targets = loss_fn, None
+        scaled = functools.partial(_scaled_loss, loss_fn=self._loss_of_rows, n=microbatches)
         cls = SCHEDULES[schedule]
         self.schedule = cls(stages[0] if schedule in ("gpipe", "1f1b") else stages,
                             n_microbatches=microbatches, loss_fn=scaled, scale_grads=False)
@@ -259,6 +261,12 @@ class Pipeline:
         only the last stage's reads ``targets``; every pp rank must call it."""
         losses: list[torch.Tensor] = []
         args = tuple(inputs) if self.is_first else ()
+        self._targets = None
+        if self.is_last and not isinstance(targets, torch.Tensor):
+            # several target tensors (a task with two losses): the schedule splits one tensor, so it
+            # splits the row indices and the loss picks each micro-batch's rows of every target
+            self._targets = tuple(targets)
+            targets = torch.arange(self._targets[0].size(0), device=self._targets[0].device)
         self.schedule.step(*args, target=targets if self.is_last else None, losses=losses, return_outputs=False)
         return torch.stack(losses).sum().detach() if self.is_last else None
 
@@ -281,6 +289,12 @@ class Pipeline:
             if s + 1 < len(self.owner) and self.owner[s + 1] != me:
                 _send_tensors(h if isinstance(h, tuple) else (h,), self.group, self.owner[s + 1])
         return h if self.is_last else None
+
+    def _loss_of_rows(self, output, target: torch.Tensor) -> torch.Tensor:
+        """The task's loss of a micro-batch; with several target tensors ``target`` holds its rows."""
+        if self._targets is not None:
+            target = tuple(t[target] for t in self._targets)
+        return self._loss_fn(output, target)
 
     def tie_weights(self) -> None:
         """Make each tied pair one Parameter in each copy, and across the copies on this rank (ZB-V's

@@ -25,7 +25,7 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from loom.errors import ConfigError
-from loom.models.common import MLP, Attention
+from loom.models.common import MLP, Attention, SwiGLU
 from loom.models.config import ModelConfig
 
 STRATEGIES = ("colwise", "rowwise", "vocab", "replicate")
@@ -35,8 +35,9 @@ VALID = ("valid: colwise, rowwise, vocab, replicate, or MindSpore MatMul notatio
 _NOTATION = re.compile(r"\(\((\w+),(\w+)\),\((\w+),(\w+)\)\)")
 # Which strategies each module type accepts (colwise/rowwise only inside attention and MLP pairs).
 _ACCEPTS = {nn.Linear: ("colwise", "rowwise", "replicate"), nn.Embedding: ("vocab", "replicate"),
-            nn.LayerNorm: ("replicate",)}
-_PAIRS = ((Attention, ("q_proj", "k_proj", "v_proj"), "out_proj"), (MLP, ("fc",), "proj"))
+            nn.LayerNorm: ("replicate",), nn.RMSNorm: ("replicate",)}
+_PAIRS = ((Attention, ("q_proj", "k_proj", "v_proj", "rel_bias"), "out_proj"), (MLP, ("fc",), "proj"),
+          (SwiGLU, ("gate_proj", "up_proj"), "down_proj"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def check_strategies(model: nn.Module, strategies: dict[str, str], tp: int) -> N
     cfg = getattr(model, "cfg", None)
     modules = dict(model.named_modules())
     paired = {f"{prefix}.{c}" for prefix, mod in modules.items() for kind, producers, consumer in _PAIRS
-              if isinstance(mod, kind) for c in (*producers, consumer)}
+              if isinstance(mod, kind) for c in (*producers, consumer) if hasattr(mod, c)}
     for name, s in strategies.items():
         if name not in modules:
             continue  # held by another pipeline stage
@@ -177,6 +178,7 @@ def _check_pair(prefix: str, mod: nn.Module, producers: tuple[str, ...], consume
                 strategies: dict[str, str], tp: int) -> None:
     """Megatron-LM's pairing: colwise producers feed a rowwise consumer with their split output, so
     they go together (or all replicate)."""
+    producers = tuple(c for c in producers if hasattr(mod, c))  # an optional one (rel_bias) may be absent
     names = [f"{prefix}.{c}" for c in (*producers, consumer)]
     got = tuple(strategies.get(n, "replicate") for n in names)
     if got not in (("colwise",) * len(producers) + ("rowwise",), ("replicate",) * len(names)):
@@ -189,6 +191,10 @@ def _check_pair(prefix: str, mod: nn.Module, producers: tuple[str, ...], consume
             heads = mod.q_proj.out_features // mod.head_dim
             _divisible(heads, tp, "model.n_head", f"{prefix} splits by whole heads",
                        f"or set parallel.strategies '{every}.*' to replicate")
+            kv_heads = mod.k_proj.out_features // mod.head_dim  # grouped-query: fewer key/value heads
+            _divisible(kv_heads, tp, "model.n_kv_head", f"{prefix} splits its key/value heads, each rank "
+                       "keeping whole groups of query heads", f"or set model.n_kv_head to a multiple of {tp}, "
+                       f"or parallel.strategies '{every}.*' to replicate")
         else:
             _divisible(getattr(mod, consumer).in_features, tp, "model.ffn_hidden", f"{prefix} splits its features",
                        f"or set parallel.strategies '{every}.*' to replicate")

@@ -18,6 +18,7 @@ memory outside attention and MLP is divided by tp at the same communication volu
 from __future__ import annotations
 
 import contextlib
+from fnmatch import fnmatchcase
 from functools import partial
 
 from torch import nn
@@ -37,7 +38,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
 
 from loom.models import Sharding
-from loom.models.common import MLP, Attention, Block, MoE
+from loom.models.common import MLP, Attention, Block, MoE, SwiGLU
 from loom.parallel.strategy import check_strategies
 
 VOCAB_PARALLEL = "_loom_vocab_parallel"  # set on an output projection whose outputs are split over the vocabulary
@@ -69,11 +70,22 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
             parallelize_module(mod, tp_mesh, _WholeOnEachRank(stream))
             moe_prefixes.append(name + ".")
             continue
-        if any(name.startswith(p) for p in moe_prefixes) or next(mod.parameters(recurse=False), None) is None:
+        if any(name.startswith(p) for p in moe_prefixes):
+            continue
+        if next(mod.parameters(recurse=False), None) is None:
+            if sequence_parallel and name in sharding.positional:
+                # a fixed (sinusoidal) encoding computes every position's row: keep this rank's
+                parallelize_module(mod, tp_mesh, PrepareModuleOutput(output_layouts=Replicate(),
+                                                                     desired_output_layouts=positional))
             continue
         parent, leaf = parents.get(name), name.rsplit(".", 1)[-1]
         strategy = strategies.get(name, "replicate")
-        if isinstance(mod, nn.LayerNorm):
+        # a module behind a head that gathered the stream reads the whole sequence, not this rank's slice
+        whole = any(fnmatchcase(name, p) for p in sharding.whole_inputs)
+        inp = Replicate() if whole else stream
+        if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) and whole:
+            styles = [_Replicated(Replicate(), Replicate())]
+        elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
             # Inside a block it feeds colwise projections: hand them the whole sequence as a
             # replicated DTensor (one gather for q, k and v; their partial input gradients sum
             # before the single reduce-scatter/all-reduce). Elsewhere (a final norm) it is the stream.
@@ -93,8 +105,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
                 idx = Shard(0)  # each rank's positions, shifted to its own slice
             styles = [RowwiseParallel(input_layouts=idx, output_layouts=out) if strategy == "vocab"
                       else _Replicated(idx, out)]
-        elif isinstance(mod, nn.Linear) and isinstance(parent, (Attention, MLP)):
-            consumer = leaf in ("out_proj", "proj")  # reads the split activation, writes the stream
+        elif isinstance(mod, nn.Linear) and isinstance(parent, (Attention, MLP, SwiGLU)):
+            consumer = leaf in ("out_proj", "proj", "down_proj")  # reads the split activation, writes the stream
             if strategy == "colwise":
                 styles = [ColwiseParallel()]
             elif strategy == "rowwise":
@@ -102,8 +114,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
             else:
                 styles = [_Replicated(Replicate(), stream if consumer else Replicate())]
         elif isinstance(mod, nn.Linear):  # an output projection: reads the stream
-            styles = [ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
-                      if strategy == "vocab" else _Replicated(stream, Replicate())]
+            styles = [ColwiseParallel(input_layouts=inp, output_layouts=Shard(-1), use_local_output=False)
+                      if strategy == "vocab" else _Replicated(inp, Replicate())]
             setattr(mod, VOCAB_PARALLEL, strategy == "vocab")
         else:
             styles = [_Replicated(Replicate(), Replicate())]
@@ -111,6 +123,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
             parallelize_module(mod, tp_mesh, style, src_data_rank=src)
     if sequence_parallel:
         modules = dict(model.named_modules())
+        for name, mod in modules.items():
+            if isinstance(mod, (Attention, MLP)) and any(fnmatchcase(name, p) for p in sharding.stream_inputs):
+                # a post-LayerNorm block's attention (x, mask) or MLP (x) reads this rank's slice of the
+                # stream: gather it (its backward reduce-scatters the input gradient back to the slice)
+                layouts = (Shard(1), None) if isinstance(mod, Attention) else (Shard(1),)
+                parallelize_module(mod, tp_mesh, PrepareModuleInput(
+                    input_layouts=layouts, desired_input_layouts=(Replicate(), *layouts[1:])))
         for name in (n for n in sharding.outside_query if n in modules):  # a pipeline stage may lack it
             # the query arrives as this rank's sequence slice; keys and values come from a LayerNorm
             # that already gathered them

@@ -23,8 +23,9 @@ A collective over a group that fits inside a node runs at the intra-node bandwid
 inter-node bandwidth; ring algorithms move 2(n−1)/n of the buffer for an all-reduce, (n−1)/n for an
 all-gather, reduce-scatter or all-to-all.
 
-Memory per device (the stage that holds the most): weights, gradients and optimizer state (18 bytes per
-parameter in mixed precision: fp32 master 4 + bf16 copy 2 + fp32 gradient 4 + Adam 8, sharded by ZeRO), and
+Memory per device (the stage that holds the most): weights, gradients and optimizer state as FSDP2 holds
+them under each ZeRO stage (:func:`loom.planner.memory.state_bytes`: fp32 master, bf16 working copy,
+fp32 gradient, Adam 8 bytes, each sharded where the engine shards it), and
 activations by Korthikanti et al. 2022 (per layer and micro-batch, bytes):
 
     none       s·b·h·(34 + 5·a·s/h)            / tp with sp; (10 + 24/tp + 5·a·s/(h·tp)) without
@@ -196,7 +197,10 @@ def estimate(cfg: ModelConfig, plan: Plan, cluster: Cluster, global_batch: int, 
     per_stage = []
     for mine in held:
         blocks = [i for si in mine for i in stages[si]]
-        fwd = sum(sh.layer_flops[i] for i in blocks) * tokens / L.tp
+        # every tp rank runs the whole MoE layer (its experts are split over ep, not tp): expert FLOPs
+        # are not divided by tp
+        experts = sum(_expert_flops(sh, i) for i in blocks)
+        fwd = (sum(sh.layer_flops[i] for i in blocks) - experts) * tokens / L.tp + experts * tokens
         head = sh.head_flops * tokens / L.tp if len(stages) - 1 in mine else 0.0
         recompute = {"none": 0.0, "selective": 4.0 * h * s * tokens * len(blocks) / L.tp,
                      "full": fwd}[L.recompute]
@@ -263,6 +267,12 @@ def estimate(cfg: ModelConfig, plan: Plan, cluster: Cluster, global_batch: int, 
         memory_gb_per_device=sum(mem.values()), memory_gb=mem, memory_per_stage_gb=per_stage_mem,
         microbatches=m, fits=sum(mem.values()) * 2**30 <= acc.memory_bytes * MEMORY_HEADROOM,
         params_per_device=int(dense_dev + expert_dev))
+
+
+def _expert_flops(sh: Shape, i: int) -> float:
+    """Forward FLOPs per token of block ``i``'s experts: each token meets k of the E experts."""
+    k = sh.moe_tokens_per_layer[i]
+    return 2.0 * sh.expert_params[i] * k / sh.cfg.moe.experts if k else 0.0
 
 
 def _contended_pipeline(cluster: Cluster, L: Plan, m: int, v: int, cpu_s: float, comm_s: float) -> float:

@@ -41,7 +41,7 @@ def candidates(cfg: ModelConfig, cluster: Cluster, global_batch: int) -> list[Ca
     experts = cfg.moe.experts
     out = []
     for tp in _divisors(min(world, cluster.devices_per_node)):
-        if cfg.n_head % tp or cfg.ffn % tp:
+        if cfg.n_head % tp or cfg.kv_heads % tp or cfg.ffn % tp:
             continue
         # a vocabulary tp does not divide is padded, as Megatron-LM does (the plan sets model.vocab_size)
         vocab = padded_vocab(cfg.vocab_size, tp)
@@ -151,7 +151,7 @@ def check_fixed(cfg: ModelConfig, plan: Plan, cluster: Cluster, global_batch: in
     if global_batch % (plan.data_parallel * steps):
         raise ConfigError(f"--global-batch {global_batch} does not split into dp × ep = {plan.data_parallel} "
                           f"replicas of {steps} micro-batch(es) of whole sequences")
-    for name, value in (("model.n_head", cfg.n_head), ("model.ffn", cfg.ffn)):
+    for name, value in (("model.n_head", cfg.n_head), ("model.n_kv_head", cfg.kv_heads), ("model.ffn", cfg.ffn)):
         if value % plan.tp:
             raise ConfigError(f"--fix tp={plan.tp} does not divide {name}={value}")
     rows = vocab_size or cfg.vocab_size

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loom.models import ModelConfig, build_model, costs, spec_of
+from loom.models.common import SwiGLU
 from loom.parallel.expert import EXPERT_PARAM
 from loom.parallel.plan import Plan
 from loom.parallel.strategy import resolve_strategies
@@ -44,6 +45,10 @@ class Shape:
     first_tensors: int = 2
     last_tensors: int = 2
     tied_whole: int = 0  # ... or whole, when its module is replicated
+    # what a block's activations are made of, in (b, s, h) tensors (the memory model's activation terms):
+    kv_ratio: float = 1.0  # key/value heads per query head (grouped-query attention: < 1)
+    mlp_hidden: float = 8.0  # the MLP's hidden activations saved for backward (GELU 4h: before and after, 8)
+    mlp_matmul_out: float = 4.0  # ... of them, the outputs of its first matrix multiplies (GELU: 4; SwiGLU: 2·ffn/h)
 
     @property
     def layer_params(self) -> list[int]:
@@ -86,7 +91,17 @@ def model_shape(cfg: ModelConfig, seq: int) -> Shape:
                  head_flops=c.last.flops, first_split=first[0], first_whole=first[1], last_split=last[0],
                  last_whole=last[1], tied=tied, moe_tokens_per_layer=[b.experts_top_k for b in c.blocks],
                  total_params=c.params, layer_tensors=tuple(r[3] for r in per_block), first_tensors=first[2],
-                 last_tensors=last[2], tied_whole=tied_whole)
+                 last_tensors=last[2], tied_whole=tied_whole, **_activation_widths(cfg, model))
+
+
+def _activation_widths(cfg: ModelConfig, model) -> dict:
+    """Grouped-query attention saves keys and values of n_kv_head heads; a GELU MLP of width f saves
+    its hidden activation before and after the GELU (2·f/h tensors), a SwiGLU MLP the gate, its SiLU,
+    the up projection and their product (4·f/h), of which the gate and up are matmul outputs."""
+    r = cfg.ffn / cfg.n_embd
+    gated = any(isinstance(m, SwiGLU) for m in model.modules())
+    return dict(kv_ratio=cfg.kv_heads / cfg.n_head, mlp_hidden=(4 if gated else 2) * r,
+                mlp_matmul_out=(2 if gated else 1) * r)
 
 
 def stage_blocks(sh: Shape, n_stages: int) -> list[list[int]]:

@@ -20,11 +20,31 @@ from loom.errors import ConfigError
 from loom.models.common.numerics import at_least_fp32
 from loom.tasks.base import Batch, Task
 
+# tokens per piece of a bf16/fp16 loss: each piece's fp32 copy of its logits lives only while it is computed
+LOSS_CHUNK_TOKENS = 1024
+
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in at least fp32 (float64 stays float64); logits (B, T, V),
-    targets (B, T)."""
-    return F.cross_entropy(at_least_fp32(logits).flatten(0, 1), targets.flatten())
+    targets (B, T).
+
+    Logits in bf16/fp16 (mixed precision) are not copied to fp32 whole: the loss is summed over
+    pieces of :data:`LOSS_CHUNK_TOKENS` tokens, each cast to fp32 inside an activation checkpoint, so
+    one piece's fp32 copy and log-softmax exist at a time (forward, and again in backward) instead of
+    the whole batch's. Distributed (vocabulary-parallel) logits take torch's loss as they are."""
+    rows, flat = logits.flatten(0, 1), targets.flatten()  # (B·T, V), (B·T,)
+    if at_least_fp32(rows) is rows or type(rows) is not torch.Tensor or rows.size(0) <= LOSS_CHUNK_TOKENS:
+        return F.cross_entropy(at_least_fp32(rows), flat)
+    from torch.utils.checkpoint import checkpoint
+
+    total = sum(checkpoint(_loss_sum, rows[i:i + LOSS_CHUNK_TOKENS], flat[i:i + LOSS_CHUNK_TOKENS],
+                           use_reentrant=False)
+                for i in range(0, rows.size(0), LOSS_CHUNK_TOKENS))
+    return total / (flat != -100).sum()  # F.cross_entropy's mean: over the targets it does not ignore
+
+
+def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def lm_metrics(loss_sum: float, tokens: int) -> dict:

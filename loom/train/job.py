@@ -26,6 +26,7 @@ from loom.models import build_model, count_params
 from loom.parallel.launch import Process, barrier, broadcast_object, init_process, restart_count
 from loom.parallel.plan import Plan
 from loom.train.checkpoint import latest_checkpoint
+from loom.train.hf import initial_tokenizer, starts_from_hf
 from loom.train.memory import check_training_state_fits
 from loom.train.rundir import lock_run_dir, new_run_dir, prepare_run_data, run_lock_owner
 from loom.train.trainer import Trainer
@@ -49,13 +50,19 @@ def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = F
             _log_to_file(run_dir / "train.log") if process.is_coordinator else contextlib.nullcontext():
         # a restarted job may have died before it wrote the tokenizer
         tok_dir = run_dir / "tokenizer" if resume and (run_dir / "tokenizer").is_dir() else None
+        if not resume and cfg.train.init_from and not starts_from_hf(cfg):
+            tok_dir = Path(cfg.train.init_from).expanduser() / "tokenizer"  # reads text as the run it starts from
+        elif not resume:  # the model directory's (train.init_from) or data.tokenizer=DIR's; None: train one
+            given = _on_coordinator(process, initial_tokenizer, cfg, run_dir)
+            tok_dir = Path(given) if given else None
         data = _on_coordinator(process, prepare_run_data, cfg, tok_dir, share=False)
         if not process.is_coordinator:
             data = prepare_run_data(cfg, tok_dir)  # the coordinator has filled the cache
         check_vocabulary(cfg, data)
         trainer = Trainer(cfg, plan, run_dir, data, resume=resume, process=process, device=device)
         if process.is_coordinator:
-            _write_run_files(cfg, run_dir, data, with_tokenizer=tok_dir is None)  # only once the checkpoint loaded
+            # only once the checkpoint loaded; the tokenizer too where the run directory lacks it
+            _write_run_files(cfg, run_dir, data, with_tokenizer=not (run_dir / "tokenizer").is_dir())
         if trainer.start_step >= cfg.train.steps:
             log.info("%s is already trained to step %d of train.steps=%d; to go further, resume with "
                      "train.steps=N", run_dir, trainer.start_step, cfg.train.steps)
@@ -75,7 +82,7 @@ def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = F
 
 
 def _final(summary: dict) -> str:
-    if "val_loss" in summary:
+    if "val_ppl" in summary:
         return (f"val loss {summary['val_loss']:.3f} (perplexity {summary['val_ppl']:.1f}) against a unigram "
                 f"entropy of {summary.get('unigram_entropy_nats') or math.nan:.3f} nats")
     return ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k.startswith("val_") and isinstance(v, float))

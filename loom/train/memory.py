@@ -104,6 +104,8 @@ def check_training_state_fits(cfg: Config, device: torch.device, plan=None, loca
             per_device += count * (weights + grads + moments)
     if cfg.train.precision == "fp64":
         per_device *= 2  # every one of those bytes in float64
+    if plan is not None and plan.offload != "none" and device.type != "cpu":
+        per_device = _offloaded(cfg, plan, n, per_device, device)
     state = per_device * (local_processes if device.type == "cpu" else 1)
     activations = activation_bytes(cfg, plan) * (local_processes if device.type == "cpu" else 1)
     free = available_bytes(device)
@@ -122,3 +124,23 @@ def check_training_state_fits(cfg: Config, device: torch.device, plan=None, loca
 
 def _where(device: torch.device) -> str:
     return " (the container's memory limit)" if device.type == "cpu" and cgroup_room() is not None else ""
+
+
+def _offloaded(cfg: Config, plan, n: int, state: float, device: torch.device) -> float:
+    """Device bytes under ``parallel.offload`` (FSDP2's ``CPUOffloadPolicy``, both values): the sharded
+    master weights, their gradients and the optimizer state (``state`` bytes in all) live in host
+    memory, which must hold them for every local process; the device keeps the gathered working copy
+    (under zero=3 without a pipeline a block or two at a time: not counted) and whole gradients where
+    FSDP keeps them (a pipeline, zero=1 between accumulation micro-steps)."""
+    per_rank = n / (plan.tp * plan.pp)
+    host = available_bytes(torch.device("cpu"))
+    local = torch.cuda.device_count() if device.type == "cuda" else 1
+    if host is not None and state * local > host:
+        raise ConfigError(
+            f"parallel.offload={plan.offload} keeps {state * local / 2**30:,.1f} GiB of sharded weights, "
+            f"gradients and optimizer state in host memory, more than the {host / 2**30:,.1f} GiB free; "
+            "raise parallel.dp (more shards) or choose a smaller model")
+    work = 2 if cfg.train.precision in ("bf16", "fp16") else 4 * (2 if cfg.train.precision == "fp64" else 1)
+    gathered = 0.0 if plan.zero == 3 and plan.pp == 1 else per_rank * work
+    whole_grads = plan.pp > 1 or (plan.zero == 1 and plan.grad_accum > 1)
+    return gathered + (per_rank * 4 if whole_grads else 0.0)

@@ -17,10 +17,12 @@ from loom.config import TrainConfig
 
 def param_groups(model: nn.Module, weight_decay: float, params: list[nn.Parameter] | None = None) -> list[dict]:
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
-    return [
+    groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    # no empty group (LoRA trains matrices only): torch's flattened optimizer state cannot reload one
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, params: list[nn.Parameter] | None = None
@@ -71,12 +73,12 @@ class Lamb(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                t = state["step"].item()
+                t = state["step"].double()  # a tensor: the bias corrections need no host sync
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.lerp_(p.grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                c1 = 1 - beta1**t if group["bias_correction"] else 1.0
-                c2 = 1 - beta2**t if group["bias_correction"] else 1.0
+                c1 = (1 - beta1**t).to(p.dtype) if group["bias_correction"] else 1.0
+                c2 = (1 - beta2**t).to(p.dtype) if group["bias_correction"] else 1.0
                 update = (m / c1) / ((v / c2).sqrt() + group["eps"])
                 if group["weight_decay"]:
                     update.add_(p, alpha=group["weight_decay"])

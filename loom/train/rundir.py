@@ -22,9 +22,10 @@ import os
 import time
 from pathlib import Path
 
-from loom.config import Config, ConfigError, load_config
+from loom.config import Config, ConfigError, load_config, task_name, tokenizer_is_dir
 from loom.data import PreparedData, prepare_data
 from loom.errors import RunError
+from loom.tasks import TASKS
 
 __all__ = ["RunError", "check_run_dir", "check_run_unlocked", "load_resume_config", "load_run_config", "lock_run_dir",
            "new_run_dir", "prepare_run_data", "run_lock_owner"]
@@ -75,7 +76,12 @@ def prepare_run_data(cfg: Config, tokenizer_dir: Path | None = None) -> Prepared
     """The tokenized corpus of ``cfg.data``; with ``tokenizer_dir`` (a run's own tokenizer),
     encoded with that tokenizer rather than one trained for the cache."""
     d = cfg.data
-    return prepare_data(d.path, cfg.model.vocab_size, d.tokenizer, d.val_fraction, d.cache_dir, d.jsonl_field,
+    # data.tokenizer=auto: the task's own kind where it needs one (masked-LM: WordPiece's special tokens)
+    kind = d.tokenizer if d.tokenizer != "auto" else getattr(TASKS[task_name(cfg)], "tokenizer_kind", "auto")
+    field = "response" if cfg.train.task == "sft" else d.jsonl_field  # sft's records: {prompt, response}
+    if tokenizer_is_dir(d.tokenizer):  # a given folder: tokenizer_dir says which tokenizer
+        kind = "auto"
+    return prepare_data(d.path, cfg.model.vocab_size, kind, d.val_fraction, d.cache_dir, field,
                         tokenizer_dir=tokenizer_dir)
 
 

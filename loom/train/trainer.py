@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from loom.config import Config, task_name
 from loom.data import PreparedData
-from loom.errors import RunError
+from loom.errors import ConfigError, RunError
 from loom.files import write_text_atomic
 from loom.models import build_model, count_params, flops_per_token, spec_of
 from loom.models.common import STAT_FIELDS
@@ -44,6 +44,9 @@ from loom.train.checkpoint import (
     nonfinite_state,
     save_checkpoint,
 )
+from loom.train.finetune import prepare_for_finetuning
+from loom.train.hf import load_hf_weights, starts_from_hf
+from loom.train.init_from import init_from_run
 from loom.train.metrics import MetricsFile, peak_flops, raise_cpu_peak
 from loom.train.optim import lr_at
 from loom.train.precision import autocast, compute_dtype, param_dtype
@@ -128,13 +131,19 @@ class Trainer:
         self.replica = self.coord.data(plan.ep) if self.coord else 0  # which slice of each batch
         torch.manual_seed(t.seed + (self.replica * 7919 + self.coord.pp * 104729 if self.coord else 0))
         self.task = build_task(task_name(cfg), data, cfg.model.block_size, t.batch_size, t.seed)
+        _check_classes(cfg, self.task)
         spec = spec_of(cfg.model)
+        model = prepare_for_finetuning(build_model(cfg.model), t)  # LoRA adapters, frozen parameters
         self.model: ParallelModel = parallelize(
-            build_model(cfg.model).to(param_dtype(t.precision)), plan, mesh, spec=spec, loss_fn=self.task.loss,
+            model.to(param_dtype(t.precision)), plan, mesh, spec=spec, loss_fn=self.task.loss,
             device=self.device, seed=t.seed, mixed_precision=compute_dtype(t.precision))
         self.step = TrainingStep(self.model, self.task, plan, t, self.replica, self.device)
         self.interval = Interval()
         self.start_step = self._resume() if resume else 0
+        if self.start_step == 0 and starts_from_hf(cfg):  # the model directory's weights, each rank its shards
+            load_hf_weights(self.model.modules, cfg.model, t.init_from)
+        elif t.init_from and self.start_step == 0:  # a resumed run continues its own weights
+            init_from_run(t.init_from, self.model.modules)
         self.flops_per_token = flops_per_token(cfg.model, cfg.model.block_size)
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", truncate_after_step=self.start_step) \
             if run_dir is not None and self.process.is_coordinator else None
@@ -389,6 +398,19 @@ class Trainer:
         if self.run_dir is not None and self.process.is_coordinator:
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _check_classes(cfg: Config, task) -> None:
+    """A task with labels sizes the model's classifier: ``model.n_classes=0`` takes the data's count."""
+    n = getattr(task, "n_classes", None)
+    if n is not None and cfg.model.n_classes == 0:
+        cfg.model.n_classes = n
+    elif n is not None and cfg.model.n_classes != n:
+        raise ConfigError(f"model.n_classes={cfg.model.n_classes} but the data holds {n} labels; "
+                          f"set model.n_classes={n} (or 0: the data's count)")
+    elif n is None and cfg.model.n_classes:
+        raise ConfigError(f"model.n_classes={cfg.model.n_classes} gives a classifier, which "
+                          f"train.task={task.name} does not train; set model.n_classes=0")
 
 
 def moe_records(names: tuple[str, ...], stats: torch.Tensor) -> list[dict]:

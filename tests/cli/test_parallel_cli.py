@@ -25,6 +25,7 @@ from tests.cli.test_cli import loom
     (["--nproc", "0"], "--nproc=0"),
     (["--nproc", "2", "parallel.ep=2"], "is dense"),
     (["--nproc", "3", "model=switch-tiny", "parallel.ep=3"], "must divide model.moe.experts=8"),
+    (["--nproc", "4", "model=llama-tiny", "parallel.tp=4"], "model.n_kv_head=2 is not divisible by parallel.tp=4"),
 ])
 def test_bad_layouts_are_one_line_and_exit_code_2_before_launch(args, fragment, tmp_path, loom_cli):
     code, _, err = loom_cli("train", "model=gpt-tiny", *args, cwd=tmp_path)

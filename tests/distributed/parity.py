@@ -37,9 +37,22 @@ MODELS = {
     # every pipeline layout below splits these into at least pp × virtual_stages = 4 stages
     "gpt": ["model=gpt-tiny", "model.n_layer=4"],
     "pangu": ["model=pangu-tiny", "model.n_layer=5"],
+    # RMSNorm, rotary positions, grouped-query attention (2 key/value heads for 4 query heads), SwiGLU,
+    # an untied output projection
+    "llama": ["model=llama-tiny", "model.n_layer=4"],
+    # fixed positions: a parameterless module whose rows sequence parallelism splits
+    "gpt_sinusoidal": ["model=gpt-tiny", "model.n_layer=4", "model.positions=sinusoidal"],
+    # T5's relative position bias: a table per attention layer, split by heads over tp
+    "gpt_relative": ["model=gpt-tiny", "model.n_layer=4", "model.positions=relative"],
     # sparse: an MoE layer in every block (switch) / every other block (top-2 without random routing)
     "switch": ["model=switch-tiny", "model.n_layer=4"],
     "glam": ["model=glam-tiny", "model.moe.random_routing=false"],
+    # an encoder: masked-LM + next-sentence prediction on sentences (tiny_sentence_data)
+    "bert": ["model=bert-tiny", "model.n_layer=4"],
+    # ... fine-tuned for classification (tiny_labelled_data), usually from a "bert" run (train.init_from)
+    "bert-cls": ["model=bert-tiny", "model.n_layer=4", "train.task=classification"],
+    # a vision encoder on scikit-learn's digits (tiny_image_data)
+    "vit": ["model=vit-tiny"],
 }
 COMMON = ["model.block_size=32", "train.batch_size=8", "train.warmup_steps=2", "train.steps=10",
           "train.progress=none", "train.device=cpu", "train.grad_clip=0.5", "train.lr=1e-3", "train.precision=fp64"]
@@ -59,6 +72,45 @@ def tiny_data(vocab: int = 512, n: int = 20_000, seed: int = 0) -> SimpleNamespa
     return SimpleNamespace(train=tokens[:n], val=tokens[n:], meta={})
 
 
+def tiny_sentence_data(vocab: int = 512, docs: int = 300, seed: int = 0) -> SimpleNamespace:
+    """Documents of sentences (3-12 tokens from :func:`tiny_data`'s rule), each sentence ended by [NL]
+    and each document by end-of-text, as a WordPiece corpus lays them out for masked-LM; ids 0-6 are
+    the special tokens."""
+    from loom.data.tokenizer import WORDPIECE_SPECIALS
+
+    special = {t: i for i, t in enumerate(WORDPIECE_SPECIALS)}
+    rng = np.random.default_rng(seed)
+    stream, out, first = tiny_data(vocab - len(special), 40_000, seed).train.astype(np.int64) + len(special), [], 0
+    for _ in range(docs):
+        for _ in range(rng.integers(2, 10)):
+            n = int(rng.integers(3, 13))
+            out += [*stream[first:first + n], special["[NL]"]]
+            first += n
+        out.append(special["<|endoftext|>"])
+    tokens = np.array(out, dtype=np.uint16)
+    cut = np.flatnonzero(tokens == special["<|endoftext|>"])[docs * 4 // 5] + 1
+    tokenizer = SimpleNamespace(special_ids=special, vocab_size=vocab, kind="wordpiece")
+    return SimpleNamespace(train=tokens[:cut], val=tokens[cut:], meta={}, tokenizer=tokenizer)
+
+
+def tiny_labelled_data(n: int = 400, seed: int = 0) -> SimpleNamespace:
+    """:func:`tiny_sentence_data`'s vocabulary and sentences as (token ids, label) examples: three
+    labels, each sentence's by its first token, so that it can be learnt."""
+    data = tiny_sentence_data(seed=seed)
+    rng = np.random.default_rng(seed)
+    stream = data.train[data.train > 6].astype(np.int64)
+    starts = rng.integers(0, len(stream) - 20, size=n)
+    examples = [(stream[s:s + int(rng.integers(5, 20))].tolist(), f"label{stream[s] % 3}") for s in starts]
+    return SimpleNamespace(examples=examples, tokenizer=data.tokenizer, meta={}, train=data.train, val=data.val)
+
+
+def tiny_image_data() -> SimpleNamespace:
+    """scikit-learn's 8×8 handwritten digits (they ship inside the package)."""
+    from loom.tasks.image_classification import digits
+
+    return SimpleNamespace(images=digits(), meta={})
+
+
 def config(model: str, layout: list[str]):
     return load_config(None, [*MODELS[model], *COMMON, *(o for o in layout if not o.startswith("sabotage:"))])
 
@@ -71,7 +123,8 @@ def trainer(model: str, layout: list[str], process: Process, run_dir=None, resum
     cfg = config(model, layout)
     plan = resolve_plan(cfg, process.world_size)
     check_plan(plan, cfg, process.world_size)
-    return Trainer(cfg, plan, Path(run_dir) if run_dir is not None else None, tiny_data(), resume=resume,
+    data = {"bert": tiny_sentence_data, "bert-cls": tiny_labelled_data, "vit": tiny_image_data}.get(model, tiny_data)()
+    return Trainer(cfg, plan, Path(run_dir) if run_dir is not None else None, data, resume=resume,
                    process=process, device=torch.device("cpu"))
 
 
@@ -98,7 +151,7 @@ def _train_as_configured(model: str, layout: list[str], process: Process, steps:
         if t.interval.moe is not None:  # this step's MoE statistics, summed over ranks
             moe.append(all_reduce_sum(t.interval.moe).cpu())
             t.interval.moe = None
-    val = t.evaluate()["val_loss"] if model in ("gpt", "switch") else None
+    val = t.evaluate()["val_loss"] if model in ("gpt", "switch", "llama", "bert", "bert-cls", "vit") else None
     return {"losses": losses, "params": full_parameters(t), "val_loss": val, "moe": moe}
 
 
@@ -242,7 +295,23 @@ def _patched(owner, name: str, value):
         setattr(owner, name, original)
 
 
-SABOTAGE = {"bias_on_every_rank": _bias_on_every_rank, "dropped_microbatch": _dropped_microbatch}
+def _local_mlm_normalization():
+    """Masked-LM normalized by each micro-batch's own count of predicted tokens instead of the global
+    batch's: equal to one process only when every rank happens to predict as many tokens."""
+    from loom.tasks import masked_lm
+
+    original = masked_lm.mlm_nsp_loss
+
+    def local(outputs, targets):
+        labels, nsp, weight = targets
+        own = (labels != masked_lm.IGNORE).sum(1).to(weight.dtype)  # per row: the sum is this slice's count
+        return original(outputs, (labels, nsp, own))
+
+    return _patched(masked_lm, "mlm_nsp_loss", local)
+
+
+SABOTAGE = {"bias_on_every_rank": _bias_on_every_rank, "dropped_microbatch": _dropped_microbatch,
+            "local_mlm_normalization": _local_mlm_normalization}
 
 
 @contextlib.contextmanager

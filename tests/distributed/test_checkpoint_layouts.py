@@ -56,3 +56,14 @@ def test_moe_checkpoint_saved_under_ep2_dp2_resumes_under_ep4_and_one_process(tm
                   else resume_and_train("switch", layout, str(run), STEPS))
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[SAVE_AT:]), rtol=RTOL, atol=0,
                                    msg=lambda m, name=name: f"resumed under {name}: {m}")
+
+
+def test_llama_checkpoint_saved_under_tp2_resumes_on_one_process(tmp_path):
+    """Grouped-query key/value projections (split by key/value heads over tp) and the untied output
+    projection (split over the vocabulary) are stored whole and reload into another layout."""
+    reference = train_single("llama", steps=STEPS)["losses"]
+    saved = tmp_path / "saved"
+    first = run_on_ranks(2, train_and_save, "llama", ["parallel.tp=2"], str(saved), SAVE_AT)[0]
+    torch.testing.assert_close(torch.tensor(first), torch.tensor(reference[:SAVE_AT]), rtol=RTOL, atol=0)
+    losses = resume_and_train("llama", [], str(saved), STEPS)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[SAVE_AT:]), rtol=RTOL, atol=0)

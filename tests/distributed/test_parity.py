@@ -56,6 +56,16 @@ EIGHT_RANKS = {
                              "parallel.microbatches=2"],
 }
 MODELS = ("gpt", "pangu")
+# Other families and position encodings, each under the layouts that exercise what is new in it (the
+# same processes run them): Llama's grouped-query attention split over tp with whole key/value groups
+# per rank, RMSNorm under sequence parallelism, its untied output projection on the last pipeline stage;
+# GPT's sinusoidal positions sliced by sequence parallelism, its relative position bias split by heads.
+MORE_MODELS = {
+    "llama": {2: {name: TWO_RANKS[name] for name in ("tp2", "tp2_sp", "pp2_1f1b")},
+              4: {"dp2_tp2_zero1": FOUR_RANKS["dp2_tp2_zero1"]}},
+    "gpt_sinusoidal": {2: {"tp2_sp": TWO_RANKS["tp2_sp"]}},
+    "gpt_relative": {2: {"tp2_sp": TWO_RANKS["tp2_sp"], "pp2_1f1b": TWO_RANKS["pp2_1f1b"]}},
+}
 
 # The production precisions, one layout per dimension (data/ZeRO, tensor+sequence, pipeline on GPT; expert
 # on Switch), with tolerances ~10x the worst difference measured over these layouts (docs/testing.md:
@@ -84,6 +94,7 @@ def _smoke_cases() -> list[tuple[str, list[str]]]:
 
 def _cases(world: int) -> list[tuple[str, list[str]]]:
     cases = [(m, layout) for m in MODELS for layout in LAYOUTS[world].values()]
+    cases += [(m, layout) for m, by_world in MORE_MODELS.items() for layout in by_world.get(world, {}).values()]
     if world == 2:  # the same processes also run the precision checks and the broken layouts
         cases += _smoke_cases() + [("gpt", layout) for layout in BROKEN.values()]
     return cases
@@ -132,6 +143,12 @@ def test_eight_rank_layout_matches_single_process(name, model):
     _check(model, EIGHT_RANKS[name], 8)
 
 
+@pytest.mark.parametrize("model, world, name", [(m, w, n) for m, by_world in MORE_MODELS.items()
+                                                 for w, layouts in by_world.items() for n in layouts])
+def test_other_family_layout_matches_single_process(model, world, name):
+    _check(model, MORE_MODELS[model][world][name], world)
+
+
 @pytest.mark.parametrize("precision", list(SMOKE_TOLERANCE))
 @pytest.mark.parametrize("name", list(SMOKE_LAYOUTS))
 def test_production_precision_layout_matches_single_process(name, precision):
@@ -153,7 +170,7 @@ def test_a_deliberately_broken_layout_fails_the_parity_check(name):
     assert worst > 1e6 * RTOL, f"the broken layout differs by only {worst:.1e}"
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [*MODELS, "llama"])
 def test_reference_training_moves_far_more_than_the_tolerance(model):
     """The comparison means something: five steps change the loss and every weight matrix by far
     more than the tolerance the layouts are held to."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -224,3 +225,24 @@ def test_pangu_alpha_takes_moe_blocks_and_keeps_its_top_query_layer_dense():
     model(torch.randint(0, 512, (2, 16))).float().logsumexp(-1).mean().backward()
     assert model.layers["1"].mlp.experts.w1.grad.abs().sum() > 0
     assert model.layers["1"].mlp.router.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 9, 4], [0, 0, 0, 0]])
+def test_grouped_experts_equal_the_loop_over_experts(counts):
+    """The grouped-GEMM path of expert_ffn (fp32 on a CPU) gives the per-expert loop's outputs and
+    gradients, with empty experts and with no token at all (still in the graph)."""
+    from loom.models.common import moe
+
+    torch.manual_seed(0)
+    e, c, h = 4, 8, 16
+    ws = [torch.randn(e, c, h), torch.randn(e, h), torch.randn(e, h, c), torch.randn(e, c)]
+    x = torch.randn(sum(counts), c)
+    results = []
+    for grouped in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, *ws)]
+        with mock.patch.object(moe, "_grouped_mm_runs", lambda *a, g=grouped: g):
+            y = moe.expert_ffn(leaves[0], torch.tensor(counts), *leaves[1:])
+        y.backward(torch.ones_like(y))
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -21,15 +21,16 @@ def param_generator(seed: int, name: str) -> torch.Generator:
 def gpt_initial_value(module: nn.Module, name: str, shape: torch.Size, n_layer: int,
                       generator: torch.Generator) -> torch.Tensor:
     """GPT-2 initialization of the parameter ``name`` of ``module``: N(0, 0.02) weights, zero biases,
-    unit LayerNorms, and the residual output projections scaled by 1/sqrt(2 n_layer) (Radford et al.
+    unit LayerNorms and RMSNorms, and the residual output projections scaled by 1/sqrt(2 n_layer) (Radford et al.
     2019, section 2.3). Returns the full tensor (fp32, CPU)."""
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name)
     if isinstance(owner, Experts):
         return moe_initial_value(name, shape, n_layer, generator)
-    if isinstance(owner, nn.LayerNorm):
+    if isinstance(owner, (nn.LayerNorm, nn.RMSNorm)):
         return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
     if leaf == "bias":
         return torch.zeros(shape)
-    std = 0.02 / math.sqrt(2 * n_layer) if owner_name.endswith(("out_proj", "mlp.proj")) else 0.02
+    residual = owner_name.endswith(("out_proj", "mlp.proj", "mlp.down_proj"))
+    std = 0.02 / math.sqrt(2 * n_layer) if residual else 0.02
     return torch.empty(shape).normal_(0.0, std, generator=generator)

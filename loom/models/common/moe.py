@@ -67,6 +67,7 @@ class Routing:
     active: torch.Tensor  # (N, k) bool: whether the choice is routed at all (top-2's random routing)
     aux_loss: torch.Tensor  # scalar, weighted
     z_loss: torch.Tensor  # scalar, weighted
+    all_active: bool = True  # every choice routed (then no mask is applied: a mask costs a host sync)
 
 
 class Router(nn.Module):
@@ -95,9 +96,10 @@ class Router(nn.Module):
         probs = logits.softmax(dim=-1)  # (N, E)
         gates, experts = probs.topk(self.k, dim=-1)  # (N, k)
         active = torch.ones_like(experts, dtype=torch.bool)
+        random_routing = self.kind == "top2" and self.training and self.random_routing
         if self.kind == "top2":
             gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-9)
-            if self.training and self.random_routing:  # GShard's random routing: keep the second with probability 2·g2
+            if random_routing:  # GShard's random routing: keep the second with probability 2·g2
                 active[:, 1] = torch.rand(gates.size(0), device=gates.device) < 2 * gates[:, 1].detach()
         # f_i: fraction of the group's tokens whose first choice is i; P_i: mean probability of i
         e = self.n_experts
@@ -105,7 +107,7 @@ class Router(nn.Module):
         first = F.one_hot(experts[:, 0], e).to(probs.dtype).view(g, group_size, e).mean(dim=1)  # (G, E)
         mean_p = probs.view(g, group_size, e).mean(dim=1)  # (G, E)
         aux = self.aux_weight * e * (first * mean_p).sum(dim=-1).mean()
-        return Routing(experts, gates, active, aux, z)
+        return Routing(experts, gates, active, aux, z, all_active=not random_routing)
 
     def _noisy_topk(self, x: torch.Tensor, clean: torch.Tensor, group_size: int, z: torch.Tensor) -> Routing:
         std = F.softplus(F.linear(x, self.noise.weight.to(x.dtype))) + 1e-2  # (N, E)
@@ -134,15 +136,23 @@ def _cv_squared(v: torch.Tensor) -> torch.Tensor:
     return (v.var(dim=-1, unbiased=False) / (v.mean(dim=-1).pow(2) + 1e-10)).mean()
 
 
-def expert_ffn(x: torch.Tensor, counts: list[int], w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-               b2: torch.Tensor | None) -> torch.Tensor:
+def expert_ffn(x: torch.Tensor, counts: list[int] | torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+               w2: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:
     """Tokens ``x`` (M, C) sorted by expert, ``counts[e]`` of them for expert ``e`` -> (M, C): expert
     e's GELU MLP on its slice. Weights: w1 (E, C, H), b1 (E, H), w2 (E, H, C), b2 (E, C).
 
     The output depends on ``x`` and on every weight in autograd even when no expert got a token
     (M = 0): under expert parallelism the backward of the all-to-all that brought ``x`` is a
     collective, and a rank whose experts received nothing must still take part in it (or its peers
-    wait forever), and its weights must get a (zero) gradient like their data-parallel replicas'."""
+    wait forever), and its weights must get a (zero) gradient like their data-parallel replicas'.
+
+    Where torch has a grouped matrix multiply for the dtype (``torch._grouped_mm``: fp32/bf16/fp16 on
+    a CPU, bf16 on Hopper GPUs), all experts run as two grouped GEMMs with no host sync; otherwise
+    (float64, other devices) as a loop of two matmuls per expert."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if _grouped_mm_runs(x.device, dtype, w1.shape[1:]):
+        return _grouped_expert_ffn(x.to(dtype), counts, w1, b1, w2, b2)
+    counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
     outs = []
     for e, xe in enumerate(torch.split(x, counts)):
         if xe.numel() == 0:
@@ -158,6 +168,31 @@ def expert_ffn(x: torch.Tensor, counts: list[int], w1: torch.Tensor, b1: torch.T
     return x * 0 + unused.to(x.dtype)  # (0, C), still in the graph
 
 
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype, inner: torch.Size) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: its kernels want rows of 16-byte multiples."""
+    if not hasattr(torch, "_grouped_mm") or any(n * torch.finfo(dtype).bits // 8 % 16 for n in inner):
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _grouped_expert_ffn(x: torch.Tensor, counts: list[int] | torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+                        w2: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:
+    """:func:`expert_ffn` as two grouped GEMMs: expert e multiplies rows offs[e-1]:offs[e] of ``x``."""
+    dtype = x.dtype
+    counts = torch.as_tensor(counts, device=x.device)
+    offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's tokens
+    rows = None
+    if b1 is not None or b2 is not None:  # each row's expert, for its biases
+        rows = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts, output_size=x.size(0))
+    h = torch._grouped_mm(x, w1.to(dtype), offs=offs)  # (M, H)
+    if b1 is not None:
+        h = h + b1.to(dtype)[rows]
+    y = torch._grouped_mm(F.gelu(h, approximate="tanh"), w2.to(dtype), offs=offs)  # (M, C)
+    return y + b2.to(dtype)[rows] if b2 is not None else y
+
+
 class Experts(nn.Module):
     """E expert MLPs (C -> H -> C, GELU), their weights stacked along a leading expert dimension."""
 
@@ -171,7 +206,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x`` (M, C) sorted by expert, ``counts`` (E,) tokens per expert -> (M, C)."""
-        return expert_ffn(x, counts.tolist(), self.w1, self.b1, self.w2, self.b2)
+        return expert_ffn(x, counts, self.w1, self.b1, self.w2, self.b2)
 
 
 class MoE(nn.Module):
@@ -216,9 +251,10 @@ class MoE(nn.Module):
         expert = route.experts.reshape(-1)  # assignment a = token * k + choice
         token = torch.arange(n, device=expert.device).repeat_interleave(k)
         choice = torch.arange(k, device=expert.device).repeat(n)
-        active = route.active.reshape(-1)
-        expert, token, choice = expert[active], token[active], choice[active]
-        gate = route.gates.reshape(-1)[active]
+        gate = route.gates.reshape(-1)
+        if not route.all_active:
+            active = route.active.reshape(-1)
+            expert, token, choice, gate = expert[active], token[active], choice[active], gate[active]
         group, pos = token // group_size, token % group_size
         # place in its (sequence, expert) queue: first choices first, then by position
         key = ((group * e_count + expert) * k + choice) * group_size + pos
@@ -236,7 +272,7 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def _record(self, route: Routing, dropped: torch.Tensor, groups: int) -> None:
-        routed = route.experts[route.active]
+        routed = route.experts.reshape(-1) if route.all_active else route.experts[route.active]
         f64 = torch.float64  # counts exact, losses as computed (float64 under fp64)
         load = torch.bincount(routed, minlength=self.n_experts).to(f64)
         extra = torch.stack([torch.tensor(float(routed.numel()), device=load.device, dtype=f64), dropped.to(f64),

@@ -18,13 +18,17 @@ all-reduce per block half suffices.
 from __future__ import annotations
 
 
-def block_strategies(prefix: str) -> dict[str, str]:
-    """The strategies of a :class:`~loom.models.common.block.Block` (or blocks: ``layers.*``) at ``prefix``."""
+def block_strategies(prefix: str, mlp: str = "gelu") -> dict[str, str]:
+    """The strategies of a :class:`~loom.models.common.block.Block` (or blocks: ``layers.*``) at
+    ``prefix``; ``mlp="swiglu"``: its gate and up projections split by columns, down by rows."""
+    mlp_table = ({f"{prefix}.mlp.gate_proj": "colwise", f"{prefix}.mlp.up_proj": "colwise",
+                  f"{prefix}.mlp.down_proj": "rowwise"} if mlp == "swiglu"
+                 else {f"{prefix}.mlp.fc": "colwise", f"{prefix}.mlp.proj": "rowwise"})
     return {
         f"{prefix}.attn.q_proj": "colwise",
         f"{prefix}.attn.k_proj": "colwise",
         f"{prefix}.attn.v_proj": "colwise",
         f"{prefix}.attn.out_proj": "rowwise",
-        f"{prefix}.mlp.fc": "colwise",
-        f"{prefix}.mlp.proj": "rowwise",
+        f"{prefix}.attn.rel_bias": "colwise",  # T5's relative position bias (if any): by heads, as q_proj
+        **mlp_table,
     }

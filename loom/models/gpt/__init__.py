@@ -3,6 +3,7 @@ dense or with sparse Mixture-of-Experts feed-forward layers (Switch, GLaM)."""
 
 from __future__ import annotations
 
+from loom.models.gpt.hf import HF
 from loom.models.gpt.model import GPT
 from loom.models.gpt.presets import PRESETS, PUBLISHED_PARAMS
 from loom.models.gpt.sharding import TABLE
@@ -16,6 +17,7 @@ PIPELINE = PipelineSplit(first=("tok_emb", "pos_emb"), last=("ln_f", "lm_head"),
 SHARDING = Sharding(table=TABLE, positional=("pos_emb",))
 
 SPEC = register(ModelSpec(name="gpt", build=GPT, presets=PRESETS, published_params=PUBLISHED_PARAMS,
-                          sharding=SHARDING, pipeline=PIPELINE))
+                          sharding=SHARDING, pipeline=PIPELINE,
+                          positions=("learned", "sinusoidal", "rotary", "relative"), hf=HF, tasks=("causal_lm", "sft")))
 
 __all__ = ["GPT", "PIPELINE", "SHARDING", "SPEC"]

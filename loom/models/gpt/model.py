@@ -1,6 +1,7 @@
 """GPT (Radford et al. 2018, 2019; Brown et al. 2020): a decoder-only Transformer language model.
 
-Learned position embeddings, pre-LayerNorm blocks, GELU MLP, causal self-attention through
+Learned position embeddings (or, with ``model.positions``, fixed sinusoidal ones, rotary attention
+or T5's relative position bias), pre-LayerNorm blocks, GELU MLP, causal self-attention through
 ``F.scaled_dot_product_attention``, input and output embeddings tied, residual projections scaled
 at initialization. Blocks live in a ``ModuleDict`` keyed by their index so that their names stay the
 same when a pipeline split keeps only some of them.
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.models.common import Block, KVCache, gpt_initial_value, param_generator
+from loom.models.common import Block, KVCache, SinusoidalPositions, gpt_initial_value, param_generator
+from loom.models.common import positions as position_kinds
 from loom.models.config import ModelConfig
 
 
@@ -19,10 +21,16 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.positions = position_kinds.resolve(cfg, "learned")
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if self.positions == "learned":
+            self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        elif self.positions == "sinusoidal":
+            self.pos_emb = SinusoidalPositions(cfg.n_embd)  # no weights; rotary, relative: inside attention
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, moe=cfg.moe.is_moe_block(i)) for i in range(self.n_blocks)})
+        rotary, relative = self.positions == "rotary", self.positions == "relative"
+        self.layers = nn.ModuleDict({str(i): Block(cfg, moe=cfg.moe.is_moe_block(i), rotary=rotary, relative=relative)
+                                     for i in range(self.n_blocks)})
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()  # input and output embeddings tied (Press & Wolf 2017)
@@ -81,8 +89,13 @@ class GPT(nn.Module):
         t = idx.size(1)
         if past + t > self.cfg.block_size:
             raise ValueError(f"sequence of {past + t} tokens exceeds block_size={self.cfg.block_size}")
-        pos = torch.arange(past, past + t, device=idx.device)  # (T,)
-        return self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.positions == "sinusoidal":  # Vaswani et al. 3.4: token embeddings × √C beside the fixed ±1 rows
+            x = x * self.cfg.n_embd**0.5
+        if hasattr(self, "pos_emb"):  # learned or sinusoidal; rotary and relative positions enter in attention
+            pos = torch.arange(past, past + t, device=idx.device)  # (T,)
+            x = x + self.pos_emb(pos).to(x.dtype)  # (T, C), broadcast over the batch
+        return self.drop(x)  # (B, T, C)
 
     def head(self, x: torch.Tensor, past: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         """Last hidden states (B, T, C) -> logits (B, T, vocab)."""

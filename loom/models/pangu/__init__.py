@@ -28,6 +28,8 @@ def validate(cfg: ModelConfig) -> None:
 
 
 SPEC = register(ModelSpec(name="pangu", build=PanGuAlpha, presets=PRESETS, published_params=PUBLISHED_PARAMS,
-                          sharding=SHARDING, pipeline=PIPELINE, n_blocks=n_blocks, validate=validate))
+                          sharding=SHARDING, pipeline=PIPELINE, n_blocks=n_blocks, validate=validate,
+                          # absolute positions only: the top query layer's query is a position embedding
+                          positions=("learned", "sinusoidal")))
 
 __all__ = ["PIPELINE", "SHARDING", "SPEC", "PanGuAlpha"]

@@ -1,0 +1,148 @@
+"""Before and after of the training step's hot-path changes, measured side by side in one process.
+
+    python benchmarks/hot_path.py                 # gpt-mini's shape, 5 interleaved rounds
+    python benchmarks/hot_path.py --rounds 9 --out benchmarks/out/hot_path.json
+
+Each row times one piece of the step two ways, alternating them round by round (a shared machine's
+slow stretches hit both), and reports the medians, the spread over rounds and the ratio:
+
+``grad norm + clip``  the global gradient norm and clipping of gpt-mini's gradients: a Python loop of
+                      one reduction and one multiply per parameter (before) against
+                      ``ParallelModel.clip_grads_`` (``torch._foreach_norm`` / ``_foreach_mul_``);
+``MoE step``          forward + backward + AdamW of a 32-expert Switch model of gpt-mini's shape: the
+                      experts as a loop of two matmuls each (before) against two grouped GEMMs;
+``dense step``        the same step of the dense model, for the MoE/dense ratio;
+``bf16 loss``         cross-entropy forward + backward of bf16 logits (batch 8 × 256 tokens × 4096):
+                      the whole fp32 copy (before) against checkpointed 1024-token pieces.
+
+Writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from loom.config import load_config
+from loom.models import build_model, spec_of
+from loom.models.common import moe as moe_module
+from loom.parallel.parallelize import parallelize
+from loom.parallel.plan import Plan
+from loom.tasks import causal_lm, lm_loss
+from loom.train.step import build_optimizers
+
+SEQ, BATCH = 256, 8
+
+
+def _model(experts: int):
+    over = ["model=gpt-mini", "model.dropout=0.0", f"model.block_size={SEQ}"]
+    if experts:
+        over += [f"model.moe.experts={experts}", "model.moe.every=1", "model.moe.router=switch", "model.moe.top_k=1",
+                 "model.moe.capacity_factor=0"]
+    cfg = load_config(None, over)
+    pm = parallelize(build_model(cfg.model), Plan(), None, spec=spec_of(cfg.model), loss_fn=lm_loss,
+                     device=torch.device("cpu"), seed=0)
+    return cfg, pm, build_optimizers(pm, cfg.train)[0]
+
+
+def _data(vocab: int):
+    x = torch.randint(0, vocab, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    return (x[:, :-1],), x[:, 1:]
+
+
+def loop_clip(params, max_norm: float) -> torch.Tensor:
+    """The loop the fused version replaced (main before this change, one process)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        total += p.grad.detach().float().pow(2).sum().double()
+    norm = total.sqrt()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef)
+    return norm
+
+
+def cases():
+    cfg, pm, opt = _model(0)
+    inputs, targets = _data(cfg.model.vocab_size)
+    pm.forward_backward(inputs, targets, lambda v: v)
+    params = list(pm.parameters())
+
+    def dense_step():
+        pm.forward_backward(inputs, targets, lambda v: v)
+        pm.clip_grads_(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    mcfg, mpm, mopt = _model(32)
+
+    def moe_step(grouped: bool):
+        def run():
+            with mock.patch.object(moe_module, "_grouped_mm_runs", lambda *a: grouped):
+                mpm.forward_backward(inputs, targets, lambda v: v)
+            mpm.clip_grads_(1.0)
+            mopt.step()
+            mopt.zero_grad(set_to_none=False)
+        return run
+
+    logits = torch.randn(BATCH, SEQ, 4096).to(torch.bfloat16)
+    labels = torch.randint(0, 4096, (BATCH, SEQ))
+
+    def loss(chunk: int):
+        def run():
+            x = logits.detach().requires_grad_()
+            with mock.patch.object(causal_lm, "LOSS_CHUNK_TOKENS", chunk):
+                causal_lm.lm_loss(x, labels).backward()
+        return run
+
+    return {
+        "grad norm + clip": (lambda: loop_clip(params, 1.0), lambda: pm.clip_grads_(1.0)),
+        "MoE step (32 experts)": (moe_step(False), moe_step(True)),
+        "dense step": (dense_step, dense_step),
+        "bf16 loss": (loss(10**9), loss(causal_lm.LOSS_CHUNK_TOKENS)),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=3, help="calls per timing (their median)")
+    p.add_argument("--out", default="benchmarks/out/hot_path.json")
+    args = p.parse_args()
+    rows = []
+    for name, (before, after) in cases().items():
+        before(), after()  # warm-up
+        times = {"before": [], "after": []}
+        for _ in range(args.rounds):
+            for label, fn in (("before", before), ("after", after)):
+                t = []
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    fn()
+                    t.append(time.perf_counter() - t0)
+                times[label].append(statistics.median(t))
+        b, a = statistics.median(times["before"]), statistics.median(times["after"])
+        rows.append({"case": name, "before_s": b, "after_s": a, "speedup": b / a, "rounds": times})
+        print(f"{name:24} before {b * 1e3:9.2f} ms ({min(times['before']) * 1e3:.2f}–{max(times['before']) * 1e3:.2f})"
+              f"   after {a * 1e3:9.2f} ms ({min(times['after']) * 1e3:.2f}–{max(times['after']) * 1e3:.2f})"
+              f"   ×{b / a:.2f}", flush=True)
+    moe = next(r for r in rows if r["case"].startswith("MoE"))
+    dense = next(r for r in rows if r["case"] == "dense step")
+    print(f"MoE (32 experts) tokens/s vs dense: before {dense['after_s'] / moe['before_s']:.2f}, "
+          f"after {dense['after_s'] / moe['after_s']:.2f}")
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "load_average": os.getloadavg(), "seq": SEQ, "batch": BATCH, "rounds": args.rounds}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

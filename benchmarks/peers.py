@@ -1,0 +1,239 @@
+"""loom's training step beside its peers': the same GPT shape, batch, loss and AdamW in one process.
+
+    python benchmarks/peers.py                                   # gpt-mini's shape, fp32 and bf16, eager
+    python benchmarks/peers.py --shapes mini,30m --rounds 5      # more shapes, more rounds
+    python benchmarks/peers.py --compile                         # torch.compile'd models as well
+
+Three implementations of one GPT-2-style model (learned positions, pre-LayerNorm blocks, GELU MLP,
+tied embedding and output, no dropout, no biases' special cases: all three have biases):
+
+``loom``      loom's model and step: ``parallelize`` on one device (no layout), ``forward_backward``
+              under loom's autocast, loom's gradient clipping and its AdamW (``build_optimizer``);
+``hf``        Hugging Face transformers' ``GPT2LMHeadModel`` (SDPA attention);
+``nanogpt``   a plain-PyTorch GPT written below in nanoGPT's style (fused QKV projection, SDPA).
+
+Every step: forward on (batch, seq) random tokens, mean next-token cross-entropy in fp32, backward,
+``clip_grad_norm_(1.0)``, AdamW (foreach, weight decay on matrices) and ``zero_grad``. Precisions:
+fp32, and bf16 autocast over fp32 weights. The implementations run in interleaved rounds (round r
+times every implementation in turn), so a slow stretch of a shared machine hits all of them alike; the
+table reports each one's median tokens/s over rounds with the min–max spread, and loom's ratio to the
+fastest peer. Writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# name -> (n_layer, n_head, n_embd, seq, vocab, batch)
+SHAPES = {
+    "mini": (4, 4, 192, 256, 4096, 8),     # loom's gpt-mini: 2.6M parameters
+    "30m": (6, 8, 512, 256, 16384, 8),     # ~27M
+    "124m": (12, 12, 768, 1024, 50304, 4),  # GPT-2 small (vocabulary padded to 50304)
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# nanoGPT-style model (plain PyTorch)
+
+
+class _Attention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.c_attn(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(d), _Attention(d, heads), nn.LayerNorm(d)
+        self.c_fc, self.c_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, n_layer: int, heads: int, d: int, seq: int, vocab: int):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.h = nn.ModuleList(_Block(d, heads) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else 0.02)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The three steps
+
+
+def _adamw(params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), foreach=True)
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def plain_step(model: nn.Module, precision: str, compile_: bool):
+    """The step of a model that maps token ids to logits (hf, nanogpt)."""
+    opt = _adamw(model.parameters())
+    params = sum(p.numel() for p in model.parameters())
+    forward = torch.compile(model) if compile_ else model
+
+    def step(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = forward(x)
+            logits = out.logits if hasattr(out, "logits") else out
+        _loss(logits, y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step.params = params
+    return step
+
+
+def loom_step(shape, precision: str, compile_: bool):
+    """loom's own single-device step (what ``TrainingStep`` runs, less the data loader)."""
+    from loom.config import load_config
+    from loom.models import build_model, spec_of
+    from loom.parallel.parallelize import parallelize
+    from loom.parallel.plan import Plan
+    from loom.tasks import lm_loss
+    from loom.train.precision import autocast
+    from loom.train.step import build_optimizers
+
+    n_layer, heads, d, seq, vocab, _ = shape
+    cfg = load_config(None, ["model=gpt-mini", f"model.n_layer={n_layer}", f"model.n_head={heads}",
+                             f"model.n_embd={d}", f"model.block_size={seq}", f"model.vocab_size={vocab}",
+                             "model.dropout=0.0", f"train.precision={precision}", "train.weight_decay=0.1",
+                             "train.beta2=0.95"])
+    pm = parallelize(build_model(cfg.model), Plan(), None, spec=spec_of(cfg.model), loss_fn=lm_loss,
+                     device=torch.device("cpu"), seed=0)
+    if compile_:
+        pm.modules[0] = torch.compile(pm.modules[0])
+    (opt,) = build_optimizers(pm, cfg.train)
+
+    def step(x, y):
+        with autocast(torch.device("cpu"), precision):
+            pm.forward_backward((x,), y, lambda v: v)
+        pm.clip_grads_(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step.params = sum(p.numel() for p in pm.parameters())
+    return step
+
+
+def hf_model(shape) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_layer, heads, d, seq, vocab, _ = shape
+    cfg = GPT2Config(n_layer=n_layer, n_head=heads, n_embd=d, n_positions=seq, vocab_size=vocab, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(cfg).train()
+
+
+def build(impl: str, shape, precision: str, compile_: bool):
+    torch.manual_seed(0)
+    if impl == "loom":
+        return loom_step(shape, precision, compile_)
+    model = hf_model(shape) if impl == "hf" else NanoGPT(*shape[:5]).train()
+    return plain_step(model, precision, compile_)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="mini", help=f"comma-separated, of {', '.join(SHAPES)}")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--impls", default="loom,hf,nanogpt")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the first round (compile: 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--out", default="benchmarks/out/peers.json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for shape_name in args.shapes.split(","):
+        shape = SHAPES[shape_name]
+        batch, seq, vocab = shape[5], shape[3], shape[4]
+        for precision in args.precisions.split(","):
+            for compiled in ([False, True] if args.compile else [False]):
+                impls = args.impls.split(",")
+                steps = {i: build(i, shape, precision, compiled) for i in impls}
+                gen = torch.Generator().manual_seed(0)
+                data = torch.randint(0, vocab, (batch, seq + 1), generator=gen)
+                x, y = data[:, :-1], data[:, 1:]
+                for i in impls:  # warm-up (and compilation)
+                    for _ in range(args.warmup + (1 if compiled else 0)):
+                        steps[i](x, y)
+                per_round: dict[str, list[float]] = {i: [] for i in impls}
+                for _ in range(args.rounds):
+                    for i in impls:
+                        times = []
+                        for _ in range(args.steps):
+                            t0 = time.perf_counter()
+                            steps[i](x, y)
+                            times.append(time.perf_counter() - t0)
+                        per_round[i].append(batch * seq / statistics.median(times))
+                tps = {i: statistics.median(v) for i, v in per_round.items()}
+                peers = {i: v for i, v in tps.items() if i != "loom"}
+                best = max(peers, key=peers.get) if peers else None
+                row = {"shape": shape_name, "precision": precision, "compiled": compiled,
+                       "tokens_per_s": tps, "rounds_tokens_per_s": per_round,
+                       "params": {i: steps[i].params for i in impls},
+                       "best_peer": best, "loom_vs_best_peer": tps.get("loom", 0) / peers[best] if best else None}
+                rows.append(row)
+                spread = "  ".join(f"{i} {tps[i]:,.0f} ({min(v):,.0f}–{max(v):,.0f})" for i, v in per_round.items())
+                ratio = f"  loom/{best} {row['loom_vs_best_peer']:.2f}" if best and "loom" in tps else ""
+                print(f"{shape_name:5} {precision:4} {'compiled' if compiled else 'eager':8} tokens/s: {spread}{ratio}",
+                      flush=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "load_average": os.getloadavg(), "rounds": args.rounds, "steps": args.steps}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

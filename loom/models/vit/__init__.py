@@ -1,0 +1,30 @@
+"""ViT (Dosovitskiy et al. 2020): a Transformer encoder over image patches, classifying on [CLS]."""
+
+from __future__ import annotations
+
+from loom.errors import ConfigError
+from loom.models.config import ModelConfig
+from loom.models.registry import register
+from loom.models.spec import ModelSpec, PipelineSplit, Sharding
+from loom.models.vit.model import ViT
+from loom.models.vit.presets import PRESETS, PUBLISHED_PARAMS
+from loom.models.vit.sharding import TABLE
+
+PIPELINE = PipelineSplit(first=("patch_proj", "cls_emb", "pos_emb"), last=("ln_f", "cls_head"), blocks="layers")
+# the patch projection reads pixels, not the residual stream
+SHARDING = Sharding(table=TABLE, positional=("pos_emb",), whole_inputs=("patch_proj",))
+
+
+def validate(cfg: ModelConfig) -> None:
+    if cfg.patch_size < 1 or cfg.image_size < cfg.patch_size or cfg.image_size % cfg.patch_size:
+        raise ConfigError(f"model.image_size={cfg.image_size} must be a positive multiple of "
+                          f"model.patch_size={cfg.patch_size}")
+    if cfg.n_classes < 2:
+        raise ConfigError(f"model.n_classes={cfg.n_classes}: a ViT classifies into 2 or more classes")
+
+
+# model.block_size is the sequence the cost description counts: the presets set it to patches + [CLS]
+SPEC = register(ModelSpec(name="vit", build=ViT, presets=PRESETS, published_params=PUBLISHED_PARAMS,
+                          sharding=SHARDING, pipeline=PIPELINE, tasks=("image_classification",), validate=validate))
+
+__all__ = ["PIPELINE", "SHARDING", "SPEC", "ViT"]

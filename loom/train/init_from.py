@@ -1,0 +1,58 @@
+"""``train.init_from=RUN_DIR``: start a run from another run's weights (fine-tuning).
+
+Only the model's weights come over, not the optimizer's state, the step or the random state: the
+new run starts at step 0 with fresh moments. Weights are matched by name and shape: those of the
+other run's newest checkpoint that this model also has are loaded (under any layout: DCP reads
+each shard by its global offsets), those this model lacks are dropped (the heads the new task does
+not use: a pretraining run's masked-LM and next-sentence heads), and this model's own that the
+checkpoint lacks keep their fresh initialization (a new classifier).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+from loom.errors import ConfigError
+from loom.train.checkpoint import _single_process_is_intended, latest_checkpoint
+
+log = logging.getLogger("loom.train")
+
+
+@dataclass(frozen=True)
+class InitReport:
+    loaded: tuple[str, ...]  # weights taken from the other run
+    fresh: tuple[str, ...]  # this model's weights the other run lacks: initialized
+    dropped: tuple[str, ...]  # the other run's weights this model lacks
+
+
+def init_from_run(run_dir: str | Path, modules: list[nn.Module]) -> InitReport:
+    """Load the weights of ``run_dir``'s newest checkpoint that the model parts ``modules`` (this
+    rank's, in any layout) share by name; every rank of the job calls it."""
+    ckpt = latest_checkpoint(Path(run_dir).expanduser())
+    if ckpt is None:
+        raise ConfigError(f"train.init_from={str(run_dir)!r} holds no complete checkpoint (checkpoints/step_*); "
+                          "give the directory of a finished loom run")
+    saved = {k[len("model."):]: m for k, m in dcp.FileSystemReader(str(ckpt)).read_metadata()
+             .state_dict_metadata.items() if k.startswith("model.")}
+    states = [get_model_state_dict(m) for m in modules]
+    mine = {k: v for sd in states for k, v in sd.items()}
+    for name, value in mine.items():
+        if name in saved and tuple(saved[name].size) != tuple(value.shape):
+            raise ConfigError(f"train.init_from: {name} is {tuple(saved[name].size)} in {ckpt} but "
+                              f"{tuple(value.shape)} here; keep the model's shape (model.*) of that run")
+    shared = {k: v for k, v in mine.items() if k in saved}
+    with _single_process_is_intended():
+        dcp.load({"model": shared}, checkpoint_id=ckpt)
+    for m, sd in zip(modules, states):
+        set_model_state_dict(m, {k: shared[k] for k in sd if k in shared}, options=StateDictOptions(strict=False))
+    report = InitReport(tuple(sorted(shared)), tuple(sorted(set(mine) - set(saved))),
+                        tuple(sorted(set(saved) - set(mine))))
+    log.info("initialized from %s: %d weights loaded, %d new (%s), %d dropped (%s)", ckpt, len(report.loaded),
+             len(report.fresh), ", ".join(report.fresh) or "-", len(report.dropped), ", ".join(report.dropped) or "-")
+    return report

@@ -1,0 +1,58 @@
+"""Tiny, randomly initialized ``transformers`` models saved as Hugging Face model directories (the
+``test`` extra installs ``transformers``; loom itself never imports it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 320  # 256 bytes + <|endoftext|> + merges; divisible by 2 for vocabulary-parallel splits
+
+
+def tiny_tokenizer(texts: list[str]):
+    """A byte-level BPE of ``VOCAB`` tokens with ``<|endoftext|>``, as a ``transformers`` fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def gpt2_dir(path: Path, texts: list[str], seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 4,
+             n_positions: int = 32, dtype: torch.dtype = torch.float32, **save_kwargs):
+    """A random ``GPT2LMHeadModel`` and its tokenizer saved into ``path``; returns the model (eval mode)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer(texts)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                        vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(config).to(dtype).eval()
+    model.save_pretrained(path, **save_kwargs)
+    tok.save_pretrained(path)
+    return model
+
+
+def llama_dir(path: Path, texts: list[str], seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 4,
+              n_kv_head: int = 2, max_positions: int = 32):
+    """A random ``LlamaForCausalLM`` (grouped-query attention: ``n_kv_head`` key/value heads) and its
+    tokenizer saved into ``path``; returns the model (eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer(texts)
+    config = LlamaConfig(hidden_size=n_embd, num_hidden_layers=n_layer, num_attention_heads=n_head,
+                         num_key_value_heads=n_kv_head, intermediate_size=2 * n_embd, vocab_size=VOCAB,
+                         max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model
