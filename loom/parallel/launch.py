@@ -73,8 +73,8 @@ def init_process(device_name: str) -> tuple[Process, torch.device]:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=30)
-        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
-                                **_restart_store(world, timeout))
+        _check_restart_store()
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     return Process(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
@@ -85,17 +85,17 @@ def threads_per_process(local_processes: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local_processes))
 
 
-def _restart_store(world: int, timeout: datetime.timedelta) -> dict:
-    """Under an elastic agent that hosts the store (``torchrun``, ``loom train --nproc``), a store
-    whose keys are this start's own: the agent keeps one store across restarts, and restarted
-    workers that read the process group's keys of the group before them would dial its dead
-    workers' addresses ("Connection refused")."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return {}
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timeout)
-    return {"store": dist.PrefixStore(f"loom/start{restart_count()}", store), "rank": int(os.environ["RANK"]),
-            "world_size": world}
+def _check_restart_store() -> None:
+    """Restarts need a fresh store per rendezvous round: an elastic agent that shares its own store
+    with the workers keeps it across restarts, and restarted workers then read the process-group keys
+    of the group before them and dial its dead workers ("Connection refused"), or, on several nodes,
+    wait for ever. ``loom train --nproc`` sets ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for its agent;
+    ``torchrun --max-restarts`` needs it in the environment too."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and \
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ConfigError("restarts (--max-restarts) need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the launcher's "
+                          "environment (e.g. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...), so that "
+                          "restarted workers do not read the keys of the workers before them")
 
 
 def broadcast_object(obj, src: int = 0):
@@ -166,11 +166,17 @@ def launch_local(nproc: int, entrypoint, *args, max_restarts: int = 0) -> dict:
                 os.kill(worker.pid, signum)
 
     previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
+    shared = os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # a fresh store per round (see _check_restart_store)
     try:
         return elastic_launch(config, entrypoint)(*args)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if shared is None:
+            del os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]
+        else:
+            os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = shared
 
 
 def restart_count() -> int:

@@ -91,6 +91,9 @@ def _final(summary: dict) -> str:
 def _make_run_dir(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[str, bool]:
     """The run directory, and whether to resume it: a worker group that the elastic agent restarted
     (``--max-restarts``) resumes the run its first start began (the lock file names the job)."""
+    if run_dir is None and not cfg.train.run_dir and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        raise ConfigError("with restarts (torchrun --max-restarts) set train.run_dir=DIR, so that restarted "
+                          "workers find the run their first start began")
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     if not resume and latest_checkpoint(run_dir) is not None:
         if restart_count() > 0 and run_lock_owner(run_dir).get("job") == _job_id():

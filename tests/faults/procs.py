@@ -16,9 +16,9 @@ def loom_popen(*args: str, cwd: Path | None = None) -> subprocess.Popen:
     return popen([sys.executable, "-m", "loom", *args], cwd=cwd)
 
 
-def popen(cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
+def popen(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})})
     STARTED.append(proc)
     return proc
 
@@ -27,10 +27,16 @@ def kill_leftovers() -> None:
     """Whatever a failed test left running: each process started here and its group (workers)."""
     while STARTED:
         proc = STARTED.pop()
+        pids = workers_of(proc.pid) if proc.poll() is None else []  # torchrun's are in sessions of their own
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
 
 
@@ -46,7 +52,10 @@ def wait_for_line(proc: subprocess.Popen, prefix: str) -> str:
 
 def workers_of(launcher_pid: int) -> list[int]:
     """The training processes a launcher spawned (not multiprocessing's resource tracker)."""
-    kids = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    try:
+        kids = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    except OSError:
+        return []
     workers = []
     for k in kids:
         try:

@@ -70,7 +70,7 @@ def torchrun_agent(port: int, run, tiny_corpus) -> subprocess.Popen:
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
            "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "loom", "train", "--data", str(tiny_corpus),
            *TRAIN, f"train.run_dir={run}"]
-    return popen(cmd)
+    return popen(cmd, env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})  # a fresh store per round
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ def check_stopped_and_saved(proc: subprocess.Popen, run: Path, code: int) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143)])  # SIGINT: tests/cli/test_cli.py
 def test_a_signal_to_one_process_saves_and_exits_with_the_resume_line(sig, code, tiny_corpus, tmp_path):
     run = tmp_path / "run"
     proc = start(tiny_corpus, run)
