@@ -89,19 +89,23 @@ def _final(summary: dict) -> str:
 
 
 def _make_run_dir(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[str, bool]:
-    """The run directory, and whether to resume it: a worker group that the elastic agent restarted
-    (``--max-restarts``) resumes the run its first start began (the lock file names the job)."""
+    """The run directory, and whether to resume it: a worker group that an elastic agent started
+    again resumes the run its job began (the lock file names the job that last trained it). The job
+    is known by the agent's run id; the restart count alone cannot tell, since on several nodes only
+    the agent whose worker failed counts a restart (the others restart for the new rendezvous)."""
     if run_dir is None and not cfg.train.run_dir and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
         raise ConfigError("with restarts (torchrun --max-restarts) set train.run_dir=DIR, so that restarted "
                           "workers find the run their first start began")
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    job = _job_id()
+    ours = run_lock_owner(run_dir).get("job") == job if job not in ("", "none") else restart_count() > 0
     if not resume and latest_checkpoint(run_dir) is not None:
-        if restart_count() > 0 and run_lock_owner(run_dir).get("job") == _job_id():
+        if ours:
             return str(run_dir), True
         raise RunError(f"{str(run_dir)!r} already holds a run with checkpoints; continue it with "
                        f"`loom train --resume {run_dir}` or choose another train.run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return str(run_dir), resume or restart_count() > 0
+    return str(run_dir), resume or ours
 
 
 def _job_id() -> str:
