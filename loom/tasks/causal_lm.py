@@ -22,29 +22,53 @@ from loom.tasks.base import Batch, Task
 
 # tokens per piece of a bf16/fp16 loss: each piece's fp32 copy of its logits lives only while it is computed
 LOSS_CHUNK_TOKENS = 1024
+# ... used where the whole fp32 copy would be larger than this: below it torch's fused loss is faster
+# (benchmarks/hot_path.py measured the pieces 1.5× slower at 8 × 256 tokens × 4096 on a CPU)
+LOSS_WHOLE_FP32_MAX_BYTES = 256 * 2**20
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in at least fp32 (float64 stays float64); logits (B, T, V),
     targets (B, T).
 
-    Logits in bf16/fp16 (mixed precision) are not copied to fp32 whole: the loss is summed over
-    pieces of :data:`LOSS_CHUNK_TOKENS` tokens, each cast to fp32 inside an activation checkpoint, so
-    one piece's fp32 copy and log-softmax exist at a time (forward, and again in backward) instead of
-    the whole batch's. Distributed (vocabulary-parallel) logits take torch's loss as they are."""
+    Logits in bf16/fp16 (mixed precision) whose fp32 copy would exceed :data:`LOSS_WHOLE_FP32_MAX_BYTES`
+    are not copied to fp32 whole: :class:`_PiecewiseCrossEntropy` takes :data:`LOSS_CHUNK_TOKENS` tokens
+    at a time in fp32 and computes each piece's gradient with its loss, so backward keeps a gradient in
+    the logits' own dtype instead of an fp32 log-softmax. Distributed (vocabulary-parallel) logits take
+    torch's loss as they are."""
     rows, flat = logits.flatten(0, 1), targets.flatten()  # (B·T, V), (B·T,)
-    if at_least_fp32(rows) is rows or type(rows) is not torch.Tensor or rows.size(0) <= LOSS_CHUNK_TOKENS:
+    if at_least_fp32(rows) is rows or type(rows) is not torch.Tensor or rows.size(0) <= LOSS_CHUNK_TOKENS \
+            or rows.numel() * 4 <= LOSS_WHOLE_FP32_MAX_BYTES:
         return F.cross_entropy(at_least_fp32(rows), flat)
-    from torch.utils.checkpoint import checkpoint
-
-    total = sum(checkpoint(_loss_sum, rows[i:i + LOSS_CHUNK_TOKENS], flat[i:i + LOSS_CHUNK_TOKENS],
-                           use_reentrant=False)
-                for i in range(0, rows.size(0), LOSS_CHUNK_TOKENS))
-    return total / (flat != -100).sum()  # F.cross_entropy's mean: over the targets it does not ignore
+    return _PiecewiseCrossEntropy.apply(rows, flat, LOSS_CHUNK_TOKENS)
 
 
-def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+class _PiecewiseCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of low-precision logits (N, V), computed in fp32 piece by piece; the gradient
+    (softmax − one-hot) / count is made in the forward, piece by piece, and kept in the logits' dtype
+    (the fused cross-entropy of Liger-Kernel and others, in plain PyTorch). Targets of -100 are ignored,
+    as by ``F.cross_entropy``."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        valid = targets != -100
+        count = valid.sum().clamp_min(1).float()
+        grad = torch.empty_like(logits)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for i in range(0, logits.size(0), chunk):
+            x, t, keep = logits[i:i + chunk].float(), targets[i:i + chunk].clamp_min(0), valid[i:i + chunk]
+            lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (n, 1)
+            total += ((lse.squeeze(1) - x.gather(1, t[:, None]).squeeze(1)) * keep).sum()
+            p = x.sub_(lse).exp_()  # softmax, in place of the fp32 copy
+            p.scatter_add_(1, t[:, None], -torch.ones_like(p[:, :1]))
+            grad[i:i + chunk] = p.mul_((keep / count)[:, None])
+        ctx.save_for_backward(grad)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
 
 
 def lm_metrics(loss_sum: float, tokens: int) -> dict:
