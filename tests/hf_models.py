@@ -90,3 +90,21 @@ def bert_dir(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_he
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return model
+
+
+def vit_dir(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 4, image_size: int = 8,
+            patch_size: int = 2, channels: int = 3, num_labels: int = 5):
+    """A random ``ViTForImageClassification`` saved into ``path``; returns the model (eval mode)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=n_embd, num_hidden_layers=n_layer, num_attention_heads=n_head,
+                       intermediate_size=2 * n_embd, image_size=image_size, patch_size=patch_size,
+                       num_channels=channels, num_labels=num_labels, initializer_range=0.3)
+    model = ViTForImageClassification(config).eval()
+    with torch.no_grad():  # non-trivial LayerNorms, biases, [CLS] and positions, so a mapping that misses one fails
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.endswith("bias") or "embeddings." in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model
