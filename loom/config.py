@@ -300,6 +300,9 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+ACTIVATIONS = ("gelu_tanh", "gelu")  # model.activation: F.gelu's approximate="tanh" | "none"
+
+
 def _validate_model(m: ModelConfig) -> None:
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
         _check(f"model.{name}", getattr(m, name), low=1)
@@ -322,6 +325,11 @@ def _validate_model(m: ModelConfig) -> None:
         spec.validate(m)
     _check("model.dropout", m.dropout, 0.0, 1.0, high_open=True)
     _check("model.layer_norm_eps", m.layer_norm_eps, 0.0, low_open=True)
+    if m.activation not in ACTIVATIONS:
+        raise ConfigError(f"model.activation={m.activation!r} is not a GELU loom has; valid: {', '.join(ACTIVATIONS)}")
+    if m.activation != "gelu_tanh" and m.moe.experts:
+        raise ConfigError(f"model.activation={m.activation} is not built for Mixture-of-Experts layers (their experts "
+                          "use gelu_tanh); set model.activation=gelu_tanh or model.moe.experts=0")
     _validate_moe(m)
 
 

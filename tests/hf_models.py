@@ -56,3 +56,55 @@ def llama_dir(path: Path, texts: list[str], seed: int = 0, n_layer: int = 2, n_e
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return model
+
+
+def bert_tokenizer():
+    """A WordPiece ``BertTokenizerFast`` of ``VOCAB`` tokens: BERT's specials, single characters and their
+    ``##`` continuations, a few words."""
+    from transformers import BertTokenizerFast
+
+    chars = [chr(c) for c in range(33, 127)]
+    words = ["def", "return", "import", "print", "for", "range", "pass", "os"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *words]
+    vocab += [f"tok{i}" for i in range(VOCAB - len(vocab))]
+    return BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)})
+
+
+def bert_dir(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 4, max_positions: int = 32,
+             num_labels: int = 0):
+    """A random ``BertForPreTraining`` (``BertForSequenceClassification`` of ``num_labels`` classes when
+    ``num_labels``) and its WordPiece tokenizer saved into ``path``; returns the model (eval mode)."""
+    from transformers import BertConfig, BertForPreTraining, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    tok = bert_tokenizer()
+    config = BertConfig(hidden_size=n_embd, num_hidden_layers=n_layer, num_attention_heads=n_head,
+                        intermediate_size=2 * n_embd, vocab_size=VOCAB, max_position_embeddings=max_positions,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=num_labels or 2,
+                        initializer_range=0.3)  # weights large enough that GELU's approximation shows
+    model = (BertForSequenceClassification(config) if num_labels else BertForPreTraining(config)).eval()
+    with torch.no_grad():  # non-trivial LayerNorms and biases, so a mapping that misses one fails
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model
+
+
+def vit_dir(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 4, image_size: int = 8,
+            patch_size: int = 2, channels: int = 3, num_labels: int = 5):
+    """A random ``ViTForImageClassification`` saved into ``path``; returns the model (eval mode)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=n_embd, num_hidden_layers=n_layer, num_attention_heads=n_head,
+                       intermediate_size=2 * n_embd, image_size=image_size, patch_size=patch_size,
+                       num_channels=channels, num_labels=num_labels, initializer_range=0.3)
+    model = ViTForImageClassification(config).eval()
+    with torch.no_grad():  # non-trivial LayerNorms, biases, [CLS] and positions, so a mapping that misses one fails
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.endswith("bias") or "embeddings." in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model

@@ -235,20 +235,28 @@ class HFTokenizer(BpeTokenizer):
 
 def _eos_token(dir: Path, extra: dict[str, str], hf: Any) -> str:
     """The end-of-sequence token a model directory names (tokenizer_config.json, special_tokens_map.json,
-    config.json's eos_token_id), else ``<|endoftext|>``."""
-    for name in HFTokenizer.EXTRA_FILES:
-        eos = json.loads(extra[name]).get("eos_token") if name in extra else None
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if isinstance(eos, str) and eos:
-            return eos
+    config.json's eos_token_id; BERT's, which has none, its separator [SEP]), else ``<|endoftext|>``."""
+    eos = _named_token(extra, "eos_token")
+    if eos:
+        return eos
     config = dir / "config.json"
     if config.is_file():
         eos_id = json.loads(config.read_text()).get("eos_token_id")
         eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
         if isinstance(eos_id, int) and hf.id_to_token(eos_id) is not None:
             return hf.id_to_token(eos_id)
-    return EOS_TOKEN
+    return _named_token(extra, "sep_token") or EOS_TOKEN
+
+
+def _named_token(extra: dict[str, str], key: str) -> str | None:
+    """The token tokenizer_config.json or special_tokens_map.json names as ``key`` (e.g. ``eos_token``)."""
+    for name in HFTokenizer.EXTRA_FILES:
+        token = json.loads(extra[name]).get(key) if name in extra else None
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and token:
+            return token
+    return None
 
 
 def _import_zh() -> tuple[ModuleType, ModuleType]:

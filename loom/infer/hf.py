@@ -74,14 +74,15 @@ def export_hf(run_dir: Path, out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) 
     if out.exists() and any(out.iterdir()):
         raise RunError(f"{str(out)!r} is not empty; export into a new directory")
     ckpt = _newest_intact(run_dir)
-    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
+    tokenizer = None if cfg.model.image_size else load_tokenizer(Path(run_dir) / "tokenizer")  # images: none
     dtype = param_dtype(cfg.train.precision)
     shapes = {n: p.shape for n, p in adapt(build_model(cfg.model), cfg.train).named_parameters()}  # meta
     parts = hf_parts([n for n in shapes if not is_lora_param(n)], cfg.model)
     itemsize = torch.empty((), dtype=dtype).element_size()
     files = _file_index({k: sum(shapes[n].numel() for _, n in v) * itemsize for k, v in parts.items()}, shard_bytes)
-    config.update({"torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": tokenizer.eos_id,
-                   "eos_token_id": tokenizer.eos_id})
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if tokenizer is not None:
+        config.update({"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id})
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -102,7 +103,8 @@ def export_hf(run_dir: Path, out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) 
         index = {"metadata": {"total_size": total}, "weight_map": {k: Path(f).name for k, f in weight_map.items()}}
         write_text_atomic(tmp / INDEX, json.dumps(index, indent=2) + "\n")
     write_text_atomic(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-    _write_tokenizer(tokenizer, tmp, cfg.model.block_size)
+    if tokenizer is not None:
+        _write_tokenizer(tokenizer, tmp, cfg.model.block_size)
     write_text_atomic(tmp / "loom_export.json", json.dumps({"run": str(Path(run_dir).resolve()),
                                                             "step": checkpoint_step(ckpt)}, indent=2) + "\n")
     if out.exists():

@@ -47,6 +47,7 @@ class ModelConfig:
     # | relative (T5's bucketed bias, Raffel et al. 2020)
     positions: str = "auto"
     rope_theta: float = 10000.0  # rotary positions' base (Llama 3: 500000)
+    activation: str = "gelu_tanh"  # the MLP's GELU: gelu_tanh (tanh approximation, GPT-2) | gelu (exact: BERT, ViT)
     post_ln: bool = False  # encoders: LayerNorm after each residual add (BERT as published); false: before
     n_classes: int = 0  # encoders: outputs of a classification head on [CLS]; 0: the pretraining heads
     image_size: int = 0  # vision: images are image_size × image_size pixels of `channels` channels

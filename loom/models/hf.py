@@ -88,7 +88,10 @@ def mapping(cfg: ModelConfig) -> HFMapping:
 def source_region(src: HFSource, offsets: tuple[int, ...], sizes: tuple[int, ...]
                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The rectangle (offsets, sizes) of the stored tensor that holds the rectangle (``offsets``,
-    ``sizes``) of the loom parameter whose source is ``src``."""
+    ``sizes``) of the loom parameter whose source is ``src`` (a reshaped one, :attr:`HFSource.shape`: all
+    of it)."""
+    if src.shape is not None:
+        return (0,) * len(src.shape), tuple(src.shape)
     off = list(offsets)
     if off:
         off[src.dim] += src.start
@@ -114,6 +117,8 @@ def assemble(parts: list[tuple[HFSource, str]], tensors: dict[str, torch.Tensor]
     """One stored tensor from its loom parts (:func:`hf_parts`): concatenated along the fused
     dimension, transposed back where the checkpoint stores (in, out)."""
     src = parts[0][0]
+    if src.shape is not None:
+        return tensors[parts[0][1]].reshape(src.shape).contiguous()
     full = torch.cat([tensors[n] for _, n in parts], dim=src.dim) if len(parts) > 1 else tensors[parts[0][1]]
     return (full.t() if src.transpose else full).contiguous()
 

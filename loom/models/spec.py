@@ -83,12 +83,15 @@ class HFSource:
     ``transpose`` (GPT-2's ``Conv1D`` stores (in, out), ``nn.Linear`` (out, in)), starting at ``start``
     along dimension ``dim`` of the loom layout (one part of a fused tensor, e.g. the keys in GPT-2's
     ``c_attn``). A parameter is a rectangle of its source, so any shard of it is one too: each rank
-    reads only the rectangle its shard needs."""
+    reads only the rectangle its shard needs. ``shape``: set when the stored tensor is the parameter
+    reshaped (ViT's patch projection stored as a convolution's (C, channels, P, P) kernel, its [CLS] and
+    position tables with a leading 1); such a (small) tensor is read whole and each rank keeps its part."""
 
     name: str
     transpose: bool = False
     dim: int = 0
     start: int = 0
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ class _Read:
     offsets: tuple[int, ...]  # the rectangle of it, in the stored layout
     sizes: tuple[int, ...]
     transpose: bool
+    # a reshaped source (read whole): the whole parameter's shape and this rank's part of it
+    part: tuple[torch.Size, tuple[slice, ...]] | None = None
 
 
 class _RectanglePlanner(DefaultLoadPlanner):
@@ -139,6 +141,9 @@ def check_hf_weights(path: str | Path, cfg: ModelConfig) -> str:
             raise ConfigError(f"{path}: no tensor {src.name!r} (for loom's {name}) in the checkpoint")
         offsets, sizes = source_region(src, (0,) * p.dim(), tuple(p.shape))
         shape = stored[key][0]
+        if src.shape is not None and (tuple(shape) != tuple(src.shape) or shape.numel() != p.numel()):
+            raise ConfigError(f"{path}: tensor {key!r} has shape {tuple(shape)}, not {tuple(src.shape)} (loom's {name} "
+                              f"{tuple(p.shape)}); config.json and the weights disagree")
         if _vocab_padding(p.shape, cfg, src) and len(shape) == len(sizes):
             sizes = (min(sizes[0], shape[0]), *sizes[1:])  # rows past the stored vocabulary: padding
         if len(shape) != len(sizes) or any(o + s > n for o, s, n in zip(offsets, sizes, shape)):
@@ -179,7 +184,10 @@ def load_hf_weights(modules: list[nn.Module], cfg: ModelConfig, path: str | Path
                 if rows == 0:
                     continue
                 local, region_sizes = local[:rows], (rows, *region_sizes[1:])
-            reads.append(_Read(local, key, region_offsets, region_sizes, src.transpose))
+            part = None
+            if src.shape is not None:  # read whole, this rank's part taken after the reshape
+                part = p.shape, tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))
+            reads.append(_Read(local, key, region_offsets, region_sizes, src.transpose, part))
     if fmt == "safetensors":
         state = {str(i): torch.empty(r.sizes, dtype=stored[r.stored][1]) for i, r in enumerate(reads)}
         planner = _RectanglePlanner({str(i): (r.stored, r.offsets) for i, r in enumerate(reads)})
@@ -190,6 +198,8 @@ def load_hf_weights(modules: list[nn.Module], cfg: ModelConfig, path: str | Path
     else:
         values = [tensors[r.stored][tuple(slice(o, o + s) for o, s in zip(r.offsets, r.sizes))] for r in reads]
     for r, v in zip(reads, values):
+        if r.part is not None:
+            v = v.reshape(r.part[0])[r.part[1]]
         r.param.copy_(v.t() if r.transpose else v)
 
 
@@ -215,17 +225,18 @@ def hf_init_config(path: str | Path, overrides: list[str] | None = None, config_
     return cfg
 
 
-def prepare_hf_init(cfg: Config, run_dir: Path) -> Path:
+def prepare_hf_init(cfg: Config, run_dir: Path) -> Path | None:
     """Put the model directory's tokenizer into the run (``run_dir/tokenizer``, which the data is then
     encoded with) and record where the weights come from (``run_dir/init.json``); returns the
-    tokenizer's folder."""
+    tokenizer's folder (None for a model that reads images: it has no tokenizer)."""
     source = Path(cfg.train.init_from).expanduser().resolve()
-    tok_dir = Path(run_dir) / "tokenizer"
-    try:
-        tokenizer = HFTokenizer.from_pretrained_dir(source)
-    except DataError as e:
-        raise ConfigError(f"train.init_from={cfg.train.init_from}: {e}") from None
-    tokenizer.save(tok_dir)
+    tok_dir = None if cfg.model.image_size else Path(run_dir) / "tokenizer"
+    if tok_dir is not None:
+        try:
+            tokenizer = HFTokenizer.from_pretrained_dir(source)
+        except DataError as e:
+            raise ConfigError(f"train.init_from={cfg.train.init_from}: {e}") from None
+        tokenizer.save(tok_dir)
     config = read_hf_config(source)
     record = {"init_from": str(source), "format": "huggingface", "model_type": config["model_type"],
               "architectures": config.get("architectures"), "weights": weight_format(source),
@@ -240,7 +251,8 @@ def initial_tokenizer(cfg: Config, run_dir: Path) -> str | None:
     into ``init.json``), or the one ``data.tokenizer=DIR`` names (a Hugging Face model or tokenizer
     directory, or a run's ``tokenizer/``). None: the run trains a tokenizer (``data.tokenizer``'s kind)."""
     if starts_from_hf(cfg):
-        return str(prepare_hf_init(cfg, run_dir))
+        tok_dir = prepare_hf_init(cfg, run_dir)
+        return str(tok_dir) if tok_dir else None
     if not tokenizer_is_dir(cfg.data.tokenizer):
         return None
     source = Path(cfg.data.tokenizer).expanduser()

@@ -3,6 +3,7 @@ next-sentence prediction and fine-tuned for classification."""
 
 from __future__ import annotations
 
+from loom.models.bert.hf import HF
 from loom.models.bert.model import BERT, CLASSIFICATION_HEADS, PRETRAINING_HEADS
 from loom.models.bert.presets import PRESETS, PUBLISHED_PARAMS
 from loom.models.bert.sharding import TABLE
@@ -20,6 +21,6 @@ SHARDING = Sharding(table=TABLE, positional=("pos_emb",), stream_inputs=("layers
                     whole_inputs=("mlm_ln", "mlm_decoder", "nsp_head", "classifier"))
 
 SPEC = register(ModelSpec(name="bert", build=BERT, presets=PRESETS, published_params=PUBLISHED_PARAMS,
-                          sharding=SHARDING, pipeline=PIPELINE, tasks=("masked_lm", "classification")))
+                          sharding=SHARDING, pipeline=PIPELINE, tasks=("masked_lm", "classification"), hf=HF))
 
 __all__ = ["BERT", "PIPELINE", "SHARDING", "SPEC"]

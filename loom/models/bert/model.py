@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.models.common import Experts, param_generator
+from loom.models.common.block import gelu_approximate
 from loom.models.common.encoder import encoder_block
 from loom.models.common.moe import moe_initial_value
 from loom.models.config import ModelConfig
@@ -124,5 +125,5 @@ class BERT(nn.Module):
         pooled = torch.tanh(self.pooler(x)[:, 0])  # (B, C)
         if self.cfg.n_classes:
             return self.classifier(self.drop(pooled))  # (B, n_classes)
-        h = self.mlm_ln(F.gelu(self.mlm_dense(x), approximate="tanh"))  # (B, T, C)
+        h = self.mlm_ln(F.gelu(self.mlm_dense(x), approximate=gelu_approximate(self.cfg)))  # (B, T, C)
         return self.mlm_decoder(h), self.nsp_head(pooled)  # (B, T, vocab), (B, 2)

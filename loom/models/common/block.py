@@ -11,17 +11,24 @@ from loom.models.common.moe import MoE
 from loom.models.config import ModelConfig
 
 
+def gelu_approximate(cfg: ModelConfig) -> str:
+    """``F.gelu``'s ``approximate`` for ``model.activation``: gelu_tanh -> "tanh", gelu -> "none"."""
+    return "none" if cfg.activation == "gelu" else "tanh"
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward network with GELU (tanh approximation, as GPT-2)."""
+    """Position-wise feed-forward network with GELU: its tanh approximation (GPT-2's) or the exact one
+    (BERT's and ViT's), as ``model.activation`` says."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, cfg.ffn, bias=cfg.bias)
         self.proj = nn.Linear(cfg.ffn, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.approximate = gelu_approximate(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class SwiGLU(nn.Module):

@@ -6,6 +6,7 @@ from loom.errors import ConfigError
 from loom.models.config import ModelConfig
 from loom.models.registry import register
 from loom.models.spec import ModelSpec, PipelineSplit, Sharding
+from loom.models.vit.hf import HF
 from loom.models.vit.model import ViT
 from loom.models.vit.presets import PRESETS, PUBLISHED_PARAMS
 from loom.models.vit.sharding import TABLE
@@ -25,6 +26,7 @@ def validate(cfg: ModelConfig) -> None:
 
 # model.block_size is the sequence the cost description counts: the presets set it to patches + [CLS]
 SPEC = register(ModelSpec(name="vit", build=ViT, presets=PRESETS, published_params=PUBLISHED_PARAMS,
-                          sharding=SHARDING, pipeline=PIPELINE, tasks=("image_classification",), validate=validate))
+                          sharding=SHARDING, pipeline=PIPELINE, tasks=("image_classification",), validate=validate,
+                          hf=HF))
 
 __all__ = ["PIPELINE", "SHARDING", "SPEC", "ViT"]

@@ -1,0 +1,84 @@
+"""Hugging Face ViT: a tiny random ``ViTForImageClassification``, saved with ``save_pretrained``, is the
+same model in loom (classification logits; the patch convolution, [CLS] and position tables stored in
+other shapes than loom's), and exported back ``transformers``' Auto class loads it with the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")  # the test extra; loom's import and export do not need it
+
+from loom.config import load_config  # noqa: E402
+from loom.errors import ConfigError  # noqa: E402
+from loom.models import build_model  # noqa: E402
+from loom.models.hf import hf_model_settings  # noqa: E402
+from loom.train.hf import check_hf_weights, load_hf_weights  # noqa: E402
+from tests.hf_models import vit_dir  # noqa: E402
+
+TOL = 1e-4
+
+
+def imported(path, overrides=()):
+    cfg = load_config(None, list(overrides), settings=hf_model_settings(path))
+    check_hf_weights(path, cfg.model)
+    model = build_model(cfg.model, "cpu")
+    model.init_weights(cfg.train.seed)  # overwritten below: the test fails if any parameter is not
+    load_hf_weights([model], cfg.model, path)
+    return cfg, model.eval()
+
+
+def images(seed: int) -> torch.Tensor:
+    return torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vit")
+    return path, vit_dir(path)
+
+
+def test_imported_vit_gives_transformers_logits(vit):
+    path, ref = vit
+    cfg, model = imported(path)
+    m = cfg.model
+    assert (m.arch, m.n_layer, m.n_embd, m.image_size, m.patch_size, m.channels, m.n_classes) == ("vit", 2, 32, 8, 2,
+                                                                                                  3, 5)
+    assert (m.post_ln, m.layer_norm_eps, m.activation, m.block_size) == (False, 1e-12, "gelu", 17)
+    x = images(1)
+    with torch.no_grad():
+        assert (model(x) - ref(pixel_values=x).logits).abs().max().item() <= TOL
+        # the check can fail: loom's tanh-approximate GELU (its default) is another model
+        _, tanh = imported(path, ["model.activation=gelu_tanh"])
+        assert (tanh(x) - ref(pixel_values=x).logits).abs().max().item() > TOL
+
+
+def test_imported_then_exported_vit_loads_in_transformers_with_the_same_logits(vit, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    from loom.infer.hf import export_hf
+    from loom.train.hf import import_hf
+
+    path, ref = vit
+    out = export_hf(import_hf(path, tmp_path / "run"), tmp_path / "hf")
+    assert not (tmp_path / "run" / "tokenizer").exists() and not (out / "tokenizer.json").exists()
+    back = AutoModelForImageClassification.from_pretrained(out).eval()
+    assert type(back) is type(ref)
+    x = images(2)
+    with torch.no_grad():
+        assert (back(pixel_values=x).logits - ref(pixel_values=x).logits).abs().max().item() <= TOL
+
+
+def test_a_vit_option_loom_lacks_is_one_clear_error(tmp_path, vit):
+    path, ref = vit
+    config = json.loads((path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "qkv_bias": False}))
+    with pytest.raises(ConfigError, match="qkv_bias=False is not supported by loom's ViT"):
+        hf_model_settings(tmp_path)
+    ref.save_pretrained(tmp_path)  # weights of 8x8 images under a config of 16x16 ones
+    (tmp_path / "config.json").write_text(json.dumps({**config, "image_size": 16}))
+    cfg = load_config(None, settings=hf_model_settings(tmp_path))
+    with pytest.raises(ConfigError, match="position_embeddings' has shape .* config.json and the weights disagree"):
+        check_hf_weights(tmp_path, cfg.model)
