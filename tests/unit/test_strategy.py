@@ -62,8 +62,8 @@ def test_builtin_tables():
     assert gpt["tok_emb"] == gpt["lm_head"] == "vocab"
     assert {k: v for k, v in pangu.items() if k in gpt} == gpt
     assert pangu["top_query_emb"] == "replicate" and pangu["top_query_layer.attn.out_proj"] == "rowwise"
-    with pytest.raises(ConfigError, match="model.arch='bert'"):
-        spec_of("bert")
+    with pytest.raises(ConfigError, match="model.arch='t5'"):
+        spec_of("t5")
 
 
 def test_resolution_covers_every_weight_and_overrides_win():
