@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.tensor import DTensor
 
-from loom.config import Config, config_to_yaml, load_config, tokenizer_is_dir
+from loom.config import Config, config_to_yaml, load_config, task_name, tokenizer_is_dir
 from loom.data import DataError
 from loom.data.tokenizer import META_FILE, HFTokenizer
 from loom.errors import ConfigError, RunError
@@ -36,6 +36,7 @@ from loom.models import build_model
 from loom.models.config import ModelConfig
 from loom.models.hf import hf_model_settings, is_hf_dir, mapping, read_hf_config, source_region
 from loom.models.lora import is_lora_param
+from loom.tasks import TASKS
 from loom.train.checkpoint import latest_checkpoint, save_checkpoint
 from loom.train.precision import param_dtype
 
@@ -216,12 +217,17 @@ def starts_from_hf(cfg: Config) -> bool:
 
 
 def hf_init_config(path: str | Path, overrides: list[str] | None = None, config_file: str | None = None,
-                   settings: dict | None = None) -> Config:
+                   settings: dict | None = None, training: bool = True) -> Config:
     """The config of a run that starts from the model directory ``path``: its ``config.json`` as the
-    ``model`` section (``model.*`` overrides still apply, e.g. ``model.dropout``), then the rest."""
+    ``model`` section (``model.*`` overrides still apply, e.g. ``model.dropout``), then the rest.
+    ``training``: a run will train it (a task that needs loom's own WordPiece tokenizer is refused)."""
     model = hf_model_settings(path)
     cfg = load_config(config_file, [*(overrides or []), f"train.init_from={path}"], {**model, **(settings or {})})
     check_hf_weights(path, cfg.model)
+    if training and getattr(TASKS[task_name(cfg)], "tokenizer_kind", None) == "wordpiece":
+        raise ConfigError(f"train.task={task_name(cfg)} from a Hugging Face model directory is not built yet: the "
+                          "task needs loom's WordPiece tokenizer (its [NL] and <|endoftext|> marks), the directory "
+                          "brings its own; `loom import` and `loom export --format hf` work for this model")
     return cfg
 
 
@@ -283,7 +289,7 @@ def import_hf(path: str | Path, out: str | Path, overrides: list[str] | None = N
     tokenizer, and its weights as checkpoint step 0, which ``loom generate``, ``eval`` and ``export``
     open like any run's (and ``train.init_from`` starts from)."""
     out = Path(out)
-    cfg = hf_init_config(path, [*(overrides or []), f"train.run_dir={out}"])
+    cfg = hf_init_config(path, [*(overrides or []), f"train.run_dir={out}"], training=False)
     if latest_checkpoint(out) is not None:
         raise RunError(f"{str(out)!r} already holds a run with checkpoints; choose another --out")
     out.mkdir(parents=True, exist_ok=True)

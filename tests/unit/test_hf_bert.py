@@ -130,3 +130,8 @@ def test_model_activation_is_checked():
     with pytest.raises(ConfigError, match="model.activation='relu' is not a GELU loom has; valid: gelu_tanh, gelu"):
         load_config(None, ["model.arch=bert", "model=bert-tiny", "model.activation=relu"])
     assert load_config(None, ["model=bert-tiny"]).model.activation == "gelu_tanh"  # the default is unchanged
+
+
+def test_llama_has_no_gelu_to_choose():
+    with pytest.raises(ConfigError, match="the Llama family's MLP is SwiGLU"):
+        load_config(None, ["model=llama-tiny", "model.activation=gelu"])

@@ -82,3 +82,45 @@ def test_a_vit_option_loom_lacks_is_one_clear_error(tmp_path, vit):
     cfg = load_config(None, settings=hf_model_settings(tmp_path))
     with pytest.raises(ConfigError, match="position_embeddings' has shape .* config.json and the weights disagree"):
         check_hf_weights(tmp_path, cfg.model)
+
+
+def test_a_shard_of_a_reshaped_tensor_is_its_part(vit, monkeypatch):
+    """Each rank keeps its part of a tensor stored in another shape (the patch kernel, the [CLS] and
+    position tables): a rank holding the second half of every parameter's rows (as ZeRO's dim-0
+    shards) gets the second half of each."""
+    from loom.train import hf
+
+    path, _ = vit
+    cfg, whole = imported(path)
+    model = build_model(cfg.model, "cpu")
+    model.init_weights(1)
+    monkeypatch.setattr(hf, "_local", lambda p: (p[p.shape[0] // 2:], (p.shape[0] // 2, *[0] * (p.dim() - 1))))
+    load_hf_weights([model], cfg.model, path)
+    ours, theirs = dict(model.named_parameters()), dict(whole.named_parameters())
+    for name in ("patch_proj.weight", "pos_emb.weight", "cls_emb.weight", "layers.0.attn.q_proj.weight"):
+        half = theirs[name].shape[0] // 2
+        assert torch.equal(ours[name][half:], theirs[name][half:]), name
+    assert not torch.equal(ours["pos_emb.weight"][:8], theirs["pos_emb.weight"][:8])  # the other rank's half
+
+
+def test_a_gpt2_with_exact_gelu_imports_and_exports_it(tmp_path):
+    """GPT-2's activation_function=gelu is model.activation=gelu, and goes back out as it came."""
+    from transformers import AutoModelForCausalLM
+
+    from loom.infer.hf import export_hf
+    from loom.train.hf import import_hf
+    from tests.hf_models import VOCAB, gpt2_dir
+
+    path = tmp_path / "gpt2"
+    gpt2_dir(path, ["def f(x):\n    return x + 1\n"] * 20)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "activation_function": "gelu"}))
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    cfg, model = imported(path)
+    assert cfg.model.activation == "gelu"
+    out = export_hf(import_hf(path, tmp_path / "run"), tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["activation_function"] == "gelu"
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(x) - ref(x).logits).abs().max().item() <= TOL
+        assert (AutoModelForCausalLM.from_pretrained(out)(x).logits - ref(x).logits).abs().max().item() <= TOL

@@ -29,6 +29,10 @@ _TOP = {"tok_emb.weight": "transformer.wte.weight", "lm_head.weight": "transform
         "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias"}
 
 
+# GPT-2's activations -> model.activation
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
 def source(name: str, cfg: ModelConfig) -> HFSource:
     """Where loom's parameter ``name`` is in a ``GPT2LMHeadModel`` checkpoint."""
     if name in _TOP:
@@ -46,7 +50,7 @@ def _unsupported(key: str, value, want) -> ConfigError:
 
 def config_from_hf(c: dict) -> dict:
     """``config.json`` of a GPT-2 -> loom ``model.*`` settings; an option loom's GPT lacks is an error."""
-    needs = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "scale_attn_weights": (True,),
+    needs = {"activation_function": tuple(_ACTIVATIONS), "scale_attn_weights": (True,),
              "scale_attn_by_inverse_layer_idx": (False,), "add_cross_attention": (False,),
              "tie_word_embeddings": (True,)}
     for key, ok in needs.items():
@@ -61,7 +65,8 @@ def config_from_hf(c: dict) -> dict:
             "ffn_hidden": c.get("n_inner") or 4 * n_embd, "vocab_size": c["vocab_size"],
             "block_size": c.get("n_positions", c.get("n_ctx", 1024)), "dropout": next(iter(drops.values())),
             "bias": True, "layer_norm_eps": c.get("layer_norm_epsilon", 1e-5), "positions": "learned",
-            "n_kv_head": None, "moe": {"experts": 0}}
+            "n_kv_head": None, "moe": {"experts": 0},
+            "activation": _ACTIVATIONS[c.get("activation_function", "gelu_new")]}
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -76,7 +81,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         raise ConfigError("model.bias=false has no Hugging Face GPT-2 equivalent (GPT-2 has biases everywhere)")
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layer,
             "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_inner": cfg.ffn, "n_positions": cfg.block_size,
-            "n_ctx": cfg.block_size, "vocab_size": cfg.vocab_size, "activation_function": "gelu_new",
+            "n_ctx": cfg.block_size, "vocab_size": cfg.vocab_size,
+            "activation_function": "gelu" if cfg.activation == "gelu" else "gelu_new",
             "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
             "layer_norm_epsilon": cfg.layer_norm_eps, "initializer_range": 0.02, "scale_attn_weights": True,
             "tie_word_embeddings": True, "use_cache": True}

@@ -22,6 +22,9 @@ def validate(cfg: ModelConfig) -> None:
     if cfg.moe.experts:
         raise ConfigError(f"model.moe.experts={cfg.moe.experts}: the Llama family is dense (its MLP is SwiGLU; "
                           "loom's experts are GELU MLPs); set model.moe.experts=0, or use model.arch=gpt for MoE")
+    if cfg.activation != "gelu_tanh":
+        raise ConfigError(f"model.activation={cfg.activation}: the Llama family's MLP is SwiGLU, it has no GELU to "
+                          "choose; leave model.activation unset")
 
 
 SPEC = register(ModelSpec(name="llama", build=Llama, presets=PRESETS, published_params=PUBLISHED_PARAMS,
