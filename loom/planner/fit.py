@@ -45,10 +45,13 @@ def collective_factors(kind: str, n: int) -> tuple[float, float]:
 
 def fit_collective(kind: str, n: int, nbytes: Sequence[float], seconds: Sequence[float]) -> dict:
     """``t = a + c · nbytes`` fitted to the timings, turned into the cost model's latency (per step)
-    and bus bandwidth (bytes/s) for a collective of ``kind`` over ``n`` ranks."""
+    and bus bandwidth (bytes/s) for a collective of ``kind`` over ``n`` ranks. When the time does not
+    grow with the size at the sizes measured (all latency, or noise), the bandwidth is the lower bound
+    that the largest transfer shows (as if all its time were transfer), never an infinite one."""
     a, c = fit_linear([[1.0] * len(nbytes), nbytes], seconds)
     factor, steps = collective_factors(kind, n)
-    bandwidth = factor / c if c > 0 else math.inf
+    largest = max(range(len(nbytes)), key=lambda i: nbytes[i])
+    bandwidth = factor / c if c > 0 else factor * nbytes[largest] / max(seconds[largest], 1e-12)
     return {"latency_s": a / steps, "bandwidth": bandwidth, "intercept_s": a, "s_per_byte": c}
 
 

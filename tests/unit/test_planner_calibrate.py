@@ -35,6 +35,8 @@ def test_collective_fit_tolerates_noise_and_never_goes_negative():
     # timings that shrink with size (noise at small sizes) give no negative latency or bandwidth
     fit = fitting.fit_collective("all_reduce", 4, [4, 1 << 20], [3e-3, 1e-3])
     assert fit["latency_s"] >= 0 and fit["bandwidth"] > 0
+    # ... and a finite bandwidth, as a profile must hold: the lower bound the largest transfer shows
+    assert fit["bandwidth"] == pytest.approx(2 * 3 / 4 * (1 << 20) / 1e-3)
 
 
 def test_block_fit_recovers_overhead_rate_and_half_width():
