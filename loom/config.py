@@ -76,6 +76,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     run_dir: Optional[str] = None  # None: runs/<time>-<preset>
     progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | none
+    tensorboard: bool = True  # also write the logged metrics as TensorBoard event files in RUN/tensorboard/
     # start from these weights: a loom run directory (docs/encoders.md) or a Hugging Face model directory
     # (docs/huggingface.md)
     init_from: Optional[str] = None

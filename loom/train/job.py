@@ -18,18 +18,18 @@ import shutil
 from pathlib import Path
 
 from loom.config import Config, ConfigError, config_to_yaml
-from loom.data import PreparedData
+from loom.data import DataError, PreparedData
 from loom.data.corpus import corpus_files
 from loom.errors import RunError
 from loom.files import read_json, write_text_atomic
 from loom.models import build_model, count_params
 from loom.parallel.launch import Process, barrier, broadcast_object, init_process, restart_count
 from loom.parallel.plan import Plan
-from loom.train.checkpoint import latest_checkpoint
+from loom.train.checkpoint import CheckpointError, latest_checkpoint
 from loom.train.hf import initial_tokenizer, starts_from_hf
 from loom.train.memory import check_training_state_fits
 from loom.train.rundir import lock_run_dir, new_run_dir, prepare_run_data, run_lock_owner
-from loom.train.trainer import Trainer
+from loom.train.trainer import STEPS_LOGGER, Trainer
 
 log = logging.getLogger("loom.train")
 
@@ -158,16 +158,37 @@ def _write_run_files(cfg: Config, run_dir: Path, data: PreparedData, with_tokeni
         data.tokenizer.save(tok_dir)
 
 
+USER_ERRORS = (ConfigError, RunError, DataError, CheckpointError)
+
+
 @contextlib.contextmanager
 def _log_to_file(path: Path):
+    """``train.log``: what rank 0 logs, the step lines whatever ``train.progress`` shows (they come
+    through ``loom.steps``, which the terminal does not see), and the error that stopped the run: the
+    one line the user saw, or an unexpected exception's traceback."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("loom")
-    logger.addHandler(handler)
+    loggers = [logging.getLogger("loom"), logging.getLogger(STEPS_LOGGER)]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         yield
+    except BaseException as e:
+        if isinstance(e, USER_ERRORS):
+            message, exc_info = f"loom: error: {e}", None
+        elif isinstance(e, KeyboardInterrupt):
+            message, exc_info = "loom: interrupted", None
+        elif isinstance(e, SystemExit):
+            raise
+        else:
+            message, exc_info = f"the run stopped on an unexpected error: {type(e).__name__}: {e}", \
+                (type(e), e, e.__traceback__)
+        # to the file only: the terminal shows it once, from the command line
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), exc_info))
+        raise
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
         handler.close()
 
 

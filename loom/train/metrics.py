@@ -145,6 +145,33 @@ class MetricsFile:
         self._f.close()
 
 
+# metrics.jsonl keys written to TensorBoard as scalars, under these tags (and every val_* metric)
+TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+                    "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "loss_scale": "train/loss_scale"}
+
+
+class TensorBoardWriter:
+    """TensorBoard event files (``torch.utils.tensorboard``) of the scalars of each logged step:
+    loss, learning rate, gradient norm, tokens/s, MFU and the validation metrics (``val/...``)."""
+
+    def __init__(self, log_dir: Path, purge_after_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when a run writes
+
+        # a resumed run repeats the steps after its checkpoint: TensorBoard hides their old events
+        self._w = SummaryWriter(str(log_dir), purge_step=purge_after_step + 1 if purge_after_step else None)
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
+        for key, value in record.items():
+            tag = TENSORBOARD_TAGS.get(key) or (f"val/{key[4:]}" if key.startswith("val_") else None)
+            if tag and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self._w.add_scalar(tag, value, step)
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The records of ``metrics.jsonl``; a line torn by a crash mid-write is skipped."""
     return read_jsonl(path)

@@ -11,9 +11,11 @@ kernels such as attention's backward are not bitwise deterministic).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import sys
@@ -47,12 +49,18 @@ from loom.train.checkpoint import (
 from loom.train.finetune import prepare_for_finetuning
 from loom.train.hf import load_hf_weights, starts_from_hf
 from loom.train.init_from import init_from_run
-from loom.train.metrics import MetricsFile, peak_flops, raise_cpu_peak
+from loom.train.metrics import MetricsFile, TensorBoardWriter, peak_flops, raise_cpu_peak
 from loom.train.optim import lr_at
 from loom.train.precision import autocast, compute_dtype, param_dtype
 from loom.train.step import TrainingStep, mean_over_replicas
 
 log = logging.getLogger("loom.train")
+# the step lines for train.log when the terminal shows a bar or nothing: not under "loom", whose
+# handler is the terminal's (the run's file handler listens to both)
+STEPS_LOGGER = "loom_steps"
+steps_log = logging.getLogger(STEPS_LOGGER)
+steps_log.setLevel(logging.INFO)
+steps_log.propagate = False
 
 
 @dataclass
@@ -147,6 +155,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.model.block_size)
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", truncate_after_step=self.start_step) \
             if run_dir is not None and self.process.is_coordinator else None
+        self.tensorboard = TensorBoardWriter(run_dir / "tensorboard", purge_after_step=self.start_step) \
+            if run_dir is not None and self.process.is_coordinator and t.tensorboard else None
         mode = t.progress if self.process.is_coordinator else "none"
         self.progress_mode = ("bar" if sys.stderr.isatty() else "log") if mode == "auto" else mode
 
@@ -185,11 +195,12 @@ class Trainer:
 
     def run(self) -> dict:
         t = self.cfg.train
-        bar = tqdm(total=t.steps, initial=self.start_step, unit="step", dynamic_ncols=True) \
+        bar = tqdm(total=t.steps, initial=self.start_step, unit="step", **bar_width(sys.stderr)) \
             if self.progress_mode == "bar" else None
         last_eval, started, done = {}, time.perf_counter(), self.start_step
         self.model.train()
-        with StopRequest() as stop:
+        # the bar is closed however the loop ends, so that an error's line starts a line of its own
+        with bar if bar is not None else contextlib.nullcontext(), StopRequest() as stop:
             for step in range(self.start_step, t.steps):
                 self._timed_step(step)
                 done = step + 1
@@ -199,6 +210,8 @@ class Trainer:
                     record = {**(record or {"step": done}), **last_eval}
                 if record is not None and self.metrics is not None:
                     self.metrics.write(record)
+                    if self.tensorboard is not None:
+                        self.tensorboard.write(record)
                     self._show(bar, record)
                 if bar is not None:
                     bar.update(1)
@@ -210,10 +223,10 @@ class Trainer:
                     if self.process.is_coordinator:
                         log.warning("stopped at step %d; continue with: loom train --resume %s", done, self.run_dir)
                     break
-        if bar is not None:
-            bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return self._summary(last_eval, time.perf_counter() - started, done)
 
     def _agree_signal(self, signum: int) -> int:
@@ -376,10 +389,13 @@ class Trainer:
     # -- what the user sees --------------------------------------------------------------
 
     def _show(self, bar, record: dict) -> None:
-        if self.progress_mode == "bar":
-            bar.set_postfix_str(_fmt(record), refresh=False)
-        elif self.progress_mode == "log":
-            log.info("step %d/%d | %s", record["step"], self.cfg.train.steps, _fmt(record))
+        line = ("step %d/%d | %s", record["step"], self.cfg.train.steps, _fmt(record))
+        if self.progress_mode == "log":
+            log.info(*line)
+        else:  # train.log holds the step lines whatever the terminal shows
+            steps_log.info(*line)
+            if self.progress_mode == "bar":
+                bar.set_postfix_str(_fmt(record), refresh=False)
 
     def _summary(self, last_eval: dict, seconds: float, done: int) -> dict:
         summary = {
@@ -427,6 +443,24 @@ def moe_records(names: tuple[str, ...], stats: torch.Tensor) -> list[dict]:
                         "dropped": dropped / max(assigned, 1), "load_max_mean": max(load) / mean if mean else 0.0,
                         "load": [v / max(assigned, 1) for v in load]})
     return records
+
+
+BAR_FALLBACK_COLUMNS = 100
+
+
+def bar_width(stream) -> dict:
+    """tqdm's size settings for a bar on ``stream``: the terminal's own, followed as it changes, where
+    the terminal reports a size; a fixed width (``COLUMNS`` or 100) and height where it reports none
+    or 0 (some consoles, a scheduler's pseudo-terminal). There tqdm would draw a bar of width 0, and a
+    height of 0 makes it draw nothing at all."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        size = os.terminal_size((0, 0))
+    if size.columns > 0 and size.lines > 0:
+        return {"dynamic_ncols": True}
+    env = os.environ.get("COLUMNS", "")
+    return {"ncols": int(env) if env.isdigit() and int(env) > 0 else BAR_FALLBACK_COLUMNS, "nrows": 20}
 
 
 def _fmt(r: dict) -> str:
