@@ -107,6 +107,7 @@ class ParallelConfig:
     # outer -> inner (the last on the fastest link); an order without ep places ep right inside dp
     mesh_order: list[str] = field(default_factory=lambda: ["pp", "dp", "ep", "tp"])
     strategies: dict[str, str] = field(default_factory=dict)  # module pattern -> shard strategy override
+    timeout_s: float = 1800.0  # a collective that waits longer ends the job (the process group's timeout)
 
 
 @dataclass
@@ -411,6 +412,7 @@ def _validate_parallel(p: ParallelConfig) -> None:
         _check(f"parallel.{name}", getattr(p, name), low=1)
     _check("parallel.zero", p.zero, 0, 3)
     _check("parallel.shard_group", p.shard_group, low=0)
+    _check("parallel.timeout_s", p.timeout_s, low=0, low_open=True)
     if sorted(p.mesh_order) not in (sorted(MESH_AXES), sorted(set(MESH_AXES) - {"ep"})):
         raise ConfigError(f"parallel.mesh_order={list(p.mesh_order)} must order each of {', '.join(MESH_AXES)} "
                           "exactly once, outermost first (e.g. [pp, dp, ep, tp]: tp inside a node)")

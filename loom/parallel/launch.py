@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from loom.errors import ConfigError
+from loom.errors import ConfigError, RunError
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,9 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_process(device_name: str) -> tuple[Process, torch.device]:
-    """Join the job described by the environment (if any) and pick this process's device."""
+def init_process(device_name: str, timeout_s: float = 1800.0) -> tuple[Process, torch.device]:
+    """Join the job described by the environment (if any) and pick this process's device. A collective
+    that waits longer than ``timeout_s`` (``parallel.timeout_s``) fails (see :func:`collective_timeout`)."""
     world = env_world_size()
     if world == 1 and not dist.is_initialized():
         return Process(), resolve_device(device_name)
@@ -72,10 +74,32 @@ def init_process(device_name: str) -> tuple[Process, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(minutes=30)
+        timeout = datetime.timedelta(seconds=timeout_s)
         _check_restart_store()
         dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     return Process(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+@contextlib.contextmanager
+def collective_timeout(timeout_s: float, key: str = "parallel.timeout_s"):
+    """A collective that timed out (another process is stuck, dead, or slower than the timeout) as one
+    line naming the setting and what to do, instead of gloo's message and traceback. Rank 0's line is
+    printed by the command; another rank that times out says so itself, since rank 0 may be the one
+    that is stuck."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo raises torch.distributed.DistBackendError, a RuntimeError
+        text = str(e)
+        if not re.search(r"timed out|timeout", text, re.IGNORECASE):
+            raise
+        op = re.search(r"for (\w+) operation", text)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        message = (f"a collective{f' ({op.group(1)})' if op else ''} on rank {rank} waited longer than "
+                   f"{key}={timeout_s:g} s for the other processes: one of them is stuck or died (see its "
+                   f"output), or a step or checkpoint save takes that long (then raise {key})")
+        if rank != 0:
+            print(f"loom: error: {message}", file=sys.stderr, flush=True)
+        raise RunError(message) from None
 
 
 def threads_per_process(local_processes: int) -> int:

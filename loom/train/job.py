@@ -23,7 +23,14 @@ from loom.data.corpus import corpus_files
 from loom.errors import RunError
 from loom.files import read_json, write_text_atomic
 from loom.models import build_model, count_params
-from loom.parallel.launch import Process, barrier, broadcast_object, init_process, restart_count
+from loom.parallel.launch import (
+    Process,
+    barrier,
+    broadcast_object,
+    collective_timeout,
+    init_process,
+    restart_count,
+)
 from loom.parallel.plan import Plan
 from loom.train.checkpoint import CheckpointError, latest_checkpoint
 from loom.train.hf import initial_tokenizer, starts_from_hf
@@ -36,7 +43,8 @@ log = logging.getLogger("loom.train")
 
 def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = False) -> dict:
     """Train ``cfg`` under ``plan`` in ``run_dir`` (continuing its newest checkpoint when ``resume``)."""
-    process, device = init_process(cfg.train.device)  # fail before any work if the device is not there
+    # fail before any work if the device is not there
+    process, device = init_process(cfg.train.device, cfg.parallel.timeout_s)
     if not process.is_coordinator:
         logging.getLogger("loom").setLevel(logging.ERROR)  # one voice: rank 0's
     if plan.world_size != process.world_size:
@@ -47,7 +55,8 @@ def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = F
     run_dir, resume = _on_coordinator(process, _make_run_dir, cfg, run_dir, resume)
     run_dir = Path(run_dir)
     with _holding_lock(process, run_dir), \
-            _log_to_file(run_dir / "train.log") if process.is_coordinator else contextlib.nullcontext():
+            _log_to_file(run_dir / "train.log") if process.is_coordinator else contextlib.nullcontext(), \
+            collective_timeout(cfg.parallel.timeout_s):
         # a restarted job may have died before it wrote the tokenizer
         tok_dir = run_dir / "tokenizer" if resume and (run_dir / "tokenizer").is_dir() else None
         if not resume and cfg.train.init_from and not starts_from_hf(cfg):
