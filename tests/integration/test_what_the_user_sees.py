@@ -101,3 +101,28 @@ def test_bar_width_falls_back_when_the_terminal_reports_none(monkeypatch):
             assert bar_width(stream) == {"dynamic_ncols": True}
     finally:
         os.close(r)
+
+
+def test_a_resumed_run_hides_the_tensorboard_events_of_the_steps_it_repeats(loom_cli, tiny_corpus, tmp_path,
+                                                                           monkeypatch):
+    real = Trainer.train_step
+
+    def failing(self, step):
+        if step == 3:  # after step 3 is logged, past the checkpoint of step 2
+            raise RuntimeError("the machine went away")
+        return real(self, step)
+
+    run = tmp_path / "run"
+    args = _args(tiny_corpus, run, "train.ckpt_every=2", "model.dropout=0.1")
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", failing)
+        with pytest.raises(RuntimeError):
+            loom_cli(*args)
+    assert [s for s, _ in _scalars(run / "tensorboard")["train/loss"]] == [1, 2, 3]
+    code, _, err = loom_cli("train", "--resume", str(run))
+    assert code == 0, err
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    losses = _scalars(run / "tensorboard")["train/loss"]
+    assert [s for s, _ in losses] == [1, 2, 3, 4]  # step 3 once: the resumed run's
+    assert [v for _, v in losses] == pytest.approx([r["loss"] for r in records], rel=1e-6)
