@@ -77,7 +77,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
             if (sequence_parallel and isinstance(mod, nn.Dropout)
                     and not any(fnmatchcase(name, p) for p in sharding.whole_inputs)):
                 # it drops elements of this rank's slice of the stream: a mask of its own per slice
-                mod.forward = on_shard(mod.forward, tp_mesh.get_local_rank())
+                mod.forward = on_shard(mod, tp_mesh.get_local_rank())
             if sequence_parallel and name in sharding.positional:
                 # a fixed (sinusoidal) encoding computes every position's row: keep this rank's
                 parallelize_module(mod, tp_mesh, PrepareModuleOutput(output_layouts=Replicate(),

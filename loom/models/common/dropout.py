@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 _SEED_RANGE = 2**62  # + stream stays below the generator's 2**64
 
@@ -43,10 +44,13 @@ def shard_rng(stream: int | None, device: torch.device) -> Iterator[None]:
         gen.set_state(state)
 
 
-def on_shard(forward, stream: int):
-    """``forward`` (a dropout's) drawing its mask as shard ``stream`` (:func:`shard_rng`)."""
+def on_shard(dropout: nn.Dropout, stream: int):
+    """``dropout``'s forward, drawing its mask as shard ``stream`` (:func:`shard_rng`) when it drops anything."""
+    forward = dropout.forward
 
     def run(x: torch.Tensor) -> torch.Tensor:
+        if not (dropout.training and dropout.p):  # draws nothing: leave the generators as they are
+            return forward(x)
         with shard_rng(stream, x.device):
             return forward(x)
 
