@@ -76,6 +76,25 @@ def _loss_and_grads(model, cfg, seed: int):
     return loss.item(), grads, stream[0], torch.get_rng_state()
 
 
+def _classifier_logits(mesh) -> torch.Tensor:
+    """BERT's classifier under tp2 + sp with dropout: the stream is split, the pooled [CLS] vector whole."""
+    from loom.config import load_config
+    from loom.models import build_model, materialize, spec_of
+    from loom.parallel.strategy import resolve_strategies
+    from loom.parallel.tensor import apply_tensor_parallel
+
+    cfg = load_config(None, ["model=bert-tiny", "model.n_layer=2", "model.block_size=16", "model.n_classes=3",
+                             f"model.dropout={DROPOUT}"]).model
+    sharding = spec_of(cfg).sharding
+    model = materialize(build_model(cfg).double(), "cpu", seed=0)
+    strategies = resolve_strategies(build_model(cfg), sharding.table, {}, tp=2, dp=1)
+    apply_tensor_parallel(model, mesh, strategies, sequence_parallel=True, sharding=sharding)
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(3)
+    logits = model.train()(idx)
+    return logits.full_tensor() if hasattr(logits, "full_tensor") else logits.detach()
+
+
 def _worker(run_dir: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -98,6 +117,7 @@ def _worker(run_dir: str) -> dict:
         model, cfg = _model(True, mesh)
         apply_recompute(model.layers, mode)
         out[f"recompute-{mode}"] = _loss_and_grads(model, cfg, seed=3)[:2]
+    out["bert-cls-sp"] = _classifier_logits(mesh)
     model, cfg = _model(True, mesh)
     out["eval-loss"] = _loss_and_grads(model.eval(), cfg, seed=3)[0]
     dist.barrier()
@@ -133,6 +153,8 @@ def test_replicated_activations_agree_and_generators_stay_in_step(results):
     assert len(r0["tp"]["drop"]) == 5 and _equal(r0["tp"]["drop"], r1["tp"]["drop"])  # embedding + 2 per block
     assert r0["tp"]["hidden"].shape[1] == 16 and torch.equal(r0["tp"]["hidden"], r1["tp"]["hidden"])
     assert r0["tp"]["loss"] == r1["tp"]["loss"]
+    # BERT under sp: the stream's dropouts are per slice, the one on the pooled [CLS] vector is not
+    assert torch.equal(r0["bert-cls-sp"], r1["bert-cls-sp"])
 
 
 def test_sequence_slices_draw_different_masks_on_each_rank(results):
