@@ -47,7 +47,7 @@ class Sharding:
     communication bucket that overlaps with compute). ``stream_inputs``: attention and MLP modules
     (patterns) that read the residual stream itself rather than a LayerNorm's output (post-LayerNorm
     blocks): under sequence parallelism their inputs are gathered to the whole sequence first.
-    ``whole_inputs``: modules after the blocks whose input is already the whole sequence on every
+    ``whole_inputs``: modules (a dropout too) after the blocks whose input is already the whole sequence on every
     rank (a head behind a replicated projection that gathered the stream), not this rank's slice."""
 
     table: dict[str, str]

@@ -39,6 +39,7 @@ from torch.distributed.tensor.placement_types import Placement
 
 from loom.models import Sharding
 from loom.models.common import MLP, Attention, Block, MoE, SwiGLU
+from loom.models.common.dropout import on_shard
 from loom.parallel.strategy import check_strategies
 
 VOCAB_PARALLEL = "_loom_vocab_parallel"  # set on an output projection whose outputs are split over the vocabulary
@@ -73,6 +74,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
         if any(name.startswith(p) for p in moe_prefixes):
             continue
         if next(mod.parameters(recurse=False), None) is None:
+            if (sequence_parallel and isinstance(mod, nn.Dropout)
+                    and not any(fnmatchcase(name, p) for p in sharding.whole_inputs)):
+                # it drops elements of this rank's slice of the stream: a mask of its own per slice
+                mod.forward = on_shard(mod, tp_mesh.get_local_rank())
             if sequence_parallel and name in sharding.positional:
                 # a fixed (sinusoidal) encoding computes every position's row: keep this rank's
                 parallelize_module(mod, tp_mesh, PrepareModuleOutput(output_layouts=Replicate(),
@@ -121,6 +126,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
             styles = [_Replicated(Replicate(), Replicate())]
         for style in styles:
             parallelize_module(mod, tp_mesh, style, src_data_rank=src)
+    for name, mod in model.named_modules():
+        if isinstance(mod, Attention) and strategies.get(f"{name}.q_proj") == "colwise":
+            mod.rng_stream = tp_mesh.get_local_rank()  # its attention dropout reads this rank's heads only
     if sequence_parallel:
         modules = dict(model.named_modules())
         for name, mod in modules.items():

@@ -18,7 +18,7 @@ PIPELINE = PipelineSplit(first=("tok_emb", "pos_emb", "seg_emb", "emb_ln"),
 # Post-LayerNorm blocks feed attention and MLP the stream itself; the heads behind the pooler and the
 # masked-LM transform (which gather the stream) read the whole sequence.
 SHARDING = Sharding(table=TABLE, positional=("pos_emb",), stream_inputs=("layers.*.attn", "layers.*.mlp"),
-                    whole_inputs=("mlm_ln", "mlm_decoder", "nsp_head", "classifier"))
+                    whole_inputs=("mlm_ln", "mlm_decoder", "nsp_head", "head_drop", "classifier"))
 
 SPEC = register(ModelSpec(name="bert", build=BERT, presets=PRESETS, published_params=PUBLISHED_PARAMS,
                           sharding=SHARDING, pipeline=PIPELINE, tasks=("masked_lm", "classification"), hf=HF))

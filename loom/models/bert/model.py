@@ -47,6 +47,7 @@ class BERT(nn.Module):
             self.ln_f = nn.LayerNorm(d, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.pooler = nn.Linear(d, d)
         if cfg.n_classes:
+            self.head_drop = nn.Dropout(cfg.dropout)  # on [CLS]'s pooled vector: whole on every tp rank
             self.classifier = nn.Linear(d, cfg.n_classes)
         else:
             self.mlm_dense = nn.Linear(d, d)
@@ -124,6 +125,6 @@ class BERT(nn.Module):
         # projection that gathers the sequence (a rank's slice may not hold position 0)
         pooled = torch.tanh(self.pooler(x)[:, 0])  # (B, C)
         if self.cfg.n_classes:
-            return self.classifier(self.drop(pooled))  # (B, n_classes)
+            return self.classifier(self.head_drop(pooled))  # (B, n_classes)
         h = self.mlm_ln(F.gelu(self.mlm_dense(x), approximate=gelu_approximate(self.cfg)))  # (B, T, C)
         return self.mlm_decoder(h), self.nsp_head(pooled)  # (B, T, vocab), (B, 2)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.models.common.dropout import shard_rng
 from loom.models.common.positions import RELATIVE_BUCKETS, apply_rotary, relative_bias_inputs, rotary_angles
 from loom.models.config import ModelConfig
 
@@ -76,6 +77,8 @@ class Attention(nn.Module):
             self.rel_bias = nn.Linear(RELATIVE_BUCKETS, cfg.n_head, bias=False)
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.attn_dropout = cfg.dropout
+        # set by tensor parallelism when this module holds a shard of the heads (see common.dropout)
+        self.rng_stream: int | None = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         # The head count is read off the width, not the config: a tensor-parallel shard of the
@@ -115,6 +118,7 @@ class Attention(nn.Module):
                 qpos = torch.arange(past, past + t, device=q.device)[:, None]
                 mask = torch.arange(past + t, device=q.device)[None, :] <= qpos  # (T, past + T)
         dropout = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        with shard_rng(self.rng_stream if dropout else None, q.device):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, C)
         return self.resid_drop(self.out_proj(y))

@@ -14,6 +14,7 @@ from torch import nn
 
 from loom.models.common.attention import Attention
 from loom.models.common.block import MLP, Block
+from loom.models.common.dropout import shard_rng
 from loom.models.common.moe import MoE
 from loom.models.config import ModelConfig
 
@@ -28,7 +29,8 @@ class BidirectionalAttention(Attention):
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         keys = mask[:, None, None, :] if mask is not None else None  # (B, 1, 1, T): broadcast over heads, queries
         dropout = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=dropout, is_causal=False)
+        with shard_rng(self.rng_stream if dropout else None, q.device):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=dropout, is_causal=False)
         y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, C)
         return self.resid_drop(self.out_proj(y))
 
