@@ -235,7 +235,8 @@ class MoE(nn.Module):
         route = self.router(flat, group_size=t)
         token, gate, expert, counts, dropped = self._dispatch(route, b, t)
         y = self.experts(flat[token], counts)  # (M, C), sorted by expert
-        out = torch.zeros_like(flat).index_add_(0, token, y * gate.to(y.dtype)[:, None])
+        # summed in the stream's dtype: under autocast the grouped experts give bf16/fp16 rows
+        out = torch.zeros_like(flat).index_add_(0, token, (y * gate.to(y.dtype)[:, None]).to(flat.dtype))
         out = self.drop(out.view(b, t, c))
         if self.training and _recording:
             self._record(route, dropped, b)
