@@ -1,4 +1,5 @@
-"""``loom`` on the command line: train | generate | eval | export | import | plot | describe | plan | calibrate.
+"""``loom`` on the command line: train | generate | eval | predict | export | import | plot | describe | plan |
+calibrate.
 
 Configuration errors are one line on stderr and exit code 2, before any work starts.
 """
@@ -73,6 +74,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--batches", type=int, default=None, help="validation batches (default: train.eval_batches)")
     e.add_argument("--device", default="auto")
+
+    pr = sub.add_parser("predict", help="the label a classification run gives a text (--text) or an image "
+                                         "classification run an image (--image), with its probability")
+    pr.add_argument("run_dir")
+    pr.add_argument("--text", help="the text to classify (a classification run)")
+    pr.add_argument("--image", metavar="PATH", help="the image file to classify (an image_classification run)")
+    pr.add_argument("--top-k", type=int, default=1, help="print the K most probable labels (default 1)")
+    pr.add_argument("--json", action="store_true", help="print the answer as one JSON object")
+    pr.add_argument("--device", default="auto")
 
     x = sub.add_parser("export", help="write a trained run's weights as one layout-free safetensors file, or as a "
                                       "Hugging Face model directory (--format hf)")
@@ -340,6 +350,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    import json
+
+    from loom.infer.predict import check_predictable, predict
+
+    check_predictable(Path(args.run_dir), args.text, args.image, args.top_k)  # before loading any weights
+    result = predict(Path(args.run_dir), args.text, args.image, args.top_k, args.device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for row in result["top"]:
+            print(f"{row['label']}\t{row['probability']:.4f}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from loom.plot import plot_run
     from loom.train.rundir import check_run_dir
@@ -415,7 +440,7 @@ def cmd_calibrate(args) -> int:
 
 COMMANDS = {"plan": cmd_plan, "calibrate": cmd_calibrate, "train": cmd_train, "generate": cmd_generate,
             "eval": cmd_eval, "export": cmd_export, "plot": cmd_plot, "describe": cmd_describe,
-            "import": cmd_import}
+            "import": cmd_import, "predict": cmd_predict}
 
 
 if __name__ == "__main__":

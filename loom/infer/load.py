@@ -17,10 +17,11 @@ from loom.train.precision import param_dtype
 from loom.train.rundir import load_run_config
 
 
-def load_for_inference(run_dir: Path, device: str = "auto") -> tuple[Config, nn.Module, Tokenizer, int]:
+def load_for_inference(run_dir: Path, device: str = "auto") -> tuple[Config, nn.Module, Tokenizer | None, int]:
     """The run's model with its newest checkpoint's weights (whatever layout saved it), in eval mode,
-    its tokenizer, and the checkpoint's step. Checkpoints are verified as resume verifies them: one
-    that is damaged is skipped with a warning for the newest intact one."""
+    its tokenizer (None for a model that reads images), and the checkpoint's step. Checkpoints are
+    verified as resume verifies them: one that is damaged is skipped with a warning for the newest
+    intact one."""
     cfg = load_run_config(run_dir)
     dev = resolve_device(device, key="--device")
     model = adapt(build_model(cfg.model), cfg.train)  # LoRA adapters, when the run trained them
@@ -30,5 +31,6 @@ def load_for_inference(run_dir: Path, device: str = "auto") -> tuple[Config, nn.
         raise RunError(f"{str(run_dir)!r} has no complete checkpoint yet (checkpoints/step_*)")
     ckpt = found[0]
     model.eval()
-    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
+    tok_dir = Path(run_dir) / "tokenizer"
+    tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() or not cfg.model.image_size else None
     return cfg, model, tokenizer, checkpoint_step(ckpt)

@@ -92,9 +92,8 @@ class Classification(Task):
                                   f"data uses {data.tokenizer.kind}: set data.tokenizer=wordpiece (or auto)")
             source = data.meta.get("source", "python-stdlib")
             texts = stdlib_functions() if source == "python-stdlib" else read_labelled(Path(source))
-            boundaries = [special["[NL]"], special["<|endoftext|>"]]
-            encoded = data.tokenizer.encode_batch([t for t, _ in texts])
-            examples = [([i for i in ids if i not in boundaries], label) for ids, (_, label) in zip(encoded, texts)]
+            encoded = encode_texts(data.tokenizer, [t for t, _ in texts])
+            examples = [(ids, label) for ids, (_, label) in zip(encoded, texts)]
             special_ids = special
         else:
             special_ids = data.tokenizer.special_ids
@@ -119,13 +118,7 @@ class Classification(Task):
         self.majority = int(np.bincount(self.train[-1], minlength=self.n_classes).argmax())
 
     def _encode(self, token_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        t = self.block_size
-        ids = np.full((len(token_lists), t), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(token_lists), t), dtype=np.int64)
-        for r, toks in enumerate(token_lists):
-            row = [self.cls_id, *toks[: t - 2], self.sep_id]
-            ids[r, : len(row)], mask[r, : len(row)] = row, 1
-        return ids, mask
+        return pack_rows(token_lists, self.cls_id, self.sep_id, self.pad_id, self.block_size)
 
     @staticmethod
     def _batch(ids, mask, labels) -> Batch:
@@ -133,6 +126,14 @@ class Classification(Task):
         return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
                 "attention_mask": torch.from_numpy(np.ascontiguousarray(mask)),
                 "labels": torch.from_numpy(np.ascontiguousarray(labels))}
+
+    @classmethod
+    def text_batch(cls, tokenizer, texts: list[str], block_size: int) -> Batch:
+        """``texts`` as the model reads them in training (``loom predict``); ``labels`` all 0."""
+        special = tokenizer.special_ids
+        ids, mask = pack_rows(encode_texts(tokenizer, texts), special["[CLS]"], special["[SEP]"], special["[PAD]"],
+                              block_size)
+        return cls._batch(ids, mask, np.zeros(len(texts), dtype=np.int64))
 
     def train_batch(self, step: int, rows: slice) -> Batch:
         pick = np.random.default_rng([self.seed, step]).integers(len(self.train[-1]), size=self.batch_size)[rows]
@@ -144,7 +145,8 @@ class Classification(Task):
             sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
             yield self._batch(*(a[sl] for a in self.val))
 
-    def inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+    @staticmethod  # loom predict calls it on the class
+    def inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
         return batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
 
     def targets(self, batch: Batch) -> torch.Tensor:
@@ -169,6 +171,25 @@ class Classification(Task):
 
     def count_metrics(self, c: dict) -> dict:
         return {**classification_metrics(c["confusion"], self.majority), "labels": self.label_names}
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's WordPiece ids, without the line and document marks ([NL], end-of-text) the tokenizer
+    puts in a corpus."""
+    special = tokenizer.special_ids
+    boundaries = {special["[NL]"], special["<|endoftext|>"]}
+    return [[i for i in ids if i not in boundaries] for ids in tokenizer.encode_batch(texts)]
+
+
+def pack_rows(token_lists: list[list[int]], cls_id: int, sep_id: int, pad_id: int,
+              block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[CLS] tokens [SEP]`` rows cut to ``block_size`` and padded: ids and padding mask (n, T)."""
+    ids = np.full((len(token_lists), block_size), pad_id, dtype=np.int64)
+    mask = np.zeros((len(token_lists), block_size), dtype=np.int64)
+    for r, toks in enumerate(token_lists):
+        row = [cls_id, *toks[: block_size - 2], sep_id]
+        ids[r, : len(row)], mask[r, : len(row)] = row, 1
+    return ids, mask
 
 
 def classification_metrics(confusion: np.ndarray, majority: int) -> dict:

@@ -39,6 +39,7 @@ from loom.models.lora import is_lora_param
 from loom.tasks import TASKS
 from loom.train.checkpoint import latest_checkpoint, save_checkpoint
 from loom.train.precision import param_dtype
+from loom.train.rundir import LABELS_FILE
 
 log = logging.getLogger("loom.train")
 
@@ -300,5 +301,9 @@ def import_hf(path: str | Path, out: str | Path, overrides: list[str] | None = N
     no_state = torch.optim.SGD(model.parameters(), lr=0.0)  # a checkpoint of weights only: no optimizer state
     save_checkpoint(out, 0, [model], [no_state], {"step": 0})
     prepare_hf_init(cfg, out)
+    id2label = read_hf_config(Path(path).expanduser()).get("id2label") or {}
+    if cfg.model.n_classes and len(id2label) == cfg.model.n_classes:  # a classifier's label names (loom predict)
+        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+        write_text_atomic(out / LABELS_FILE, json.dumps(names) + "\n")
     write_text_atomic(out / "config.yaml", config_to_yaml(cfg))
     return out

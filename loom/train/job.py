@@ -19,7 +19,6 @@ from pathlib import Path
 
 from loom.config import Config, ConfigError, config_to_yaml
 from loom.data import DataError, PreparedData
-from loom.data.corpus import corpus_files
 from loom.errors import RunError
 from loom.files import read_json, write_text_atomic
 from loom.models import build_model, count_params
@@ -35,7 +34,7 @@ from loom.parallel.plan import Plan
 from loom.train.checkpoint import CheckpointError, latest_checkpoint
 from loom.train.hf import initial_tokenizer, starts_from_hf
 from loom.train.memory import check_training_state_fits
-from loom.train.rundir import lock_run_dir, new_run_dir, prepare_run_data, run_lock_owner
+from loom.train.rundir import LABELS_FILE, check_data_path, lock_run_dir, new_run_dir, prepare_run_data, run_lock_owner
 from loom.train.trainer import STEPS_LOGGER, Trainer
 
 log = logging.getLogger("loom.train")
@@ -51,7 +50,7 @@ def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = F
         raise ConfigError(f"the layout {plan.describe()} needs {plan.world_size} processes, but {process.world_size} "
                           f"were started (e.g. --nproc {plan.world_size})")
     check_training_state_fits(cfg, device, plan, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    corpus_files(cfg.data.path)  # a wrong data.path fails before a run directory is made
+    check_data_path(cfg)  # a wrong data.path fails before a run directory is made
     run_dir, resume = _on_coordinator(process, _make_run_dir, cfg, run_dir, resume)
     run_dir = Path(run_dir)
     with _holding_lock(process, run_dir), \
@@ -71,7 +70,8 @@ def train(cfg: Config, plan: Plan, run_dir: Path | None = None, resume: bool = F
         trainer = Trainer(cfg, plan, run_dir, data, resume=resume, process=process, device=device)
         if process.is_coordinator:
             # only once the checkpoint loaded; the tokenizer too where the run directory lacks it
-            _write_run_files(cfg, run_dir, data, with_tokenizer=not (run_dir / "tokenizer").is_dir())
+            _write_run_files(cfg, run_dir, data, with_tokenizer=not (run_dir / "tokenizer").is_dir(),
+                             labels=getattr(trainer.task, "label_names", None))
         if trainer.start_step >= cfg.train.steps:
             log.info("%s is already trained to step %d of train.steps=%d; to go further, resume with "
                      "train.steps=N", run_dir, trainer.start_step, cfg.train.steps)
@@ -152,15 +152,19 @@ def _on_coordinator(process: Process, fn, *args, share: bool = True):
 
 
 def check_vocabulary(cfg: Config, data: PreparedData) -> None:
-    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+    if data.tokenizer is not None and data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{data.tokenizer.vocab_size} tokens; set model.vocab_size>={data.tokenizer.vocab_size}")
 
 
-def _write_run_files(cfg: Config, run_dir: Path, data: PreparedData, with_tokenizer: bool) -> None:
+def _write_run_files(cfg: Config, run_dir: Path, data: PreparedData, with_tokenizer: bool,
+                     labels: list[str] | None = None) -> None:
     write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
-    write_text_atomic(run_dir / "data.json", json.dumps({**data.meta, "cache": str(data.dir)}, indent=2) + "\n")
-    if with_tokenizer:
+    cache = {"cache": str(data.dir)} if getattr(data, "dir", None) else {}  # images: read, not cached
+    write_text_atomic(run_dir / "data.json", json.dumps({**data.meta, **cache}, indent=2) + "\n")
+    if labels is not None:  # a classifier's class names, for loom predict
+        write_text_atomic(run_dir / LABELS_FILE, json.dumps(labels) + "\n")
+    if with_tokenizer and data.tokenizer is not None:
         tok_dir = run_dir / "tokenizer"
         if tok_dir.exists():
             shutil.rmtree(tok_dir)

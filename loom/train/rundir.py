@@ -4,6 +4,7 @@
       config.yaml        the resolved configuration (every field, after presets and overrides)
       data.json          the corpus: source, token counts, unigram entropy, tokenizer kind
       tokenizer/         the tokenizer, so the run needs nothing else to generate text
+      labels.json        a classifier's label names, in class order (``loom predict``)
       metrics.jsonl      one JSON object per logged step
       train.log          what the run printed
       checkpoints/       step_NNNNNNN/ directories in torch.distributed.checkpoint format
@@ -24,11 +25,15 @@ from pathlib import Path
 
 from loom.config import Config, ConfigError, load_config, task_name, tokenizer_is_dir
 from loom.data import PreparedData, prepare_data
+from loom.data.corpus import corpus_files
 from loom.errors import RunError
 from loom.tasks import TASKS
 
-__all__ = ["RunError", "check_run_dir", "check_run_unlocked", "load_resume_config", "load_run_config", "lock_run_dir",
-           "new_run_dir", "prepare_run_data", "run_lock_owner"]
+__all__ = ["LABELS_FILE", "RunError", "check_data_path", "check_run_dir", "check_run_unlocked", "load_resume_config",
+           "load_run_config", "lock_run_dir", "new_run_dir", "prepare_run_data", "run_lock_owner"]
+
+
+LABELS_FILE = "labels.json"
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -72,10 +77,23 @@ def load_resume_config(run_dir: Path, overrides: list[str], settings: dict | Non
     return cfg
 
 
+def check_data_path(cfg: Config) -> None:
+    """A ``data.path`` that cannot be read is one line before a run directory is made."""
+    if getattr(TASKS[task_name(cfg)], "load_data", None) is None:
+        corpus_files(cfg.data.path)
+    elif cfg.data.path is not None and not Path(cfg.data.path).expanduser().is_dir():
+        raise ConfigError(f"data.path={cfg.data.path!r}: train.task={task_name(cfg)} reads a folder with one "
+                          "subfolder of images per class (DIR/cat/1.png, DIR/dog/2.jpg)")
+
+
 def prepare_run_data(cfg: Config, tokenizer_dir: Path | None = None) -> PreparedData:
     """The tokenized corpus of ``cfg.data``; with ``tokenizer_dir`` (a run's own tokenizer),
-    encoded with that tokenizer rather than one trained for the cache."""
+    encoded with that tokenizer rather than one trained for the cache. A task with its own
+    ``load_data`` (images) gets what that returns instead."""
     d = cfg.data
+    load_data = getattr(TASKS[task_name(cfg)], "load_data", None)
+    if load_data is not None:  # a task that reads no text (images)
+        return load_data(d.path, cfg.model)
     # data.tokenizer=auto: the task's own kind where it needs one (masked-LM: WordPiece's special tokens)
     kind = d.tokenizer if d.tokenizer != "auto" else getattr(TASKS[task_name(cfg)], "tokenizer_kind", "auto")
     field = "response" if cfg.train.task == "sft" else d.jsonl_field  # sft's records: {prompt, response}

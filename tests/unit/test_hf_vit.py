@@ -124,3 +124,24 @@ def test_a_gpt2_with_exact_gelu_imports_and_exports_it(tmp_path):
     with torch.no_grad():
         assert (model(x) - ref(x).logits).abs().max().item() <= TOL
         assert (AutoModelForCausalLM.from_pretrained(out)(x).logits - ref(x).logits).abs().max().item() <= TOL
+
+
+def test_loom_predict_with_an_imported_vit_gives_transformers_answer_and_label_names(vit, tmp_path, loom_cli):
+    import numpy as np
+    from PIL import Image
+
+    from loom.tasks.image_classification import read_image
+
+    path, ref = vit
+    code, _, err = loom_cli("import", str(path), "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)).save(img)
+    code, out, err = loom_cli("predict", str(tmp_path / "run"), "--image", str(img), "--top-k", "2", "--json")
+    assert code == 0, err
+    with torch.no_grad():
+        probs = torch.softmax(ref(pixel_values=torch.from_numpy(read_image(img, 8, 3))[None]).logits[0], -1)
+    p, k = probs.topk(2)
+    names = ref.config.id2label  # LABEL_0 ... as transformers names them
+    assert [(t["label"], round(t["probability"], 4)) for t in json.loads(out)["top"]] == \
+        [(names[i], round(q, 4)) for q, i in zip(p.tolist(), k.tolist())]

@@ -20,8 +20,9 @@ def validate(cfg: ModelConfig) -> None:
     if cfg.patch_size < 1 or cfg.image_size < cfg.patch_size or cfg.image_size % cfg.patch_size:
         raise ConfigError(f"model.image_size={cfg.image_size} must be a positive multiple of "
                           f"model.patch_size={cfg.patch_size}")
-    if cfg.n_classes < 2:
-        raise ConfigError(f"model.n_classes={cfg.n_classes}: a ViT classifies into 2 or more classes")
+    if cfg.n_classes < 0 or cfg.n_classes == 1:
+        raise ConfigError(f"model.n_classes={cfg.n_classes}: a ViT classifies into 2 or more classes "
+                          "(0: as many as the data's labels)")
 
 
 # model.block_size is the sequence the cost description counts: the presets set it to patches + [CLS]

@@ -43,7 +43,8 @@ class ViT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleDict({str(i): ViTBlock(cfg) for i in range(cfg.n_layer)})
         self.ln_f = nn.LayerNorm(d, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.cls_head = nn.Linear(d, cfg.n_classes)
+        # n_classes=0 (the data's count) is decided before training; until then 2 rows stand in
+        self.cls_head = nn.Linear(d, cfg.n_classes or 2)
 
     def initial_value(self, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
         """N(0, 0.02) weights, zero biases, unit LayerNorms; a function of ``seed`` and ``name``."""

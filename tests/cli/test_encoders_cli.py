@@ -1,0 +1,146 @@
+"""Encoders from the command line: ``loom train`` on a folder of images (one subfolder per class,
+no text corpus prepared), ``loom predict`` with an image classification run and a text
+classification run, and the one-line errors for the wrong kind of run or input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+STEPS = ["train.steps=30", "train.batch_size=16", "train.warmup_steps=3", "train.lr=3e-3", "train.log_every=30",
+         "train.eval_every=30", "train.eval_batches=2", "train.progress=none", "train.tensorboard=false"]
+
+
+def _stripes(path, vertical: bool, seed: int) -> None:
+    """An 8×8 grayscale PNG of bright stripes (vertical or horizontal) with noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 60, (8, 8))
+    if vertical:
+        a[:, ::2] += 180
+    else:
+        a[::2, :] += 180
+    Image.fromarray(a.astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    for name, vertical in (("horizontal", False), ("vertical", True)):
+        (root / name).mkdir()
+        for i in range(25):
+            _stripes(root / name / f"{i}.png", vertical, seed=100 * vertical + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_run(image_folder, tmp_path_factory):
+    """vit-tiny trained on the folder: its run directory, and what ``loom train`` printed."""
+    import logging
+
+    from loom.cli import main
+
+    run = tmp_path_factory.mktemp("vit") / "run"
+    logger = logging.getLogger("loom")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    try:
+        code = main(["train", "model=vit-tiny", "model.n_classes=0", f"data.path={image_folder}",
+                     f"train.run_dir={run}", *STEPS])
+    finally:
+        logger.handlers[:], logger.propagate, logger.level = saved
+    assert code == 0
+    return run
+
+
+def test_vit_trains_on_a_folder_of_images_without_a_text_corpus(image_run, image_folder):
+    data = json.loads((image_run / "data.json").read_text())
+    assert data["source"] == str(image_folder.resolve()) and data["labels"] == {"horizontal": 25, "vertical": 25}
+    assert not (image_run / "tokenizer").exists() and "cache" not in data  # no tokenizer, no token files
+    assert json.loads((image_run / "labels.json").read_text()) == ["horizontal", "vertical"]
+    summary = json.loads((image_run / "summary.json").read_text())
+    assert summary["val_loss"] < 0.5 * np.log(2), summary  # well below chance (ln 2) on held-out stripes
+
+
+def test_predict_gives_an_image_its_label(image_run, tmp_path, loom_cli):
+    for vertical, label in ((True, "vertical"), (False, "horizontal")):
+        _stripes(tmp_path / "x.png", vertical, seed=999)
+        code, out, err = loom_cli("predict", str(image_run), "--image", str(tmp_path / "x.png"), "--top-k", "5")
+        assert code == 0, err
+        rows = [line.split("\t") for line in out.strip().splitlines()]
+        assert [r[0] for r in rows][0] == label and len(rows) == 2  # top-k capped at the classes
+        probs = [float(r[1]) for r in rows]
+        assert probs[0] > 0.5 and probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-3
+    code, out, _ = loom_cli("predict", str(image_run), "--image", str(tmp_path / "x.png"), "--json")
+    answer = json.loads(out)
+    assert answer["label"] == "horizontal" and answer["top"][0] == {"label": "horizontal",
+                                                                    "probability": answer["probability"]}
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """bert-tiny fine-tuned from scratch on a labelled .jsonl file (which words a line holds)."""
+    from loom.cli import main
+
+    root = tmp_path_factory.mktemp("cls")
+    rng = np.random.default_rng(0)
+    words = {"fruit": ["apple", "pear", "plum", "grape"], "tool": ["hammer", "saw", "drill", "wrench"]}
+    with (root / "data.jsonl").open("w") as f:
+        for i in range(120):
+            label = "fruit" if i % 2 else "tool"
+            f.write(json.dumps({"text": " ".join(rng.choice(words[label], 5)), "label": label}) + "\n")
+    run = root / "run"
+    import logging
+
+    logger = logging.getLogger("loom")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    try:
+        code = main(["train", "model=bert-tiny", "train.task=classification", f"data.path={root / 'data.jsonl'}",
+                     "model.vocab_size=512", f"train.run_dir={run}", *STEPS])
+    finally:
+        logger.handlers[:], logger.propagate, logger.level = saved
+    assert code == 0
+    return run
+
+
+def test_predict_gives_a_text_its_label(text_run, loom_cli):
+    assert json.loads((text_run / "labels.json").read_text()) == ["fruit", "tool"]
+    for text, label in (("pear plum apple grape pear", "fruit"), ("saw drill hammer wrench", "tool")):
+        code, out, err = loom_cli("predict", str(text_run), "--text", text, "--json")
+        assert code == 0, err
+        answer = json.loads(out)
+        assert answer["label"] == label and answer["probability"] > 0.5, answer
+
+
+@pytest.mark.parametrize("run, args, fragment", [
+    ("image", ["--text", "hello"], "classifies images (train.task=image_classification); give --image, not --text"),
+    ("text", ["--image", "IMG"], "classifies texts (train.task=classification); give --text, not --image"),
+    ("image", [], "loom predict needs one input: --text"),
+    ("image", ["--text", "a", "--image", "IMG"], "loom predict needs one input"),
+    ("image", ["--image", "/nonexistent.png"], "--image /nonexistent.png: no such file"),
+    ("image", ["--image", "NOTIMG"], "is not an image Pillow can read"),
+    ("image", ["--image", "IMG", "--top-k", "0"], "--top-k=0 must be >= 1"),
+    ("gpt", ["--text", "hello"], "is a causal_lm run; loom predict classifies with a classification (--text) or "
+                                 "image_classification (--image) run (for this one: loom generate"),
+])
+def test_predict_refuses_the_wrong_run_or_input_in_one_line(run, args, fragment, image_run, text_run, image_folder,
+                                                            tmp_path, loom_cli):
+    if run == "gpt":  # a language model's run: only its config is read before the refusal
+        (tmp_path / "gpt").mkdir()
+        (tmp_path / "gpt" / "config.yaml").write_text("model:\n  preset: gpt-tiny\n")
+    path = {"image": image_run, "text": text_run, "gpt": tmp_path / "gpt"}[run]
+    img, notimg = image_folder / "vertical" / "0.png", image_run / "config.yaml"
+    args = [str(img) if a == "IMG" else str(notimg) if a == "NOTIMG" else a for a in args]
+    code, out, err = loom_cli("predict", str(path), *args)
+    assert code == 2 and not out, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loom: error:") and fragment in lines[0], err
+
+
+def test_a_missing_image_folder_is_one_line_before_a_run_starts(tmp_path, loom_cli):
+    code, _, err = loom_cli("train", "model=vit-tiny", f"data.path={tmp_path / 'none'}",
+                            f"train.run_dir={tmp_path / 'run'}")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "reads a folder with one subfolder of images per class" in err and not (tmp_path / "run").exists()
