@@ -130,3 +130,5 @@ class ModelSpec:
     # (model, spec, seq) -> ModelCosts; None: loom.models.costs.model_costs, read off the modules
     costs: Callable | None = None
     hf: HFMapping | None = None  # reading and writing Hugging Face model directories; None: not supported
+    # why the family cannot split its sequence over tp ranks (parallel.sp); empty: it can
+    no_sequence_parallel: str = ""

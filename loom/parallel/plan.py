@@ -151,6 +151,7 @@ def resolve_plan(cfg: Config, world_size: int) -> Plan:
 def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
     """Raise :class:`ConfigError` on the first reason ``plan`` cannot train ``cfg`` on
     ``world_size`` processes. Needs no process group and allocates nothing."""
+    from loom.models import spec_of
     from loom.parallel.pipeline import check_pipeline
     from loom.parallel.strategy import resolve_strategies
 
@@ -164,6 +165,9 @@ def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
                           "choose a divisor of dp (hybrid sharding: shard inside groups, replicate across)")
     if plan.sp and plan.tp == 1:
         raise ConfigError("parallel.sp=true splits activations over the tensor-parallel group; set parallel.tp>1")
+    if plan.sp and spec_of(cfg.model).no_sequence_parallel:
+        raise ConfigError(f"parallel.sp=true is not supported for model.arch={cfg.model.arch}: "
+                          f"{spec_of(cfg.model).no_sequence_parallel}; use parallel.tp={plan.tp} without sp")
     if plan.sp and cfg.model.block_size % plan.tp:
         raise ConfigError(f"parallel.sp=true splits the sequence over parallel.tp={plan.tp} ranks, but "
                           f"model.block_size={cfg.model.block_size} is not divisible by it")
@@ -197,7 +201,7 @@ def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
                           f"sequences per micro-step cannot be split over {what} replicas; "
                           f"make it a multiple of {replicas}")
     if plan.tp > 1 or plan.strategies:
-        from loom.models import build_model, spec_of
+        from loom.models import build_model
 
         # on the meta device: names, shapes and divisibility of every operator's strategy
         resolve_strategies(build_model(cfg.model), spec_of(cfg.model).sharding.table, dict(plan.strategies),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from loom.config import CHOICES, ConfigError, ModelConfig
-from loom.models import n_blocks
+from loom.models import n_blocks, spec_of
 from loom.parallel.plan import Plan
 from loom.parallel.strategy import padded_vocab
 from loom.planner.cost import Estimate, estimate, padded_model, plan_for_batch
@@ -39,6 +39,7 @@ def candidates(cfg: ModelConfig, cluster: Cluster, global_batch: int) -> list[Ca
     world = cluster.devices
     blocks = n_blocks(cfg)
     experts = cfg.moe.experts
+    split_sequence = not spec_of(cfg).no_sequence_parallel  # sequence parallelism wherever tp > 1, if it can
     out = []
     for tp in _divisors(min(world, cluster.devices_per_node)):
         if cfg.n_head % tp or cfg.kv_heads % tp or cfg.ffn % tp:
@@ -66,9 +67,9 @@ def candidates(cfg: ModelConfig, cluster: Cluster, global_batch: int) -> list[Ca
                             continue
                         for zero in ((0, 1, 2, 3) if replicas > 1 else (0,)):
                             for recompute in RECOMPUTE:
-                                plan = plan_for_batch(global_batch, mb, dp=dp, tp=tp, pp=pp, ep=ep, sp=tp > 1,
-                                                      zero=zero, recompute=recompute, schedule=schedule,
-                                                      virtual_stages=v)
+                                plan = plan_for_batch(global_batch, mb, dp=dp, tp=tp, pp=pp, ep=ep,
+                                                      sp=tp > 1 and split_sequence, zero=zero, recompute=recompute,
+                                                      schedule=schedule, virtual_stages=v)
                                 out.append(Candidate(plan, vocab))
     return out
 

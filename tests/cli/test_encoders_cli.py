@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-STEPS = ["train.steps=30", "train.batch_size=16", "train.warmup_steps=3", "train.lr=3e-3", "train.log_every=30",
+STEPS = ["train.steps=30", "train.batch_size=16", "train.warmup_steps=3", "train.lr=3e-3", "train.log_every=5",
          "train.eval_every=30", "train.eval_batches=2", "train.progress=none", "train.tensorboard=false"]
 
 
@@ -38,7 +38,7 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_run(image_folder, tmp_path_factory):
-    """vit-tiny trained on the folder: its run directory, and what ``loom train`` printed."""
+    """vit-tiny trained on the folder in bf16 mixed precision: its run directory."""
     import logging
 
     from loom.cli import main
@@ -48,7 +48,7 @@ def image_run(image_folder, tmp_path_factory):
     saved = (list(logger.handlers), logger.propagate, logger.level)
     try:
         code = main(["train", "model=vit-tiny", "model.n_classes=0", f"data.path={image_folder}",
-                     f"train.run_dir={run}", *STEPS])
+                     f"train.run_dir={run}", "train.precision=bf16", *STEPS])
     finally:
         logger.handlers[:], logger.propagate, logger.level = saved
     assert code == 0
@@ -62,6 +62,8 @@ def test_vit_trains_on_a_folder_of_images_without_a_text_corpus(image_run, image
     assert json.loads((image_run / "labels.json").read_text()) == ["horizontal", "vertical"]
     summary = json.loads((image_run / "summary.json").read_text())
     assert summary["val_loss"] < 0.5 * np.log(2), summary  # well below chance (ln 2) on held-out stripes
+    losses = [json.loads(line)["loss"] for line in (image_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]  # in bf16 mixed precision
 
 
 def test_predict_gives_an_image_its_label(image_run, tmp_path, loom_cli):
@@ -144,3 +146,25 @@ def test_a_missing_image_folder_is_one_line_before_a_run_starts(tmp_path, loom_c
                             f"train.run_dir={tmp_path / 'run'}")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "reads a folder with one subfolder of images per class" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["model=vit-tiny", "--nproc", "2", "parallel.tp=2", "parallel.sp=true"],
+     "parallel.sp=true is not supported for model.arch=vit: its sequence ([CLS] + image patches"),
+    (["model=vit-tiny", "model.moe.experts=4"], "ViT's blocks have no Mixture-of-Experts layers"),
+    (["model=vit-tiny", "--nproc", "2", "parallel.ep=2"], "is dense"),
+])
+def test_a_layout_an_encoder_cannot_train_is_one_line_before_launch(args, fragment, tmp_path, loom_cli):
+    code, _, err = loom_cli("train", *args, f"train.run_dir={tmp_path / 'run'}")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_planner_proposes_no_sequence_parallelism_for_vit():
+    from loom.config import load_config
+    from loom.planner.hardware import parse_cluster
+    from loom.planner.search import candidates
+
+    cfg = load_config(None, ["model=vit-b-16"]).model
+    found = candidates(cfg, parse_cluster("8xa100-80g"), 64)
+    assert any(c.plan.tp > 1 for c in found) and not any(c.plan.sp for c in found)

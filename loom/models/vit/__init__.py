@@ -20,14 +20,22 @@ def validate(cfg: ModelConfig) -> None:
     if cfg.patch_size < 1 or cfg.image_size < cfg.patch_size or cfg.image_size % cfg.patch_size:
         raise ConfigError(f"model.image_size={cfg.image_size} must be a positive multiple of "
                           f"model.patch_size={cfg.patch_size}")
+    if cfg.moe.experts:
+        raise ConfigError(f"model.moe.experts={cfg.moe.experts}: ViT's blocks have no Mixture-of-Experts layers "
+                          "(GPT, PanGu-α and BERT do); set model.moe.experts=0")
     if cfg.n_classes < 0 or cfg.n_classes == 1:
         raise ConfigError(f"model.n_classes={cfg.n_classes}: a ViT classifies into 2 or more classes "
                           "(0: as many as the data's labels)")
 
 
+# Sequence parallelism would split [CLS] + patches (17 for vit-tiny, 197 for vit-b-16: rarely a multiple
+# of tp) over the ranks, the [CLS] row and the patch rows coming from different modules; not built.
+NO_SP = ("its sequence ([CLS] + image patches, e.g. 197 for 224x224 images in 16x16 patches) is built from "
+         "two modules and is rarely a multiple of tp")
+
 # model.block_size is the sequence the cost description counts: the presets set it to patches + [CLS]
 SPEC = register(ModelSpec(name="vit", build=ViT, presets=PRESETS, published_params=PUBLISHED_PARAMS,
                           sharding=SHARDING, pipeline=PIPELINE, tasks=("image_classification",), validate=validate,
-                          hf=HF))
+                          hf=HF, no_sequence_parallel=NO_SP))
 
 __all__ = ["PIPELINE", "SHARDING", "SPEC", "ViT"]
