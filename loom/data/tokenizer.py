@@ -216,6 +216,18 @@ class HFTokenizer(BpeTokenizer):
         extra = {f: (dir / f).read_text() for f in cls.EXTRA_FILES if (dir / f).is_file()}
         return cls(hf, _eos_token(dir, extra, hf), extra)
 
+    @property
+    def special_ids(self) -> dict[str, int] | None:
+        """A BERT tokenizer's [CLS], [SEP] and [PAD] ids (under the names its files give them), and its
+        end of a document; None when it lacks one of them (GPT-2's, Llama's)."""
+        ids = {"<|endoftext|>": self.eos_id}
+        for key, default in (("cls_token", CLS), ("sep_token", SEP), ("pad_token", PAD)):
+            found = self._hf.token_to_id(_named_token(self.extra, key) or default)
+            if found is None:
+                return None
+            ids[default] = int(found)
+        return ids
+
     @classmethod
     def load(cls, path: Path) -> HFTokenizer:
         from tokenizers import Tokenizer as HFTok

@@ -81,6 +81,8 @@ class Classification(Task):
 
     name = "classification"
     tokenizer_kind = "wordpiece"
+    # the tokens it needs of a tokenizer that came with a model (a Hugging Face BERT's)
+    special_tokens = ("[CLS]", "[SEP]", "[PAD]")
 
     @classmethod
     def from_data(cls, data, block_size: int, batch_size: int, seed: int) -> Classification:
@@ -177,7 +179,7 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Each text's WordPiece ids, without the line and document marks ([NL], end-of-text) the tokenizer
     puts in a corpus."""
     special = tokenizer.special_ids
-    boundaries = {special["[NL]"], special["<|endoftext|>"]}
+    boundaries = {special[k] for k in ("[NL]", "<|endoftext|>") if k in special}
     return [[i for i in ids if i not in boundaries] for ids in tokenizer.encode_batch(texts)]
 
 

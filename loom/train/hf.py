@@ -128,6 +128,12 @@ def _vocab_padding(shape: torch.Size, cfg: ModelConfig, src) -> bool:
     return len(shape) >= 1 and shape[0] == cfg.vocab_size and not src.transpose and src.start == 0
 
 
+def _directory_params(path: Path) -> set[str]:
+    """The parameter names of the model the directory holds (its ``config.json``'s own heads)."""
+    own = load_config(None, [], hf_model_settings(path)).model
+    return {name for name, _ in build_model(own).named_parameters()}  # meta: nothing allocated
+
+
 def check_hf_weights(path: str | Path, cfg: ModelConfig) -> str:
     """Check, before any process starts, that the directory's weights are the model's: every parameter
     found with its shape, no stored tensor left over. Returns the weights' format."""
@@ -168,9 +174,14 @@ def load_hf_weights(modules: list[nn.Module], cfg: ModelConfig, path: str | Path
     hf = mapping(cfg)
     stored, tensors = _stored_shapes(path, fmt)
     reads: list[_Read] = []
+    own = _directory_params(path)
+    new = sorted(name for m in modules for name, _ in m.named_parameters() if name not in own
+                 and not is_lora_param(name))
+    if new:  # a head the directory's model lacks (a classifier on a pretrained BERT): initialized, not read
+        log.info("from %s: %d new weights, initialized (%s)", path, len(new), ", ".join(new))
     for m in modules:
         for name, p in m.named_parameters():
-            if is_lora_param(name):  # adapters start as LoRA says (B = 0): the model is the directory's
+            if is_lora_param(name) or name not in own:  # adapters start as LoRA says (B = 0); new heads
                 continue
             src = hf.source(name, cfg)
             local, offsets = _local(p)
@@ -225,10 +236,21 @@ def hf_init_config(path: str | Path, overrides: list[str] | None = None, config_
     model = hf_model_settings(path)
     cfg = load_config(config_file, [*(overrides or []), f"train.init_from={path}"], {**model, **(settings or {})})
     check_hf_weights(path, cfg.model)
-    if training and getattr(TASKS[task_name(cfg)], "tokenizer_kind", None) == "wordpiece":
-        raise ConfigError(f"train.task={task_name(cfg)} from a Hugging Face model directory is not built yet: the "
-                          "task needs loom's WordPiece tokenizer (its [NL] and <|endoftext|> marks), the directory "
-                          "brings its own; `loom import` and `loom export --format hf` work for this model")
+    task = TASKS[task_name(cfg)]
+    if training and getattr(task, "tokenizer_kind", None) == "wordpiece":
+        needs = getattr(task, "special_tokens", None)  # what it reads of a model's own tokenizer
+        if needs is None:
+            raise ConfigError(f"train.task={task_name(cfg)} from a Hugging Face model directory is not built yet: "
+                              "the task needs loom's WordPiece tokenizer (its [NL] and <|endoftext|> marks), the "
+                              "directory brings its own; `loom import` and `loom export --format hf` work for this "
+                              "model")
+        try:
+            special = HFTokenizer.from_pretrained_dir(Path(path).expanduser()).special_ids
+        except DataError as e:
+            raise ConfigError(f"train.init_from={path}: {e}") from None
+        if special is None:
+            raise ConfigError(f"train.task={task_name(cfg)} needs a tokenizer with {', '.join(needs)}; the one in "
+                              f"{path} lacks one of them")
     return cfg
 
 

@@ -135,3 +135,48 @@ def test_model_activation_is_checked():
 def test_llama_has_no_gelu_to_choose():
     with pytest.raises(ConfigError, match="the Llama family's MLP is SwiGLU"):
         load_config(None, ["model=llama-tiny", "model.activation=gelu"])
+
+
+def test_classification_finetuning_of_an_imported_bert_keeps_its_encoder_and_starts_a_new_head(tmp_path):
+    """``train.init_from=DIR train.task=classification`` on a pretrained Hugging Face BERT: the encoder's
+    weights are the directory's, the classifier (which the directory lacks) is initialized as a run
+    without init_from initializes it, its tokenizer's [CLS]/[SEP]/[PAD] frame the texts, and it learns."""
+    import numpy as np
+
+    from loom.models import materialize
+    from loom.parallel.plan import resolve_plan
+    from loom.train.hf import hf_init_config, initial_tokenizer
+    from loom.train.rundir import prepare_run_data
+    from loom.train.trainer import Trainer
+
+    path, run = tmp_path / "bert", tmp_path / "run"
+    bert_dir(path)  # BertForPreTraining: masked-LM and next-sentence heads, no classifier
+    rng = np.random.default_rng(0)
+    words = {"code": ["def", "return", "pass", "for"], "io": ["import", "print", "os", "range"]}
+    with (tmp_path / "cls.jsonl").open("w") as f:
+        for i in range(200):
+            label = ("code", "io")[i % 2]
+            f.write(json.dumps({"text": " ".join(rng.choice(words[label], 4)), "label": label}) + "\n")
+    cfg = hf_init_config(path, ["train.task=classification", f"data.path={tmp_path / 'cls.jsonl'}",
+                                "train.device=cpu", "train.batch_size=16", "train.lr=3e-3", "train.warmup_steps=2",
+                                "train.steps=25", "train.progress=none", "model.block_size=16"])
+    run.mkdir()
+    data = prepare_run_data(cfg, initial_tokenizer(cfg, run))
+    t = Trainer(cfg, resolve_plan(cfg, 1), None, data, device=torch.device("cpu"))
+    assert t.cfg.model.n_classes == 2 and t.task.label_names == ["code", "io"]
+    _, directory = imported(path)
+    fresh = materialize(build_model(t.cfg.model), "cpu", cfg.train.seed)
+    stored, new = dict(directory.named_parameters()), dict(fresh.named_parameters())
+    for name, p in t.model.named_parameters():
+        if name.startswith("pos_emb"):  # model.block_size=16: the first 16 of the directory's 32 positions
+            assert torch.equal(p, stored[name][:16])
+        elif name.startswith("classifier"):
+            assert name not in stored and torch.equal(p, new[name]), name
+        else:
+            assert torch.equal(p, stored[name]), name
+    assert not any(name.startswith(("mlm_", "nsp_")) for name, _ in t.model.named_parameters())
+    special = data.tokenizer.special_ids
+    first = t.task.train_batch(0, slice(0, 1))["input_ids"][0]
+    assert first[0] == special["[CLS]"] and special["[SEP]"] in first.tolist()
+    losses = [t.mean_over_replicas(t.train_step(s)[0]).item() for s in range(25)]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
