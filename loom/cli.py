@@ -290,6 +290,7 @@ def cmd_generate(args) -> int:
     from loom.infer.load import load_for_inference
 
     _check_sampling(args)
+    _check_generative(Path(args.run_dir))
     cfg, model, tok, _ = load_for_inference(Path(args.run_dir), args.device)
     device = next(model.parameters()).device
     ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
@@ -311,6 +312,18 @@ def cmd_generate(args) -> int:
             print(f"--- sample {i}")
         print(tok.decode((ids if args.prompt else []) + new))
     return 0
+
+
+def _check_generative(run_dir: Path) -> None:
+    """``loom generate`` continues text: a run of another task (an encoder's) is one line."""
+    from loom.config import task_name
+    from loom.train.rundir import load_run_config
+
+    task = task_name(load_run_config(run_dir))
+    if task not in ("causal_lm", "sft"):
+        hint = f"loom predict {run_dir} --text/--image" if "classification" in task else f"loom eval {run_dir}"
+        raise ConfigError(f"{run_dir} is a train.task={task} run; loom generate continues text with a causal_lm or sft "
+                          f"run (for this one: {hint})")
 
 
 def _check_sampling(args) -> None:

@@ -36,8 +36,8 @@ def check_predictable(run_dir: Path, text: str | None, image: str | None, top_k:
     task = task_name(cfg)
     if task not in INPUT:
         hint = "loom generate" if task in ("causal_lm", "sft") else "loom eval"
-        raise ConfigError(f"{run_dir} is a {task} run; loom predict classifies with a classification (--text) "
-                          f"or image_classification (--image) run (for this one: {hint} {run_dir})")
+        raise ConfigError(f"{run_dir} is a train.task={task} run; loom predict classifies with a classification "
+                          f"(--text) or image_classification (--image) run (for this one: {hint} {run_dir})")
     given = "--text" if text is not None else "--image"
     if INPUT[task] != given:
         what = "texts" if task == "classification" else "images"

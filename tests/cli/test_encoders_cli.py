@@ -124,8 +124,8 @@ def test_predict_gives_a_text_its_label(text_run, loom_cli):
     ("image", ["--image", "/nonexistent.png"], "--image /nonexistent.png: no such file"),
     ("image", ["--image", "NOTIMG"], "is not an image Pillow can read"),
     ("image", ["--image", "IMG", "--top-k", "0"], "--top-k=0 must be >= 1"),
-    ("gpt", ["--text", "hello"], "is a causal_lm run; loom predict classifies with a classification (--text) or "
-                                 "image_classification (--image) run (for this one: loom generate"),
+    ("gpt", ["--text", "hello"], "is a train.task=causal_lm run; loom predict classifies with a classification "
+                                 "(--text) or image_classification (--image) run (for this one: loom generate"),
 ])
 def test_predict_refuses_the_wrong_run_or_input_in_one_line(run, args, fragment, image_run, text_run, image_folder,
                                                             tmp_path, loom_cli):
@@ -168,3 +168,9 @@ def test_the_planner_proposes_no_sequence_parallelism_for_vit():
     cfg = load_config(None, ["model=vit-b-16"]).model
     found = candidates(cfg, parse_cluster("8xa100-80g"), 64)
     assert any(c.plan.tp > 1 for c in found) and not any(c.plan.sp for c in found)
+
+
+def test_generate_with_an_encoder_run_is_one_line(image_run, loom_cli):
+    code, out, err = loom_cli("generate", str(image_run), "--prompt", "x")
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+    assert "is a train.task=image_classification run; loom generate continues text" in err and "loom predict" in err
