@@ -5,7 +5,8 @@ where two correct layouts differ by ~1e-14 and a real layout error by orders of 
 per parallel dimension keep the production precisions covered, at tolerances set from their
 measured noise (docs/testing.md).
 
-Each world size starts its processes once and trains every layout of that size in turn."""
+Each world size starts its processes once and trains every layout of that size in turn; the two-rank
+layouts run in the session's shared two-rank job (tests/distributed/shared_job.py)."""
 
 from __future__ import annotations
 
@@ -108,26 +109,33 @@ def _reference(model: str, *train_settings: str) -> dict:
     return train_single(model, list(train_settings))
 
 
+def two_rank_job(tmp_dir: str) -> dict:
+    """This suite's two-rank layouts, run in the session's two-rank job (tests/distributed/shared_job.py)."""
+    return train_layouts(_cases(2))
+
+
 @functools.cache
-def _results(world: int) -> tuple:
+def _larger_world(world: int) -> tuple:
+    """Each rank's results of the ``world``-rank layouts (4 and 8 ranks: one start each)."""
     return tuple(run_on_ranks(world, train_layouts, _cases(world)))
 
 
-def _results_of(model: str, layout: list[str], world: int) -> tuple[dict, dict]:
+def _results_of(model: str, layout: list[str], world: int, two_rank_job: dict | None = None) -> tuple[dict, dict]:
     """(the layout's result, the one-process reference with the layout's other settings, e.g.
-    train.grad_accum or train.precision)."""
+    train.grad_accum or train.precision); two ranks' results come from the session's two-rank job."""
     ref = _reference(model, *(o for o in layout if not o.startswith(("parallel.", "sabotage:"))))
-    return merge_ranks(list(_results(world)), (model, *layout)), ref
+    ranks = two_rank_job["test_parity"] if world == 2 else _larger_world(world)
+    return merge_ranks(list(ranks), (model, *layout)), ref
 
 
-def _check(model: str, layout: list[str], world: int) -> None:
-    assert_matches(*_results_of(model, layout, world))
+def _check(model: str, layout: list[str], world: int, two_rank_job: dict | None = None) -> None:
+    assert_matches(*_results_of(model, layout, world, two_rank_job))
 
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("name", list(TWO_RANKS))
-def test_two_rank_layout_matches_single_process(name, model):
-    _check(model, TWO_RANKS[name], 2)
+def test_two_rank_layout_matches_single_process(name, model, two_rank_job):
+    _check(model, TWO_RANKS[name], 2, two_rank_job)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -145,15 +153,15 @@ def test_eight_rank_layout_matches_single_process(name, model):
 
 @pytest.mark.parametrize("model, world, name", [(m, w, n) for m, by_world in MORE_MODELS.items()
                                                  for w, layouts in by_world.items() for n in layouts])
-def test_other_family_layout_matches_single_process(model, world, name):
-    _check(model, MORE_MODELS[model][world][name], world)
+def test_other_family_layout_matches_single_process(model, world, name, two_rank_job):
+    _check(model, MORE_MODELS[model][world][name], world, two_rank_job)
 
 
 @pytest.mark.parametrize("precision", list(SMOKE_TOLERANCE))
 @pytest.mark.parametrize("name", list(SMOKE_LAYOUTS))
-def test_production_precision_layout_matches_single_process(name, precision):
+def test_production_precision_layout_matches_single_process(name, precision, two_rank_job):
     model, layout = SMOKE_LAYOUTS[name]
-    got, ref = _results_of(model, [*layout, f"train.precision={precision}"], 2)
+    got, ref = _results_of(model, [*layout, f"train.precision={precision}"], 2, two_rank_job)
     tolerance = dict(SMOKE_TOLERANCE[precision])
     if precision == "bf16" and model == "switch":
         tolerance["matrix_rtol"] = None  # routing near ties follows the rounding: the losses are compared
@@ -161,8 +169,8 @@ def test_production_precision_layout_matches_single_process(name, precision):
 
 
 @pytest.mark.parametrize("name", list(BROKEN))
-def test_a_deliberately_broken_layout_fails_the_parity_check(name):
-    got, ref = _results_of("gpt", BROKEN[name], 2)
+def test_a_deliberately_broken_layout_fails_the_parity_check(name, two_rank_job):
+    got, ref = _results_of("gpt", BROKEN[name], 2, two_rank_job)
     with pytest.raises(AssertionError):
         assert_matches(got, ref)
     # and not by a hair: its weight matrices are off by a million times the tolerance or more
