@@ -97,7 +97,9 @@ def test_describe_a_200b_model_without_allocating_it(loom_cli):
     assert "206,861,008,896" in out and "published" in out
 
 
-def test_train_resume_generate_eval_plot(tiny_corpus, tmp_path):
+def test_train_resume_generate_eval_plot(tiny_corpus, tmp_path, loom_cli):
+    """Training and resuming in real processes; the commands that read the run in this one (a start
+    of the interpreter and torch each would cost more than the command)."""
     run = tmp_path / "run"
     common = ["model=pangu-tiny", "--data", str(tiny_corpus), "train.batch_size=4", "train.log_every=2",
               "train.eval_every=3", "train.eval_batches=2", "train.ckpt_every=3", "train.progress=log"]
@@ -107,13 +109,19 @@ def test_train_resume_generate_eval_plot(tiny_corpus, tmp_path):
     proc = loom("train", "--resume", str(run), "train.steps=9")
     assert "resumed from" in proc.stderr and "step 9/9" in proc.stderr
 
-    out = loom("generate", str(run), "--prompt", "def ", "--max-new-tokens", "12", "--seed", "1").stdout
+    code, out, err = loom_cli("generate", str(run), "--prompt", "def ", "--max-new-tokens", "12", "--seed", "1")
+    assert code == 0, err
     assert out.startswith("def ")
-    again = loom("generate", str(run), "--prompt", "def ", "--max-new-tokens", "12", "--seed", "1").stdout
+    code, again, err = loom_cli("generate", str(run), "--prompt", "def ", "--max-new-tokens", "12", "--seed", "1")
+    assert code == 0, err
     assert out == again
 
-    result = json.loads(loom("eval", str(run)).stdout)
+    code, out, err = loom_cli("eval", str(run))
+    assert code == 0, err
+    result = json.loads(out)
     assert result["step"] == 9 and result["val_loss"] > 0 and result["val_ppl"] > 1
 
-    assert loom("plot", str(run)).stdout.strip().endswith("loss.png")
+    code, out, err = loom_cli("plot", str(run))
+    assert code == 0, err
+    assert out.strip().endswith("loss.png")
     assert (run / "loss.png").stat().st_size > 1000
