@@ -2,9 +2,9 @@
 uninterrupted single-process run: DCP stores each tensor by its global shape and offsets. In float64,
 at the parity suite's tolerance (tests/distributed/parity.py).
 
-Every save and resume of a world size runs in one start of its processes (:func:`_save_and_resume`):
-one 4-process job saves GPT and Switch and resumes Switch under ep4, then one 2-process job resumes GPT
-under pp2 and tp2 + sp and saves Llama; the one-process resumes run in the test process."""
+The four-process saves (GPT, Switch) and the resume under ep4 run in the session's four-rank job
+(tests/distributed/shared_job.py), then one 2-process start resumes GPT under pp2 and tp2 + sp and
+saves Llama; the one-process resumes run in the test process."""
 
 from __future__ import annotations
 
@@ -49,23 +49,37 @@ def _save_and_resume(jobs: list[tuple]) -> dict:
     return out
 
 
+def _four_rank_jobs(root: str) -> list[tuple]:
+    saved = {m: f"{root}/{m}/saved" for m in ("gpt", "switch")}
+    jobs = [("gpt", "save", "gpt", SAVED_UNDER, saved["gpt"], None),
+            ("switch", "save", "switch", MOE_SAVED_UNDER, saved["switch"], None)]
+    return jobs + [(f"switch_{name}", "resume", "switch", layout, f"{root}/switch/{name}", saved["switch"])
+                   for name, (world, layout) in MOE_RESUMED_UNDER.items() if world == 4]
+
+
+def four_rank_job(tmp_dir: str) -> dict:
+    """This suite's four-rank saves and resumes, run in the session's four-rank job
+    (tests/distributed/shared_job.py): ``{key: losses}`` and ``"root"``, where the runs are."""
+    return {**_save_and_resume(_four_rank_jobs(tmp_dir)), "root": tmp_dir}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(four_rank_job, tmp_path_factory) -> dict:
     """The losses of every multi-process save and resume, by key (a save: rank 0's losses; a resume:
     the last rank's, the last pipeline stage knows the loss), and where each model was saved."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    saved = {m: str(root / m / "saved") for m in ("gpt", "switch", "llama")}
-    four = [("gpt", "save", "gpt", SAVED_UNDER, saved["gpt"], None),
-            ("switch", "save", "switch", MOE_SAVED_UNDER, saved["switch"], None)]
-    four += [(f"switch_{name}", "resume", "switch", layout, str(root / "switch" / name), saved["switch"])
-             for name, (world, layout) in MOE_RESUMED_UNDER.items() if world == 4]
-    two = [(f"gpt_{name}", "resume", "gpt", layout, str(root / "gpt" / name), saved["gpt"])
+    four_ranks = four_rank_job["test_checkpoint_layouts"]
+    root = four_ranks[0]["root"]
+    two = [(f"gpt_{name}", "resume", "gpt", layout, str(tmp_path_factory.mktemp(name) / "run"),
+            f"{root}/gpt/saved")
            for name, (world, layout) in RESUMED_UNDER.items() if world == 2]
-    two += [("llama", "save", "llama", LLAMA_SAVED_UNDER, saved["llama"], None)]
-    by_world = {4: run_on_ranks(4, _save_and_resume, four), 2: run_on_ranks(2, _save_and_resume, two)}
-    losses = {key: by_world[w][0 if action == "save" else -1][key]
-              for w, jobs in ((4, four), (2, two)) for key, action, *_ in jobs}
-    return {"losses": losses, "saved": {m: Path(d) for m, d in saved.items()}}
+    llama_saved = str(tmp_path_factory.mktemp("llama") / "saved")
+    two += [("llama", "save", "llama", LLAMA_SAVED_UNDER, llama_saved, None)]
+    two_ranks = run_on_ranks(2, _save_and_resume, two)
+    losses = {key: ranks[0 if action == "save" else -1][key]
+              for ranks, jobs in ((four_ranks, _four_rank_jobs(root)), (two_ranks, two)) for key, action, *_ in jobs}
+    saved = {"gpt": Path(root) / "gpt" / "saved", "switch": Path(root) / "switch" / "saved",
+             "llama": Path(llama_saved)}
+    return {"losses": losses, "saved": saved}
 
 
 @functools.cache

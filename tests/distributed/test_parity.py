@@ -5,8 +5,8 @@ where two correct layouts differ by ~1e-14 and a real layout error by orders of 
 per parallel dimension keep the production precisions covered, at tolerances set from their
 measured noise (docs/testing.md).
 
-Each world size starts its processes once and trains every layout of that size in turn; the two-rank
-layouts run in the session's shared two-rank job (tests/distributed/shared_job.py)."""
+Each world size starts its processes once and trains every layout of that size in turn; the two- and
+four-rank layouts run in the session's shared job of that size (tests/distributed/shared_job.py)."""
 
 from __future__ import annotations
 
@@ -114,22 +114,27 @@ def two_rank_job(tmp_dir: str) -> dict:
     return train_layouts(_cases(2))
 
 
+def four_rank_job(tmp_dir: str) -> dict:
+    """This suite's four-rank layouts, run in the session's four-rank job."""
+    return train_layouts(_cases(4))
+
+
 @functools.cache
-def _larger_world(world: int) -> tuple:
-    """Each rank's results of the ``world``-rank layouts (4 and 8 ranks: one start each)."""
-    return tuple(run_on_ranks(world, train_layouts, _cases(world)))
+def _eight_ranks() -> tuple:
+    return tuple(run_on_ranks(8, train_layouts, _cases(8)))
 
 
-def _results_of(model: str, layout: list[str], world: int, two_rank_job: dict | None = None) -> tuple[dict, dict]:
+def _results_of(model: str, layout: list[str], world: int, job: dict | None = None) -> tuple[dict, dict]:
     """(the layout's result, the one-process reference with the layout's other settings, e.g.
-    train.grad_accum or train.precision); two ranks' results come from the session's two-rank job."""
+    train.grad_accum or train.precision); two and four ranks' results come from the session's job of
+    that world size (``job``), eight ranks' from a start of their own."""
     ref = _reference(model, *(o for o in layout if not o.startswith(("parallel.", "sabotage:"))))
-    ranks = two_rank_job["test_parity"] if world == 2 else _larger_world(world)
+    ranks = _eight_ranks() if world == 8 else job["test_parity"]
     return merge_ranks(list(ranks), (model, *layout)), ref
 
 
-def _check(model: str, layout: list[str], world: int, two_rank_job: dict | None = None) -> None:
-    assert_matches(*_results_of(model, layout, world, two_rank_job))
+def _check(model: str, layout: list[str], world: int, job: dict | None = None) -> None:
+    assert_matches(*_results_of(model, layout, world, job))
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -140,8 +145,8 @@ def test_two_rank_layout_matches_single_process(name, model, two_rank_job):
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
-def test_four_rank_layout_matches_single_process(name, model):
-    _check(model, FOUR_RANKS[name], 4)
+def test_four_rank_layout_matches_single_process(name, model, four_rank_job):
+    _check(model, FOUR_RANKS[name], 4, four_rank_job)
 
 
 @pytest.mark.slow
@@ -153,8 +158,8 @@ def test_eight_rank_layout_matches_single_process(name, model):
 
 @pytest.mark.parametrize("model, world, name", [(m, w, n) for m, by_world in MORE_MODELS.items()
                                                  for w, layouts in by_world.items() for n in layouts])
-def test_other_family_layout_matches_single_process(model, world, name, two_rank_job):
-    _check(model, MORE_MODELS[model][world][name], world, two_rank_job)
+def test_other_family_layout_matches_single_process(model, world, name, two_rank_job, four_rank_job):
+    _check(model, MORE_MODELS[model][world][name], world, {2: two_rank_job, 4: four_rank_job}[world])
 
 
 @pytest.mark.parametrize("precision", list(SMOKE_TOLERANCE))
