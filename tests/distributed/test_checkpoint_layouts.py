@@ -98,32 +98,29 @@ def _resume_on_one_process(runs, model: str, run: Path) -> list[float]:
     return resume_and_train(model, [], str(run), STEPS)
 
 
-def test_checkpoint_saved_under_dp2_tp2_resumes_under_pp2_tp2_and_one_process(runs, tmp_path):
-    reference = _reference("gpt")
+def _assert_saved_and_resumed(runs, model: str, resumed_under, tmp_path: Path) -> None:
+    """The saving run's losses are one process's, and so are those of every resume of its checkpoint
+    (under each layout of ``resumed_under`` and on one process)."""
+    reference = _reference(model)
     assert len(reference) == STEPS
-    torch.testing.assert_close(torch.tensor(runs["losses"]["gpt"]), torch.tensor(reference[:SAVE_AT]),
+    torch.testing.assert_close(torch.tensor(runs["losses"][model]), torch.tensor(reference[:SAVE_AT]),
                                rtol=RTOL, atol=0)
-    continued = {name: runs["losses"][f"gpt_{name}"] for name in RESUMED_UNDER}
-    continued["single"] = _resume_on_one_process(runs, "gpt", tmp_path / "single")
+    continued = {name: runs["losses"][f"{model}_{name}"] for name in resumed_under}
+    continued["single"] = _resume_on_one_process(runs, model, tmp_path / "single")
     for name, losses in continued.items():
         _assert_continues(losses, reference, name)
+
+
+def test_checkpoint_saved_under_dp2_tp2_resumes_under_pp2_tp2_and_one_process(runs, tmp_path):
+    _assert_saved_and_resumed(runs, "gpt", RESUMED_UNDER, tmp_path)
 
 
 def test_moe_checkpoint_saved_under_ep2_dp2_resumes_under_ep4_and_one_process(runs, tmp_path):
     """Expert weights (split over ep) and their optimizer state are stored as global tensors."""
-    reference = _reference("switch")
-    torch.testing.assert_close(torch.tensor(runs["losses"]["switch"]), torch.tensor(reference[:SAVE_AT]),
-                               rtol=RTOL, atol=0)
-    continued = {name: runs["losses"][f"switch_{name}"] for name in MOE_RESUMED_UNDER}
-    continued["single"] = _resume_on_one_process(runs, "switch", tmp_path / "single")
-    for name, losses in continued.items():
-        _assert_continues(losses, reference, name)
+    _assert_saved_and_resumed(runs, "switch", MOE_RESUMED_UNDER, tmp_path)
 
 
 def test_llama_checkpoint_saved_under_tp2_resumes_on_one_process(runs, tmp_path):
     """Grouped-query key/value projections (split by key/value heads over tp) and the untied output
     projection (split over the vocabulary) are stored whole and reload into another layout."""
-    reference = _reference("llama")
-    torch.testing.assert_close(torch.tensor(runs["losses"]["llama"]), torch.tensor(reference[:SAVE_AT]),
-                               rtol=RTOL, atol=0)
-    _assert_continues(_resume_on_one_process(runs, "llama", tmp_path / "single"), reference, "single")
+    _assert_saved_and_resumed(runs, "llama", {}, tmp_path)
