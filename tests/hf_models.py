@@ -7,7 +7,24 @@ from pathlib import Path
 
 import torch
 
+from loom.config import load_config
+from loom.models import build_model
+from loom.models.hf import hf_model_settings
+from loom.train.hf import check_hf_weights, load_hf_weights
+
 VOCAB = 320  # 256 bytes + <|endoftext|> + merges; divisible by 2 for vocabulary-parallel splits
+
+
+def imported(path: Path, overrides=()):
+    """The Hugging Face model directory ``path`` as loom reads it: (config, model in eval mode). The
+    model is initialized before the weights are read over it, so a parameter the reading misses fails
+    the comparison with ``transformers``."""
+    cfg = load_config(None, list(overrides), settings=hf_model_settings(path))
+    check_hf_weights(path, cfg.model)
+    model = build_model(cfg.model, "cpu")
+    model.init_weights(cfg.train.seed)
+    load_hf_weights([model], cfg.model, path)
+    return cfg, model.eval()
 
 
 def tiny_tokenizer(texts: list[str]):

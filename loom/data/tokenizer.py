@@ -120,15 +120,47 @@ class Tokenizer(ABC):
         return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size})"
 
 
-class BpeTokenizer(Tokenizer):
-    """Byte-level BPE backed by a Hugging Face ``tokenizers.Tokenizer``."""
+class _TokenizersLibraryTokenizer(Tokenizer):
+    """A tokenizer backed by a Hugging Face ``tokenizers.Tokenizer``, saved as its ``tokenizer.json``;
+    special tokens written literally in the text are text."""
 
-    kind = "bpe"
     model_file = "tokenizer.json"
 
     def __init__(self, hf: Any) -> None:
         self._hf = hf
-        self._hf.encode_special_tokens = True  # literal "<|endoftext|>" is text
+        self._hf.encode_special_tokens = True  # a literal "<|endoftext|>" or "[MASK]" in the text is text
+
+    @classmethod
+    def load(cls, path: Path) -> _TokenizersLibraryTokenizer:
+        """Load the model file written by :meth:`save`."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_file(str(path)))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._hf.get_vocab_size(with_added_tokens=True))
+
+    def _encode_lines(self, texts: list[str]) -> list[Any]:
+        """The library's encodings of ``texts``, without special tokens added."""
+        # encode_batch_fast skips computing offsets (~40% faster); newer tokenizers only.
+        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        return encode(texts, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._hf.decode([int(i) for i in ids], skip_special_tokens=False))
+
+    def _write_model(self, path: Path) -> None:
+        self._hf.save(str(path))
+
+
+class BpeTokenizer(_TokenizersLibraryTokenizer):
+    """Byte-level BPE backed by a Hugging Face ``tokenizers.Tokenizer``."""
+
+    kind = "bpe"
+
+    def __init__(self, hf: Any) -> None:
+        super().__init__(hf)
         self._eos_id = hf.token_to_id(EOS_TOKEN)
 
     @classmethod
@@ -149,17 +181,6 @@ class BpeTokenizer(Tokenizer):
         hf.train_from_iterator(texts, trainer=trainer)
         return cls(hf)
 
-    @classmethod
-    def load(cls, path: Path) -> BpeTokenizer:
-        """Load the model file written by :meth:`save`."""
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return cls(HFTokenizer.from_file(str(path)))
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self._hf.get_vocab_size(with_added_tokens=True))
-
     @property
     def eos_id(self) -> int:
         return int(self._eos_id)
@@ -168,16 +189,7 @@ class BpeTokenizer(Tokenizer):
         return list(self._hf.encode(text, add_special_tokens=False).ids)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # encode_batch_fast skips computing offsets (~40% faster); newer tokenizers only.
-        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
-        encodings = encode(texts, add_special_tokens=False)
-        return [list(e.ids) for e in encodings]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self._hf.decode([int(i) for i in ids], skip_special_tokens=False))
-
-    def _write_model(self, path: Path) -> None:
-        self._hf.save(str(path))
+        return [list(e.ids) for e in self._encode_lines(texts)]
 
 
 class HFTokenizer(BpeTokenizer):
@@ -392,15 +404,13 @@ PAD, UNK, CLS, SEP, MASK, NL = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[N
 WORDPIECE_SPECIALS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK, EOS_TOKEN, NL)
 
 
-class WordPieceTokenizer(Tokenizer):
+class WordPieceTokenizer(_TokenizersLibraryTokenizer):
     """BERT's WordPiece backed by a Hugging Face ``tokenizers.Tokenizer``; each line ends with [NL]."""
 
     kind = "wordpiece"
-    model_file = "tokenizer.json"
 
     def __init__(self, hf: Any) -> None:
-        self._hf = hf
-        self._hf.encode_special_tokens = True  # a literal "[MASK]" in the text is text
+        super().__init__(hf)
         self.special_ids = {t: int(hf.token_to_id(t)) for t in WORDPIECE_SPECIALS}
 
     @classmethod
@@ -417,16 +427,6 @@ class WordPieceTokenizer(Tokenizer):
         hf.train_from_iterator(texts, trainer=trainer)
         return cls(hf)
 
-    @classmethod
-    def load(cls, path: Path) -> WordPieceTokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return cls(HFTokenizer.from_file(str(path)))
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self._hf.get_vocab_size(with_added_tokens=True))
-
     @property
     def eos_id(self) -> int:
         return self.special_ids[EOS_TOKEN]
@@ -437,8 +437,7 @@ class WordPieceTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Each non-blank line's pieces followed by [NL] (blank lines leave nothing)."""
         lines = [[ln for ln in text.split("\n") if ln.strip()] for text in texts]
-        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
-        flat = encode([ln for doc in lines for ln in doc], add_special_tokens=False)
+        flat = self._encode_lines([ln for doc in lines for ln in doc])
         out, i, nl = [], 0, self.special_ids[NL]
         for doc in lines:
             ids: list[int] = []
@@ -448,12 +447,6 @@ class WordPieceTokenizer(Tokenizer):
             i += len(doc)
             out.append(ids)
         return out
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self._hf.decode([int(i) for i in ids], skip_special_tokens=False))
-
-    def _write_model(self, path: Path) -> None:
-        self._hf.save(str(path))
 
 
 def _check_kind(kind: str) -> str:

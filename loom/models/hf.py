@@ -11,7 +11,10 @@ the other way, the stored tensors of a whole model. Reading the files is the eng
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -83,6 +86,19 @@ def mapping(cfg: ModelConfig) -> HFMapping:
                                   "--format safetensors")
             return spec.hf
     raise ConfigError(f"model.arch={cfg.arch!r} is not a known model family")
+
+
+T = TypeVar("T")
+
+
+def block_entry(key: str, block: Mapping[str, T], name: str | None = None) -> tuple[str, T]:
+    """(layer index, ``block``'s entry) of ``key`` = ``layers.<i>.<rest>``, the entry being ``block[rest]``
+    (a family's table of where each parameter of a Transformer block is in a checkpoint); ``KeyError``
+    (of ``name``, the whole parameter name, default ``key``) for a name outside every block's table."""
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
+    if m is None or m.group(2) not in block:
+        raise KeyError(key if name is None else name)
+    return m.group(1), block[m.group(2)]
 
 
 def source_region(src: HFSource, offsets: tuple[int, ...], sizes: tuple[int, ...]

@@ -8,7 +8,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+from loom.models.common.numerics import at_least_fp32
 
 Batch = dict[str, torch.Tensor]  # every tensor's first dimension is the batch's rows (sequences)
 
@@ -52,6 +56,56 @@ class Task(ABC):
     @abstractmethod
     def metrics(self, loss_sum: float, units: int) -> dict:
         """The evaluation record from the unit-weighted loss sum over ``units`` scored units."""
+
+
+class OneLabelTask(Task):
+    """A task whose every example has one label of ``n_classes`` (sequence or image classification):
+    batches carry ``labels`` (B,); the loss is the mean cross-entropy over the rows (every row counts
+    once, so every layout's averaging is exact); ``loom eval`` reports accuracy and macro-F1 beside the
+    majority-class baseline. A subclass sets ``label_names``, ``n_classes`` and ``majority`` (the
+    most frequent training label)."""
+
+    label_names: list[str]
+    n_classes: int
+    majority: int
+    example_noun = "examples"  # what the evaluation counts, for its error message
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        return batch["labels"]
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(at_least_fp32(outputs), targets)
+
+    def units(self, batch: Batch) -> int:
+        return batch["labels"].numel()
+
+    def metrics(self, loss_sum: float, units: int) -> dict:
+        if units == 0:
+            raise ValueError(f"evaluation saw no {self.example_noun}")
+        return {"val_loss": loss_sum / units, "val_examples": units}
+
+    def eval_counts(self, outputs: torch.Tensor, batch: Batch) -> dict[str, np.ndarray]:
+        """The confusion matrix of a batch (true label, predicted label)."""
+        k = self.n_classes
+        pairs = batch["labels"].cpu() * k + outputs.argmax(-1).cpu()
+        return {"confusion": torch.bincount(pairs, minlength=k * k).view(k, k).numpy().astype(np.float64)}
+
+    def count_metrics(self, c: dict) -> dict:
+        return {**classification_metrics(c["confusion"], self.majority), "labels": self.label_names}
+
+
+def classification_metrics(confusion: np.ndarray, majority: int) -> dict:
+    """Accuracy and macro-F1 (the unweighted mean of each label's F1) from a (true, predicted)
+    confusion matrix, and the majority-class baseline's accuracy and macro-F1 on the same examples."""
+    total = confusion.sum()
+    tp = np.diag(confusion)
+    f1 = 2 * tp / np.maximum(confusion.sum(0) + confusion.sum(1), 1)
+    support = confusion.sum(1)
+    base_f1 = np.zeros_like(f1)
+    base_f1[majority] = 2 * support[majority] / (total + support[majority])
+    return {"accuracy": float(tp.sum() / total), "macro_f1": float(f1.mean()),
+            "majority_accuracy": float(support[majority] / total), "majority_macro_f1": float(base_f1.mean()),
+            "examples": int(total)}
 
 
 def slice_rows(batch: Batch, rows: slice) -> Batch:

@@ -24,11 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from loom.errors import ConfigError
-from loom.models.common.numerics import at_least_fp32
-from loom.tasks.base import Batch, Task
+from loom.tasks.base import Batch, OneLabelTask, classification_metrics  # noqa: F401 (re-exported)
 
 PACKAGES = ("asyncio", "email", "http", "logging", "multiprocessing", "tkinter", "unittest", "xml")
 PER_PACKAGE = 300
@@ -76,7 +74,7 @@ def read_labelled(path: Path) -> list[tuple[str, str]]:
         raise ConfigError(f"data.path={str(path)!r}: every record needs a 'text' and a 'label' ({e})") from None
 
 
-class Classification(Task):
+class Classification(OneLabelTask):
     """Batches: ``input_ids``, ``token_type_ids``, ``attention_mask`` (B, T) and ``labels`` (B,)."""
 
     name = "classification"
@@ -151,29 +149,6 @@ class Classification(Task):
     def inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
         return batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
 
-    def targets(self, batch: Batch) -> torch.Tensor:
-        return batch["labels"]
-
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(at_least_fp32(outputs), targets)
-
-    def units(self, batch: Batch) -> int:
-        return batch["labels"].numel()
-
-    def metrics(self, loss_sum: float, units: int) -> dict:
-        if units == 0:
-            raise ValueError("evaluation saw no examples")
-        return {"val_loss": loss_sum / units, "val_examples": units}
-
-    def eval_counts(self, outputs: torch.Tensor, batch: Batch) -> dict[str, np.ndarray]:
-        """The confusion matrix of a batch (true label, predicted label)."""
-        k = self.n_classes
-        pairs = batch["labels"].cpu() * k + outputs.argmax(-1).cpu()
-        return {"confusion": torch.bincount(pairs, minlength=k * k).view(k, k).numpy().astype(np.float64)}
-
-    def count_metrics(self, c: dict) -> dict:
-        return {**classification_metrics(c["confusion"], self.majority), "labels": self.label_names}
-
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Each text's WordPiece ids, without the line and document marks ([NL], end-of-text) the tokenizer
@@ -193,16 +168,3 @@ def pack_rows(token_lists: list[list[int]], cls_id: int, sep_id: int, pad_id: in
         ids[r, : len(row)], mask[r, : len(row)] = row, 1
     return ids, mask
 
-
-def classification_metrics(confusion: np.ndarray, majority: int) -> dict:
-    """Accuracy and macro-F1 (the unweighted mean of each label's F1) from a (true, predicted)
-    confusion matrix, and the majority-class baseline's accuracy and macro-F1 on the same examples."""
-    total = confusion.sum()
-    tp = np.diag(confusion)
-    f1 = 2 * tp / np.maximum(confusion.sum(0) + confusion.sum(1), 1)
-    support = confusion.sum(1)
-    base_f1 = np.zeros_like(f1)
-    base_f1[majority] = 2 * support[majority] / (total + support[majority])
-    return {"accuracy": float(tp.sum() / total), "macro_f1": float(f1.mean()),
-            "majority_accuracy": float(support[majority] / total), "majority_macro_f1": float(base_f1.mean()),
-            "examples": int(total)}

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from loom.errors import ConfigError
-from loom.models.common.numerics import at_least_fp32
 from loom.models.config import ModelConfig
-from loom.tasks.base import Batch, Task
-from loom.tasks.classification import HELD_OUT, classification_metrics
+from loom.tasks.base import Batch, OneLabelTask
+from loom.tasks.classification import HELD_OUT
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -92,10 +90,11 @@ def load_images(path: str | None, model: ModelConfig) -> ImageData:
                               "channels": model.channels, "labels": dict(zip(images[2], map(int, counts)))})
 
 
-class ImageClassification(Task):
+class ImageClassification(OneLabelTask):
     """Batches: ``images`` (B, C, H, W) and ``labels`` (B,)."""
 
     name = "image_classification"
+    example_noun = "images"
     load_data = staticmethod(load_images)  # its data: images, not a token corpus
 
     @classmethod
@@ -135,27 +134,5 @@ class ImageClassification(Task):
     def inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
         return (batch["images"],)
 
-    def targets(self, batch: Batch) -> torch.Tensor:
-        return batch["labels"]
-
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(at_least_fp32(outputs), targets)
-
-    def units(self, batch: Batch) -> int:
-        return batch["labels"].numel()
-
     def tokens(self, batch: Batch) -> int:
         return batch["labels"].numel() * self.seq  # each image is patches + [CLS] tokens
-
-    def metrics(self, loss_sum: float, units: int) -> dict:
-        if units == 0:
-            raise ValueError("evaluation saw no images")
-        return {"val_loss": loss_sum / units, "val_examples": units}
-
-    def eval_counts(self, outputs: torch.Tensor, batch: Batch) -> dict[str, np.ndarray]:
-        k = self.n_classes
-        pairs = batch["labels"].cpu() * k + outputs.argmax(-1).cpu()
-        return {"confusion": torch.bincount(pairs, minlength=k * k).view(k, k).numpy().astype(np.float64)}
-
-    def count_metrics(self, c: dict) -> dict:
-        return {**classification_metrics(c["confusion"], self.majority), "labels": self.label_names}

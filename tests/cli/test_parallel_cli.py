@@ -37,7 +37,7 @@ def test_bad_layouts_are_one_line_and_exit_code_2_before_launch(args, fragment, 
 
 
 @pytest.mark.slow
-def test_nproc_2_trains_resumes_on_one_process_and_exports(tiny_corpus, tmp_path):
+def test_nproc_2_trains_resumes_on_one_process_and_exports(tiny_corpus, tmp_path, loom_cli):
     run = tmp_path / "run"
     common = ["train.batch_size=4", "train.log_every=1", "train.eval_every=2", "train.eval_batches=1",
               "train.ckpt_every=2", "train.progress=log"]
@@ -48,11 +48,14 @@ def test_nproc_2_trains_resumes_on_one_process_and_exports(tiny_corpus, tmp_path
     assert records[-1]["layout"] == "tp=2" and len(records[-1]["mem_peak_mb"]) == 2
     assert proc.stderr.count("step 2/2") == 1  # one voice: rank 0's
 
-    loom("train", "--resume", str(run), "train.steps=4", "parallel.tp=1")  # the tp=2 checkpoint, one process
+    code, _, err = loom_cli("train", "--resume", str(run), "train.steps=4", "parallel.tp=1")  # tp=2's, one process
+    assert code == 0, err
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and "layout" not in records[-1]
 
-    out = loom("export", str(run)).stdout.strip()
+    code, out, err = loom_cli("export", str(run))
+    assert code == 0, err
+    out = out.strip()
     weights = load_file(out)
     from loom.infer.load import load_for_inference
 

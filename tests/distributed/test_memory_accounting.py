@@ -13,11 +13,8 @@ nothing (a CUDA run would count device bytes apart from host bytes)."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 
-from tests.distributed.harness import run_on_ranks
 from tests.distributed.memory_accounting import measure_layouts, planned_bytes
 
 PP = ["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=2"]
@@ -36,14 +33,19 @@ COMMON = ["train.precision=fp32"]  # unless a layout sets another (a later key w
 KINDS = ("params", "grads", "optimizer")
 
 
-@functools.cache
-def _measured() -> list[dict]:
-    return run_on_ranks(4, measure_layouts, {k: [*COMMON, *v] for k, v in LAYOUTS.items()})
+def four_rank_job(tmp_dir: str) -> dict:
+    """This suite's part of the session's four-rank job (tests/distributed/shared_job.py)."""
+    return measure_layouts({k: [*COMMON, *v] for k, v in LAYOUTS.items()})
 
 
-def _mismatches(name: str) -> list[str]:
+@pytest.fixture(scope="module")
+def measured(four_rank_job) -> list[dict]:
+    return four_rank_job["test_memory_accounting"]
+
+
+def _mismatches(measured: list[dict], name: str) -> list[str]:
     out = []
-    for rank, result in enumerate(_measured()):
+    for rank, result in enumerate(measured):
         got = result[name]
         want = planned_bytes([*COMMON, *LAYOUTS[name]], got["plan"], got["pp_rank"])
         for kind in KINDS:
@@ -54,12 +56,12 @@ def _mismatches(name: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if "sabotaged" not in n])
-def test_held_bytes_equal_the_planners(name):
-    assert not _mismatches(name), "\n".join(_mismatches(name))
+def test_held_bytes_equal_the_planners(name, measured):
+    assert not _mismatches(measured, name), "\n".join(_mismatches(measured, name))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if "sabotaged" in n])
-def test_zero_as_a_no_op_is_caught(name):
-    wrong = _mismatches(name)
+def test_zero_as_a_no_op_is_caught(name, measured):
+    wrong = _mismatches(measured, name)
     assert any("optimizer" in w for w in wrong), f"ZeRO made a no-op went unnoticed: {wrong}"

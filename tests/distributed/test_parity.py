@@ -5,7 +5,8 @@ where two correct layouts differ by ~1e-14 and a real layout error by orders of 
 per parallel dimension keep the production precisions covered, at tolerances set from their
 measured noise (docs/testing.md).
 
-Each world size starts its processes once and trains every layout of that size in turn."""
+Each world size starts its processes once and trains every layout of that size in turn; the two- and
+four-rank layouts run in the session's shared job of that size (tests/distributed/shared_job.py)."""
 
 from __future__ import annotations
 
@@ -108,32 +109,44 @@ def _reference(model: str, *train_settings: str) -> dict:
     return train_single(model, list(train_settings))
 
 
+def two_rank_job(tmp_dir: str) -> dict:
+    """This suite's two-rank layouts, run in the session's two-rank job (tests/distributed/shared_job.py)."""
+    return train_layouts(_cases(2))
+
+
+def four_rank_job(tmp_dir: str) -> dict:
+    """This suite's four-rank layouts, run in the session's four-rank job."""
+    return train_layouts(_cases(4))
+
+
 @functools.cache
-def _results(world: int) -> tuple:
-    return tuple(run_on_ranks(world, train_layouts, _cases(world)))
+def _eight_ranks() -> tuple:
+    return tuple(run_on_ranks(8, train_layouts, _cases(8)))
 
 
-def _results_of(model: str, layout: list[str], world: int) -> tuple[dict, dict]:
+def _results_of(model: str, layout: list[str], world: int, job: dict | None = None) -> tuple[dict, dict]:
     """(the layout's result, the one-process reference with the layout's other settings, e.g.
-    train.grad_accum or train.precision)."""
+    train.grad_accum or train.precision); two and four ranks' results come from the session's job of
+    that world size (``job``), eight ranks' from a start of their own."""
     ref = _reference(model, *(o for o in layout if not o.startswith(("parallel.", "sabotage:"))))
-    return merge_ranks(list(_results(world)), (model, *layout)), ref
+    ranks = _eight_ranks() if world == 8 else job["test_parity"]
+    return merge_ranks(list(ranks), (model, *layout)), ref
 
 
-def _check(model: str, layout: list[str], world: int) -> None:
-    assert_matches(*_results_of(model, layout, world))
+def _check(model: str, layout: list[str], world: int, job: dict | None = None) -> None:
+    assert_matches(*_results_of(model, layout, world, job))
 
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("name", list(TWO_RANKS))
-def test_two_rank_layout_matches_single_process(name, model):
-    _check(model, TWO_RANKS[name], 2)
+def test_two_rank_layout_matches_single_process(name, model, two_rank_job):
+    _check(model, TWO_RANKS[name], 2, two_rank_job)
 
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
-def test_four_rank_layout_matches_single_process(name, model):
-    _check(model, FOUR_RANKS[name], 4)
+def test_four_rank_layout_matches_single_process(name, model, four_rank_job):
+    _check(model, FOUR_RANKS[name], 4, four_rank_job)
 
 
 @pytest.mark.slow
@@ -145,15 +158,15 @@ def test_eight_rank_layout_matches_single_process(name, model):
 
 @pytest.mark.parametrize("model, world, name", [(m, w, n) for m, by_world in MORE_MODELS.items()
                                                  for w, layouts in by_world.items() for n in layouts])
-def test_other_family_layout_matches_single_process(model, world, name):
-    _check(model, MORE_MODELS[model][world][name], world)
+def test_other_family_layout_matches_single_process(model, world, name, two_rank_job, four_rank_job):
+    _check(model, MORE_MODELS[model][world][name], world, {2: two_rank_job, 4: four_rank_job}[world])
 
 
 @pytest.mark.parametrize("precision", list(SMOKE_TOLERANCE))
 @pytest.mark.parametrize("name", list(SMOKE_LAYOUTS))
-def test_production_precision_layout_matches_single_process(name, precision):
+def test_production_precision_layout_matches_single_process(name, precision, two_rank_job):
     model, layout = SMOKE_LAYOUTS[name]
-    got, ref = _results_of(model, [*layout, f"train.precision={precision}"], 2)
+    got, ref = _results_of(model, [*layout, f"train.precision={precision}"], 2, two_rank_job)
     tolerance = dict(SMOKE_TOLERANCE[precision])
     if precision == "bf16" and model == "switch":
         tolerance["matrix_rtol"] = None  # routing near ties follows the rounding: the losses are compared
@@ -161,8 +174,8 @@ def test_production_precision_layout_matches_single_process(name, precision):
 
 
 @pytest.mark.parametrize("name", list(BROKEN))
-def test_a_deliberately_broken_layout_fails_the_parity_check(name):
-    got, ref = _results_of("gpt", BROKEN[name], 2)
+def test_a_deliberately_broken_layout_fails_the_parity_check(name, two_rank_job):
+    got, ref = _results_of("gpt", BROKEN[name], 2, two_rank_job)
     with pytest.raises(AssertionError):
         assert_matches(got, ref)
     # and not by a hair: its weight matrices are off by a million times the tolerance or more

@@ -13,7 +13,6 @@ from loom.config import load_config
 from loom.models import build_model, materialize, spec_of
 from loom.parallel.pipeline import build_pipeline
 from loom.tasks import lm_loss
-from tests.distributed.harness import run_on_ranks
 from tests.distributed.parity import ATOL, RTOL
 
 SEED = 0
@@ -102,9 +101,14 @@ def worker(cases) -> list:
     return out
 
 
+def two_rank_job(tmp_dir: str) -> list:
+    """This suite's part of the session's two-rank job (tests/distributed/shared_job.py)."""
+    return worker(CASES)
+
+
 @pytest.mark.slow
-def test_pipeline_matches_single_process():
-    ranks = run_on_ranks(2, worker, CASES)
+def test_pipeline_matches_single_process(two_rank_job):
+    ranks = two_rank_job["test_pipeline"]
     for i, case in enumerate(CASES):
         results = [r[i] for r in ranks]
         for rank, res in enumerate(results):

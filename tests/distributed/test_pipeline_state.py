@@ -12,7 +12,6 @@ from torch import nn
 
 from loom.models import ModelConfig, ModelSpec, PipelineSplit, Sharding, build_model, register, registry, spec_of
 from loom.parallel.pipeline import build_pipeline, stage_layout, stage_module
-from tests.distributed.harness import run_on_ranks
 from tests.distributed.parity import ATOL, RTOL
 
 ARCH = "toy-pair"
@@ -117,8 +116,17 @@ def test_a_pair_of_tensors_travels_through_the_stages_in_one_process(toy_family)
     torch.testing.assert_close(state, model(x), rtol=0, atol=0)
 
 
-def test_a_pair_of_tensors_travels_through_a_two_rank_pipeline():
-    ranks = run_on_ranks(2, _worker)
+def two_rank_job(tmp_dir: str) -> dict:
+    """This suite's part of the session's two-rank job (tests/distributed/shared_job.py): the toy family
+    is registered for it only."""
+    try:
+        return _worker()
+    finally:
+        registry._FAMILIES.pop(ARCH, None)
+
+
+def test_a_pair_of_tensors_travels_through_a_two_rank_pipeline(two_rank_job):
+    ranks = two_rank_job["test_pipeline_state"]
     assert sum(r["last"] for r in ranks) == 1
     seen = set()
     for r in ranks:

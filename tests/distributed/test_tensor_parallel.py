@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.harness import run_on_ranks
 from tests.distributed.parity import ATOL, RTOL
 
 SHRINK = ["model.block_size=16", "model.dropout=0.0"]
@@ -94,9 +93,14 @@ def _worker(cases) -> dict:
     return out
 
 
+def two_rank_job(tmp_dir: str) -> dict:
+    """This suite's part of the session's two-rank job (tests/distributed/shared_job.py)."""
+    return _worker(CASES)
+
+
 @pytest.fixture(scope="module")
-def results():
-    return run_on_ranks(2, _worker, CASES)
+def results(two_rank_job):
+    return two_rank_job["test_tensor_parallel"]
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])

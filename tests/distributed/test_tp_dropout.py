@@ -8,8 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.harness import run_on_ranks
-
 DROPOUT = 0.3
 RESUME_LAYOUT = ["parallel.tp=2", "parallel.sp=true", f"model.dropout={DROPOUT}"]
 
@@ -127,9 +125,14 @@ def _worker(run_dir: str) -> dict:
     return out
 
 
+def two_rank_job(tmp_dir: str) -> dict:
+    """This suite's part of the session's two-rank job (tests/distributed/shared_job.py)."""
+    return _worker(tmp_dir)
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_on_ranks(2, _worker, str(tmp_path_factory.mktemp("tp_dropout")))
+def results(two_rank_job):
+    return two_rank_job["test_tp_dropout"]
 
 
 def _equal(a: list, b: list) -> bool:

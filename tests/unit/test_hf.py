@@ -19,18 +19,9 @@ from loom.infer.generate import generate  # noqa: E402
 from loom.models import build_model  # noqa: E402
 from loom.models.hf import hf_model_settings  # noqa: E402
 from loom.train.hf import check_hf_weights, load_hf_weights  # noqa: E402
-from tests.hf_models import VOCAB, gpt2_dir, llama_dir  # noqa: E402
+from tests.hf_models import VOCAB, gpt2_dir, imported, llama_dir  # noqa: E402
 
 TEXTS = ["def f(x):\n    return x + 1\n", "import os\nprint(os.getcwd())\n", "for i in range(10): pass\n"] * 20
-
-
-def imported(path):
-    cfg = load_config(None, settings=hf_model_settings(path))
-    check_hf_weights(path, cfg.model)
-    model = build_model(cfg.model, "cpu")
-    model.init_weights(cfg.train.seed)  # overwritten below: the test fails if any parameter is not
-    load_hf_weights([model], cfg.model, path)
-    return cfg, model.eval()
 
 
 @pytest.fixture(scope="module")

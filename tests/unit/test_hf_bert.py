@@ -15,21 +15,10 @@ pytest.importorskip("transformers")  # the test extra; loom's import and export 
 from loom.config import load_config  # noqa: E402
 from loom.data.tokenizer import HFTokenizer  # noqa: E402
 from loom.errors import ConfigError  # noqa: E402
-from loom.models import build_model  # noqa: E402
 from loom.models.hf import hf_model_settings  # noqa: E402
-from loom.train.hf import check_hf_weights, load_hf_weights  # noqa: E402
-from tests.hf_models import VOCAB, bert_dir  # noqa: E402
+from tests.hf_models import VOCAB, bert_dir, imported  # noqa: E402
 
 TOL = 1e-4
-
-
-def imported(path, overrides=()):
-    cfg = load_config(None, list(overrides), settings=hf_model_settings(path))
-    check_hf_weights(path, cfg.model)
-    model = build_model(cfg.model, "cpu")
-    model.init_weights(cfg.train.seed)  # overwritten below: the test fails if any parameter is not
-    load_hf_weights([model], cfg.model, path)
-    return cfg, model.eval()
 
 
 def batch(seed: int):

@@ -9,10 +9,9 @@ Face's BERT uses the exact GELU (``hidden_act="gelu"``), which is ``model.activa
 
 from __future__ import annotations
 
-import re
-
 from loom.errors import ConfigError
 from loom.models.config import ModelConfig
+from loom.models.hf import block_entry
 from loom.models.spec import HFMapping, HFSource
 
 _BLOCK = {"attn.q_proj": "attention.self.query", "attn.k_proj": "attention.self.key",
@@ -39,10 +38,8 @@ def source(name: str, cfg: ModelConfig) -> HFSource:
     owner, _, leaf = name.rpartition(".")
     if owner in _TOP:
         return HFSource(f"{_TOP[owner]}.{leaf}")
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", owner)
-    if m is None or m.group(2) not in _BLOCK:
-        raise KeyError(name)
-    return HFSource(f"bert.encoder.layer.{m.group(1)}.{_BLOCK[m.group(2)]}.{leaf}")
+    layer, hf = block_entry(owner, _BLOCK, name)
+    return HFSource(f"bert.encoder.layer.{layer}.{hf}.{leaf}")
 
 
 def _unsupported(key: str, value, want) -> ConfigError:

@@ -7,10 +7,9 @@ three projections (so tensor parallelism can split each by heads).
 
 from __future__ import annotations
 
-import re
-
 from loom.errors import ConfigError
 from loom.models.config import ModelConfig
+from loom.models.hf import block_entry
 from loom.models.spec import HFMapping, HFSource
 
 # loom parameter (within a block) -> (GPT-2 tensor, transposed, offset in units of n_embd along dim 0)
@@ -37,11 +36,8 @@ def source(name: str, cfg: ModelConfig) -> HFSource:
     """Where loom's parameter ``name`` is in a ``GPT2LMHeadModel`` checkpoint."""
     if name in _TOP:
         return HFSource(_TOP[name])
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if m is None or m.group(2) not in _BLOCK:
-        raise KeyError(name)
-    hf, transpose, part = _BLOCK[m.group(2)]
-    return HFSource(f"transformer.h.{m.group(1)}.{hf}", transpose=transpose, dim=0, start=part * cfg.n_embd)
+    layer, (hf, transpose, part) = block_entry(name, _BLOCK)
+    return HFSource(f"transformer.h.{layer}.{hf}", transpose=transpose, dim=0, start=part * cfg.n_embd)
 
 
 def _unsupported(key: str, value, want) -> ConfigError:

@@ -7,10 +7,9 @@ hold the query and key rows in the rotate-half order loom's rotary positions use
 
 from __future__ import annotations
 
-import re
-
 from loom.errors import ConfigError
 from loom.models.config import ModelConfig
+from loom.models.hf import block_entry
 from loom.models.spec import HFMapping, HFSource
 
 _BLOCK = {"ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_attention_layernorm.weight",
@@ -26,10 +25,8 @@ def source(name: str, cfg: ModelConfig) -> HFSource:
     """Where loom's parameter ``name`` is in a ``LlamaForCausalLM`` checkpoint."""
     if name in _TOP:
         return HFSource(_TOP[name])
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if m is None or m.group(2) not in _BLOCK:
-        raise KeyError(name)
-    return HFSource(f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}")
+    layer, hf = block_entry(name, _BLOCK)
+    return HFSource(f"model.layers.{layer}.{hf}")
 
 
 def _rope_theta(c: dict) -> float:

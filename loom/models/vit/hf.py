@@ -10,10 +10,9 @@ GELU (``hidden_act="gelu"``), which is ``model.activation=gelu``.
 
 from __future__ import annotations
 
-import re
-
 from loom.errors import ConfigError
 from loom.models.config import ModelConfig
+from loom.models.hf import block_entry
 from loom.models.spec import HFMapping, HFSource
 
 _BLOCK = {"attn.q_proj": "attention.attention.query", "attn.k_proj": "attention.attention.key",
@@ -40,10 +39,8 @@ def source(name: str, cfg: ModelConfig) -> HFSource:
         return HFSource(f"vit.layernorm.{leaf}")
     if owner == "cls_head":
         return HFSource(f"classifier.{leaf}")
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", owner)
-    if m is None or m.group(2) not in _BLOCK:
-        raise KeyError(name)
-    return HFSource(f"vit.encoder.layer.{m.group(1)}.{_BLOCK[m.group(2)]}.{leaf}")
+    layer, hf = block_entry(owner, _BLOCK, name)
+    return HFSource(f"vit.encoder.layer.{layer}.{hf}.{leaf}")
 
 
 def config_from_hf(c: dict) -> dict:
