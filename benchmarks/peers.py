@@ -13,11 +13,11 @@ tied embedding and output, no dropout, no biases' special cases: all three have 
 ``nanogpt``   a plain-PyTorch GPT written below in nanoGPT's style (fused QKV projection, SDPA).
 
 Every step: forward on (batch, seq) random tokens, mean next-token cross-entropy in fp32, backward,
-``clip_grad_norm_(1.0)``, AdamW (foreach, weight decay on matrices) and ``zero_grad``. Precisions:
-fp32, and bf16 autocast over fp32 weights. The implementations run in interleaved rounds (round r
-times every implementation in turn), so a slow stretch of a shared machine hits all of them alike; the
-table reports each one's median tokens/s over rounds with the min–max spread, and loom's ratio to the
-fastest peer. Writes JSON (``--out``).
+``clip_grad_norm_(1.0)``, AdamW (torch's fused kernel, as loom's; weight decay on matrices) and
+``zero_grad``. Precisions: fp32, and bf16 autocast over fp32 weights. The implementations run in
+interleaved rounds (round r times every implementation in turn), so a slow stretch of a shared
+machine hits all of them alike; the table reports each one's median tokens/s over rounds with the
+min–max spread, and loom's ratio to the fastest peer. Writes JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _adamw(params) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), foreach=True)
+    return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)  # as loom's build_optimizer
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

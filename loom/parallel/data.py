@@ -5,9 +5,13 @@ over the dp ranks, so the step equals one device's step on the whole batch. What
 (measured byte for byte by tests/distributed/test_memory_accounting.py; the planner's
 ``loom.planner.memory.state_bytes`` computes the same figures):
 
-    zero=0  everything replicated; gradients all-reduced. FSDP over a shard group of one, so besides
-            the master weights a gathered working copy exists from forward to backward (in bf16 under
-            mixed precision; a second full copy in fp32 training)
+    zero=0  everything replicated; gradients all-reduced. Without tensor, pipeline or expert
+            parallelism (``Plan.replicated_dp``) this is torch's DDP through the composable
+            ``replicate``: one copy of the weights, the gradients as views of DDP's buckets (one copy),
+            each ~25 MB bucket all-reduced as soon as backward has filled it (overlap). With them it is
+            FSDP over a shard group of one (DDP takes neither DTensor parameters nor torch's pipeline
+            stages' split backward), so besides the master weights a gathered working copy exists from
+            forward to backward (in bf16 under mixed precision; a second full copy in fp32 training)
     zero=1  master weights and optimizer state sharded; the working copy gathered for forward and kept
             until backward; whole gradients kept over accumulation micro-steps and reduce-scattered
             on the last one
@@ -18,11 +22,12 @@ Under a pipeline (pp > 1) torch's stages turn gradient reduction and resharding 
 for every micro-batch and reduce once, after the last: every stage then keeps whole gradients and the
 gathered working copy until the step's end, so zero=2 and zero=3 hold what zero=1 holds.
 
-All four are one mechanism: ``fully_shard`` over the 2-D mesh ``dp_replicate × dp_shard`` with
-``dp_shard = 1`` for zero=0 and ``dp_shard = shard_group`` otherwise (hybrid sharding when the
-shard group is smaller than dp). Each block is its own communication bucket, so its all-reduce or
-reduce-scatter runs while the previous block's backward computes (overlap). The embedding and the
-head stay in the root group, which keeps a tied embedding/output weight one parameter.
+zero 1–3 (and zero=0 under tp, pp or ep) are one mechanism: ``fully_shard`` over the 2-D mesh
+``dp_replicate × dp_shard`` with ``dp_shard = 1`` for zero=0 and ``dp_shard = shard_group`` otherwise
+(hybrid sharding when the shard group is smaller than dp). Each block is its own communication
+bucket, so its all-reduce or reduce-scatter runs while the previous block's backward computes
+(overlap). The embedding and the head stay in the root group, which keeps a tied embedding/output
+weight one parameter.
 
 Under expert parallelism the dense parameters are data-parallel over ``dp × ep`` ranks (``dp_mesh``,
 from :func:`loom.parallel.mesh.dense_data_mesh`) and each MoE layer's experts, already split over ep, over
@@ -73,10 +78,26 @@ def apply_data_parallel(module: nn.Module, dp_mesh: DeviceMesh, zero: int, param
                 ignored_params=ignored or None)
 
 
+def apply_replicate(module: nn.Module, dp_mesh: DeviceMesh) -> None:
+    """Plain data parallelism over the 1-D ``dp_mesh``, in place, with torch's DDP (composable
+    ``replicate``: parameter names unchanged). Call it on the materialized module: DDP collects the
+    parameter objects it reduces and, at the first forward, broadcasts rank 0's values (equal on
+    every rank here: each initializes from the same seed). Gradients are views of DDP's buckets
+    (``gradient_as_bucket_view``), so they take no memory beside them; buffers are not broadcast
+    each step (no buffer here differs between replicas); ``find_unused_parameters`` covers a
+    parameter a step leaves without a gradient (an expert no token was routed to)."""
+    from torch.distributed._composable.replicate import replicate
+
+    replicate(module, process_group=dp_mesh.get_group(), gradient_as_bucket_view=True, broadcast_buffers=False,
+              find_unused_parameters=True)
+
+
 def set_gradient_sync(modules: list[nn.Module], zero: int, last_micro_step: bool) -> None:
     """Before each accumulation micro-step: ZeRO-0/1 keep full local gradients and communicate
     once, on the last micro-step; ZeRO-2/3 reduce-scatter every micro-step so that only a shard of
-    the gradient is ever kept."""
+    the gradient is ever kept. (DDP's modules, zero=0, have the same switch.)"""
+    from torch.distributed._composable.replicate import DDP
+
     for m in modules:
-        if isinstance(m, FSDPModule):
+        if isinstance(m, (FSDPModule, DDP)):
             m.set_requires_gradient_sync(last_micro_step or zero >= 2)

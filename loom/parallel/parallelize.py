@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from loom.models import ModelSpec
 from loom.models.common import STAT_FIELDS, at_least_fp32, moe_layers
-from loom.parallel.data import apply_data_parallel, set_gradient_sync
+from loom.parallel.data import apply_data_parallel, apply_replicate, set_gradient_sync
 from loom.parallel.expert import apply_expert_parallel, expert_grad_factor
 from loom.parallel.mesh import dense_data_mesh, expert_data_mesh, is_distributed
 from loom.parallel.plan import Plan
@@ -287,7 +287,7 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh | None, *, spec: 
     for m in pm.modules:
         apply_recompute(getattr(m, split.blocks), plan.recompute, plan.recompute_every)
 
-    if plan.data_parallel > 1:
+    if plan.data_parallel > 1 and not plan.replicated_dp:
         # the zero-bubble schedule splits each backward in two; FSDP must keep the parameters
         # gathered in between (resharding after forward would lose gradients)
         reshard = plan.zero == 3 and not (plan.pp > 1 and plan.schedule == "zero-bubble")
@@ -300,6 +300,8 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh | None, *, spec: 
     if materialize:
         _materialize(pm.modules, device, seed, offload=plan.offload != "none",
                      tie=pm.pipeline.tie_weights if pm.pipeline is not None else model.tie_weights)
+        if plan.replicated_dp:  # DDP holds the parameter objects: after they exist
+            apply_replicate(model, mesh["dp_replicate"])  # zero=0: the whole dp axis
     return pm
 
 

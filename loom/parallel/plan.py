@@ -49,6 +49,13 @@ class Plan:
         return self.dp * self.ep
 
     @property
+    def replicated_dp(self) -> bool:
+        """Whether data parallelism is plain replication (DDP: one copy of the weights and gradients,
+        bucketed all-reduce during backward): zero=0 without tensor, pipeline or expert parallelism.
+        Every other data-parallel layout goes through FSDP2 (zero=0 there is a shard group of one)."""
+        return self.zero == 0 and self.data_parallel > 1 and self.tp == self.pp == self.ep == 1
+
+    @property
     def dp_replicate(self) -> int:
         return self.dp // self.shard_group
 

@@ -62,7 +62,9 @@ def state_bytes(sh: Shape, stages, L: Plan, precision: str = "bf16", grad_accum:
     weights     the fp32 master ``shard`` (FSDP keeps it sharded at rest for zero 1, 2 and 3 alike) plus
                 the working copy FSDP gathers (bf16 under mixed precision, else the master's dtype): all n
                 from forward to backward for zero 0–2 (zero=0 is FSDP over a shard group of one: the
-                master and a gathered copy, two fp32 copies in fp32 training); under zero=3 only the root
+                master and a gathered copy, two fp32 copies in fp32 training; but without tp, pp and ep
+                zero=0 is DDP, ``Plan.replicated_dp``: the n parameters alone, no gathered copy, and
+                gradients in DDP's buckets, one copy); under zero=3 only the root
                 group (embedding, final norm, head) stays gathered between blocks; under a pipeline,
                 torch's stages keep every block gathered from its backward to the step's end, zero=3 too.
     grads       ``shard`` after each micro-step's reduce-scatter, except where FSDP keeps whole
@@ -87,6 +89,8 @@ def state_bytes(sh: Shape, stages, L: Plan, precision: str = "bf16", grad_accum:
         if L.zero == 3 and L.pp == 1:
             gathered = _root_params(sh, stages, L, mine) * fsdp_dense
         whole_grads = L.pp > 1 or (L.zero == 1 and grad_accum > 1)
+        if L.replicated_dp:  # DDP: the parameters themselves, their gradients as views of its buckets
+            gathered = 0.0
         held = {"weights": shard * master + gathered * work, "grads": (n if whole_grads else shard) * master,
                 "optimizer": shard * 2 * master}
         if L.offload != "none" and precision in ("bf16", "fp16"):  # a GPU: the shard lives in host memory
@@ -128,7 +132,9 @@ def memory(sh: Shape, stages, L: Plan, b: int, m: int, acc, fp32: bool = False
     for r, mine in enumerate(rank_stages(L)):
         held = state[r]
         weights, grads, optimizer = held["weights"], held["grads"], held["optimizer"]
-        if L.pp == 1 and replicas > 1:  # a block's gradient before its reduction; under zero=3 two blocks gathered
+        if L.replicated_dp:  # autocast's cache: a bf16 cast of each weight from its first use to backward
+            weights += sum(params[r]) * STATE_DTYPE_BYTES["bf16"][1]
+        elif L.pp == 1 and replicas > 1:  # a block's gradient before its reduction; under zero=3 two blocks gathered
             block = max((sh.layer_params[i] / L.tp for si in mine for i in stages[si]), default=0.0)
             grads += block * 2
             weights += 2 * block * 2 if L.zero == 3 else 0.0
@@ -197,7 +203,7 @@ def _memory_fp32(sh: Shape, stages, L: Plan, b: int, m: int, acc) -> tuple[dict[
         # FSDP (data parallelism) keeps a rank's shard of the weights and of the reduced gradients beside
         # the gathered ones (also when the shard is everything, ZeRO-0); ZeRO-3 gathers two blocks at a
         # time (one prefetched), ZeRO-2/3 reduce each block's gradients as soon as they are complete
-        fsdp = shard if replicas > 1 else 0.0
+        fsdp = shard if replicas > 1 and not L.replicated_dp else 0.0  # DDP (zero=0 alone) keeps no shard
         # under a pipeline torch's stages keep every block gathered and its gradient whole until the
         # step's end (one reduction per step): ZeRO-2 and 3 then hold what ZeRO-1 does
         zero = L.zero if L.pp == 1 else min(L.zero, 1)

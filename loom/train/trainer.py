@@ -53,6 +53,7 @@ from loom.train.metrics import MetricsFile, TensorBoardWriter, peak_flops, raise
 from loom.train.optim import lr_at
 from loom.train.precision import autocast, compute_dtype, param_dtype
 from loom.train.step import TrainingStep, mean_over_replicas
+from loom.train.stop import StopAgreement
 
 log = logging.getLogger("loom.train")
 # the step lines for train.log when the terminal shows a bar or nothing: not under "loom", whose
@@ -200,6 +201,7 @@ class Trainer:
         last_eval, started, done = {}, time.perf_counter(), self.start_step
         self.model.train()
         # the bar is closed however the loop ends, so that an error's line starts a line of its own
+        agreement = StopAgreement(self.process.world_size)  # no collective in the step's path
         with bar if bar is not None else contextlib.nullcontext(), StopRequest() as stop:
             for step in range(self.start_step, t.steps):
                 self._timed_step(step)
@@ -215,7 +217,7 @@ class Trainer:
                     self._show(bar, record)
                 if bar is not None:
                     bar.update(1)
-                self.stop_signal = self._agree_signal(stop.signum)
+                self.stop_signal = agreement.agree(stop.signum, last=done == t.steps)
                 stopping = self.stop_signal != 0
                 if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps or stopping:
                     self.save(done)
@@ -223,19 +225,12 @@ class Trainer:
                     if self.process.is_coordinator:
                         log.warning("stopped at step %d; continue with: loom train --resume %s", done, self.run_dir)
                     break
+        agreement.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         return self._summary(last_eval, time.perf_counter() - started, done)
-
-    def _agree_signal(self, signum: int) -> int:
-        """The signal any rank received (SIGTERM before SIGINT), or 0: all ranks stop after the same step."""
-        if self.process.world_size == 1:
-            return signum
-        seen = torch.tensor([float(signum == signal.SIGTERM), float(signum == signal.SIGINT)], device=self.device)
-        term, interrupt = all_reduce_sum(seen).tolist()
-        return int(signal.SIGTERM) if term else int(signal.SIGINT) if interrupt else 0
 
     def _agree(self, flag: bool) -> bool:
         """Whether any rank asked to stop: all ranks stop after the same step."""

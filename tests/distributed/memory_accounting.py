@@ -130,7 +130,8 @@ def measure_step(layout: list[str], process, model: str = "gpt") -> dict:
 def measure_layouts(cases: dict[str, list[str]]) -> dict:
     """On every rank of a gloo job: ``{name: measure_step(layout)}``; a layout whose first entry is
     ``sabotage:zero`` runs with ZeRO turned into a no-op (the dense parameters data-parallel over a
-    shard group of one, whatever parallel.zero says; for a layout that is data-parallel over every rank)."""
+    shard group of one, whatever parallel.zero says; for a layout that is data-parallel over every rank);
+    ``sabotage:fsdp_zero0`` runs zero=0 through FSDP over a shard group of one instead of DDP."""
     import unittest.mock
 
     import torch.distributed as dist
@@ -150,6 +151,10 @@ def measure_layouts(cases: dict[str, list[str]]) -> dict:
                 replicated = init_device_mesh("cpu", (process.world_size, 1), mesh_dim_names=("replicate", "shard"))
                 stack.enter_context(unittest.mock.patch.object(
                     parallelize, "dense_data_mesh", lambda mesh, zero: replicated))
+            if "sabotage:fsdp_zero0" in sabotage:  # zero=0 through FSDP's shard group of one, not DDP
+                from loom.parallel.plan import Plan
+
+                stack.enter_context(unittest.mock.patch.object(Plan, "replicated_dp", property(lambda self: False)))
             out[name] = measure_step(layout, process)
     return out
 
