@@ -2,7 +2,8 @@
 
 The model is any module with
 
-- ``encode(src_ids) -> (memory, src_pad_mask)``: run once per source batch;
+- ``encode(src_ids, src_mask) -> (memory, src_mask)``: run once per source batch (``src_mask``
+  (B, S) is True at real source tokens, False at padding);
 - ``decode(tgt_ids, memory, src_pad_mask, cache=None) -> logits`` (B, T, V): with a cache,
   ``tgt_ids`` are only the tokens not yet seen, the decoder's self-attention keys and values are
   appended to it and the cross-attention keys and values of ``memory`` are computed at its first
@@ -78,12 +79,14 @@ def _check(max_len: int, beam: int = 1, n_best: int = 1, alpha: float = 0.0) -> 
 
 @torch.no_grad()
 def greedy_decode(model: nn.Module, src_ids: torch.Tensor, bos_id: int, eos_id: int, max_len: int,
-                  use_cache: bool = True, vocab_size: int | None = None) -> list[list[int]]:
-    """The most probable token at every step, for each source row of ``src_ids`` (B, S), until
-    ``eos`` or ``max_len`` generated tokens; returns the tokens of each row, ``eos`` left out.
-    ``vocab_size``: choose only ids below it (a vocabulary padded for tensor parallelism)."""
+                  src_mask: torch.Tensor | None = None, use_cache: bool = True,
+                  vocab_size: int | None = None) -> list[list[int]]:
+    """The most probable token at every step, for each source row of ``src_ids`` (B, S) (padding
+    where ``src_mask`` is False), until ``eos`` or ``max_len`` generated tokens; returns the tokens
+    of each row, ``eos`` left out. ``vocab_size``: choose only ids below it (a vocabulary padded for
+    tensor parallelism)."""
     _check(max_len)
-    memory, src_mask = model.encode(src_ids)
+    memory, src_mask = model.encode(src_ids, src_mask)
     b = src_ids.size(0)
     cache = model.new_cache(b, max_len) if use_cache else None
     tokens = torch.full((b, 1), bos_id, dtype=torch.long, device=src_ids.device)
@@ -100,13 +103,13 @@ def greedy_decode(model: nn.Module, src_ids: torch.Tensor, bos_id: int, eos_id: 
 
 @torch.no_grad()
 def beam_search(model: nn.Module, src_ids: torch.Tensor, bos_id: int, eos_id: int, max_len: int, beam: int = 4,
-                alpha: float = 0.6, n_best: int = 1, use_cache: bool = True,
+                alpha: float = 0.6, n_best: int = 1, src_mask: torch.Tensor | None = None, use_cache: bool = True,
                 vocab_size: int | None = None) -> list[list[Hypothesis]]:
     """The ``n_best`` best hypotheses (best first) of each source row of ``src_ids`` (B, S) found by
     a beam of ``beam``, ranked by log-probability / lp(Y) with length-penalty ``alpha``.
     ``use_cache=False`` recomputes the whole target prefix every step (same result, slower)."""
     _check(max_len, beam, n_best, alpha)
-    memory, src_mask = model.encode(src_ids)
+    memory, src_mask = model.encode(src_ids, src_mask)
     b, k, dev = src_ids.size(0), beam, src_ids.device
     memory, src_mask = _repeat_rows(memory, k), _repeat_rows(src_mask, k)  # (B·k, S, ...)
     cache = model.new_cache(b * k, max_len) if use_cache else None
@@ -150,9 +153,10 @@ def beam_search(model: nn.Module, src_ids: torch.Tensor, bos_id: int, eos_id: in
 
 
 def decode(model: nn.Module, src_ids: torch.Tensor, bos_id: int, eos_id: int, max_len: int, beam: int = 1,
-           alpha: float = 0.6, use_cache: bool = True, vocab_size: int | None = None) -> list[list[int]]:
+           alpha: float = 0.6, src_mask: torch.Tensor | None = None, use_cache: bool = True,
+           vocab_size: int | None = None) -> list[list[int]]:
     """The decoded tokens of each source row: greedy for ``beam=1``, else beam search's best."""
     if beam == 1:
-        return greedy_decode(model, src_ids, bos_id, eos_id, max_len, use_cache, vocab_size)
-    hyps = beam_search(model, src_ids, bos_id, eos_id, max_len, beam, alpha, 1, use_cache, vocab_size)
+        return greedy_decode(model, src_ids, bos_id, eos_id, max_len, src_mask, use_cache, vocab_size)
+    hyps = beam_search(model, src_ids, bos_id, eos_id, max_len, beam, alpha, 1, src_mask, use_cache, vocab_size)
     return [h[0].tokens if h else [] for h in hyps]

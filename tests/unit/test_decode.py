@@ -32,9 +32,9 @@ class StandIn(torch.nn.Module):
         super().__init__()
         self.fn, self.reorders, self.encodes, self.caches = fn, reorders, 0, []
 
-    def encode(self, src_ids):
+    def encode(self, src_ids, src_mask=None):
         self.encodes += 1
-        return src_ids[..., None].float(), src_ids != PAD  # (B, S, 1), (B, S)
+        return src_ids[..., None].float(), src_ids != PAD if src_mask is None else src_mask  # (B, S, 1), (B, S)
 
     def new_cache(self, batch, max_tgt_len):
         self.caches.append(PrefixCache(self.reorders))
@@ -130,7 +130,8 @@ def test_cached_decoding_equals_recomputation_and_encodes_once(beam):
     b = beam_search(fresh, src, BOS, EOS, 9, beam=beam, n_best=beam, use_cache=False)
     assert a == b
     assert cached.encodes == 1 and [c.cross_computed for c in cached.caches] == [1]
-    assert greedy_decode(cached, src, BOS, EOS, 9) == greedy_decode(fresh, src, BOS, EOS, 9, use_cache=False)
+    fresh_greedy = greedy_decode(fresh, src, BOS, EOS, 9, src_mask=src != PAD, use_cache=False)
+    assert greedy_decode(cached, src, BOS, EOS, 9) == fresh_greedy
 
 
 def test_a_cache_that_does_not_follow_its_beams_is_caught():
