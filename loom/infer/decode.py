@@ -65,7 +65,8 @@ def _strip(row: list[int], eos_id: int) -> list[int]:
 def _next_logprobs(model: nn.Module, tokens: torch.Tensor, memory, src_mask, cache, vocab_size: int | None):
     """log P(next token | tokens, source) per row, (N, V); with a cache only the last token runs."""
     logits = model.decode(tokens[:, -1:] if cache is not None else tokens, memory, src_mask, cache)
-    return F.log_softmax(logits[:, -1, :vocab_size].float(), dim=-1)
+    logits = logits[:, -1, :vocab_size]
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # at least fp32
 
 
 def _check(max_len: int, beam: int = 1, n_best: int = 1, alpha: float = 0.0) -> None:
@@ -111,14 +112,15 @@ def beam_search(model: nn.Module, src_ids: torch.Tensor, bos_id: int, eos_id: in
     _check(max_len, beam, n_best, alpha)
     memory, src_mask = model.encode(src_ids, src_mask)
     b, k, dev = src_ids.size(0), beam, src_ids.device
+    fp = torch.promote_types(memory.dtype, torch.float32)  # scores: at least fp32 (fp64 for an fp64 model)
     memory, src_mask = _repeat_rows(memory, k), _repeat_rows(src_mask, k)  # (B·k, S, ...)
     cache = model.new_cache(b * k, max_len) if use_cache else None
     seqs = torch.full((b, k, 1), bos_id, dtype=torch.long, device=dev)  # bos + generated tokens
-    alive = torch.full((b, k), float("-inf"), device=dev)  # summed log-probabilities
+    alive = torch.full((b, k), float("-inf"), device=dev, dtype=fp)  # summed log-probabilities
     alive[:, 0] = 0.0  # one live hypothesis to start from: the others are copies, kept out
     fin_seq = torch.full((b, k, max_len), eos_id, dtype=torch.long, device=dev)  # generated tokens
-    fin_score = torch.full((b, k), float("-inf"), device=dev)  # sorted, best first
-    fin_logp = torch.full((b, k), float("-inf"), device=dev)
+    fin_score = torch.full((b, k), float("-inf"), device=dev, dtype=fp)  # sorted, best first
+    fin_logp = torch.full((b, k), float("-inf"), device=dev, dtype=fp)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     rows = torch.arange(b, device=dev)[:, None]  # (B, 1)
     best_reachable = length_penalty(max_len, alpha)
