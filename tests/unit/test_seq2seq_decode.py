@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from loom.config import load_config
 from loom.infer.decode import beam_search, greedy_decode, length_penalty
-from loom.infer.seq2seq_eval import decode_texts
+from loom.infer.seq2seq import decode_texts
 from loom.models import build_model, materialize
 
 BOS, EOS, PAD = 1, 2, 0

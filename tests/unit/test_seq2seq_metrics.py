@@ -2,7 +2,7 @@
 
 import pytest
 
-from loom.infer.seq2seq_eval import baselines, bleu_signature, most_common, text_scores
+from loom.infer.seq2seq import baselines, bleu_signature, most_common, text_scores
 
 
 def test_perfect_and_disjoint_predictions():
