@@ -99,8 +99,10 @@ def source_ids(tokenizer, text: str, block_size: int) -> list[int]:
 
 
 def detokenizer(tokenizer) -> Callable[[list[int]], str]:
-    """ids -> text, special tokens (padding, bos, eos, line ends) left out."""
-    drop = set(tokenizer.special_ids.values())
+    """ids -> text, the markers (padding, bos, eos, line ends, document ends) left out; an unknown
+    piece stays as [UNK]."""
+    special = tokenizer.special_ids
+    drop = {special[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[NL]", "<|endoftext|>")}
     return lambda ids: tokenizer.decode([i for i in ids if i not in drop])
 
 
