@@ -12,7 +12,9 @@ as the target (:func:`stdlib_docstring_pairs`; kept when that sentence has 3 to 
 ``[PAD]`` pads, ``[CLS]`` starts the decoder's input (bos), ``[SEP]`` ends source and target (eos);
 the ids are the task's ``pad_id``, ``bos_id``, ``eos_id``. The source is cut to ``model.block_size - 1``
 tokens plus eos; the target to ``target_len - 1`` tokens plus eos, where ``target_len`` is the longest
-training target + 1, at most ``model.block_size`` (fixed for the run, so every batch has one shape).
+training target + 1 rounded up to a multiple of 16 (so that sequence parallelism splits it evenly, as
+it splits ``model.block_size``), at most ``model.block_size``: fixed for the run, so every batch has
+one shape.
 
 **Teacher forcing.** The decoder reads ``[bos] y_1 .. y_{n-1}`` and predicts ``y_1 .. y_n [eos]``.
 
@@ -45,6 +47,7 @@ from loom.tasks.base import Batch, Task
 
 IGNORE = -100
 HELD_OUT = 0.1
+TARGET_MULTIPLE = 16  # target length rounded up to it: sequence parallelism splits it evenly over tp ranks
 MIN_WORDS, MAX_WORDS = 3, 30  # first sentences kept as targets
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 
@@ -136,12 +139,19 @@ def read_pairs(source: str) -> list[tuple[str, str]]:
 
 def seq2seq_loss(logits, targets, label_smoothing: float = 0.0) -> torch.Tensor:
     """Logits (B, T, V), (labels (B, T) with -100 at padding, tgt_weight (B,)) -> this micro-batch's
-    share of the global batch's mean loss per target token."""
+    share of the global batch's mean loss per target token.
+
+    Label smoothing as ``F.cross_entropy`` defines it, (1 - ε)·NLL + ε·mean over the vocabulary of
+    -log p, written out so that it also runs on vocabulary-parallel logits (tensor parallelism)."""
     labels, weight = targets
-    smoothing = label_smoothing if torch.is_grad_enabled() else 0.0
-    ce = _local(F.cross_entropy(at_least_fp32(logits).flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                reduction="sum", label_smoothing=smoothing))
-    return ce / weight.sum().to(ce.dtype)
+    logits = at_least_fp32(logits).flatten(0, 1)  # (B·T, V)
+    labels = labels.flatten()
+    loss = _local(F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum"))
+    if label_smoothing and torch.is_grad_enabled():
+        log_p = _local(F.log_softmax(logits, dim=-1).sum(-1))  # (B·T,) Σ_v log p_v
+        uniform = -(log_p * (labels != IGNORE).to(log_p.dtype)).sum() / logits.shape[-1]
+        loss = (1 - label_smoothing) * loss + label_smoothing * uniform
+    return loss / weight.sum().to(loss.dtype)
 
 
 class Seq2Seq(Task):
@@ -185,7 +195,8 @@ class Seq2Seq(Task):
         order = np.random.default_rng(0).permutation(len(pairs))  # the same held-out split for every run
         n_val = max(1, int(HELD_OUT * len(pairs)))
         val, train = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
-        self.target_len = min(block_size, max(len(t) for _, t in train) + 1)
+        longest = max(len(t) for _, t in train) + 1
+        self.target_len = min(block_size, -(-longest // TARGET_MULTIPLE) * TARGET_MULTIPLE)
         self.train, self.val = self._encode(train), self._encode(val)
         # what a model that ignores the source scores: the entropy of the training targets' tokens
         labels = self.train[3][self.train[3] != IGNORE]

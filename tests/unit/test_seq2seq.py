@@ -90,3 +90,14 @@ def test_user_pairs_are_read_and_bad_records_refused(tmp_path):
     f.write_text(json.dumps({"source": "a b"}) + "\n")
     with pytest.raises(ConfigError, match="source and target"):
         read_pairs(str(f))
+
+
+def test_label_smoothing_is_torchs():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    labels[1, 3:] = IGNORE
+    weight = torch.full((2,), float((labels != IGNORE).sum()) / 2, dtype=torch.float64)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                             label_smoothing=0.1)
+    torch.testing.assert_close(seq2seq_loss(logits, (labels, weight), 0.1), want)
