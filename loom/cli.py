@@ -61,7 +61,9 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("run_dir")
     g.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--text", default=None, help="a seq2seq run's source text (for a language model: --prompt)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate at most (default: 200; a seq2seq run's target: its block_size)")
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--top-p", type=float, default=0.95)
@@ -69,11 +71,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
     g.add_argument("--device", default="auto")
+    _add_beam_arguments(g)
+    g.add_argument("--n-best", type=int, default=1, help="seq2seq: print the N best hypotheses of the beam")
 
     e = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
     e.add_argument("run_dir")
     e.add_argument("--batches", type=int, default=None, help="validation batches (default: train.eval_batches)")
     e.add_argument("--device", default="auto")
+    _add_beam_arguments(e)
+    e.add_argument("--examples", type=int, default=None,
+                   help="seq2seq: decode the first N held-out pairs for BLEU (default: all)")
 
     pr = sub.add_parser("predict", help="the label a classification run gives a text (--text) or an image "
                                          "classification run an image (--image), with its probability")
@@ -121,6 +128,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="model.key=value settings")
     d.add_argument("--list", action="store_true", help="list the presets")
     return p
+
+
+def _add_beam_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam", type=int, default=1, help="seq2seq: beam search of N hypotheses (default 1: greedy)")
+    p.add_argument("--alpha", type=float, default=0.6,
+                   help="seq2seq beam search: length penalty ((5 + |Y|) / 6) ** alpha (Wu et al. 2016; 0: none)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +305,17 @@ def cmd_generate(args) -> int:
     _check_sampling(args)
     _check_generative(Path(args.run_dir))
     cfg, model, tok, _ = load_for_inference(Path(args.run_dir), args.device)
+    if _is_seq2seq(cfg):
+        return _generate_seq2seq(args, cfg, model, tok)
+    if args.beam != 1 or args.n_best != 1:
+        raise ConfigError("--beam and --n-best are for seq2seq runs (an encoder-decoder); a language model "
+                          "samples (--temperature 0: greedy)")
+    if args.text is not None:
+        if args.prompt:
+            raise ConfigError("give --prompt or --text, not both")
+        args.prompt = args.text
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 200
     device = next(model.parameters()).device
     ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
     room = cfg.model.block_size - args.max_new_tokens
@@ -320,14 +344,59 @@ def _check_generative(run_dir: Path) -> None:
     from loom.train.rundir import load_run_config
 
     task = task_name(load_run_config(run_dir))
-    if task not in ("causal_lm", "sft"):
+    if task not in ("causal_lm", "sft", "seq2seq"):
         hint = f"loom predict {run_dir} --text/--image" if "classification" in task else f"loom eval {run_dir}"
         raise ConfigError(f"{run_dir} is a train.task={task} run; loom generate continues text with a causal_lm or sft "
-                          f"run (for this one: {hint})")
+                          f"run, or decodes a seq2seq run (for this one: {hint})")
+
+
+def _is_seq2seq(cfg) -> bool:
+    from loom.config import task_name
+
+    return task_name(cfg) == "seq2seq"
+
+
+def _generate_seq2seq(args, cfg, model, tok) -> int:
+    """A seq2seq run: the source text decoded greedily or by beam search; the best target printed (or
+    the ``--n-best`` best, each with its score)."""
+    import torch
+
+    from loom.infer.decode import beam_search, greedy_decode
+    from loom.infer.seq2seq import detokenizer, source_ids, special_ids
+    from loom.train.precision import autocast
+
+    text = args.text if args.text is not None else args.prompt
+    if args.text is not None and args.prompt:
+        raise ConfigError("give --text (or --prompt), not both")
+    if not text.strip():
+        raise ConfigError("a seq2seq run turns a source into a target: give the source with --text \"...\"")
+    block = cfg.model.block_size
+    max_len = args.max_new_tokens if args.max_new_tokens is not None else block
+    if max_len > block:
+        raise ConfigError(f"--max-new-tokens={max_len}: the decoder holds block_size={block} positions")
+    device = next(model.parameters()).device
+    ids = special_ids(tok)
+    src = torch.tensor([source_ids(tok, text, block)], device=device)
+    detok = detokenizer(tok)
+    with autocast(device, cfg.train.precision):
+        if args.beam == 1:
+            print(detok(greedy_decode(model, src, ids["bos_id"], ids["eos_id"], max_len, use_cache=not args.no_cache,
+                                      vocab_size=tok.vocab_size)[0]))
+            return 0
+        hyps = beam_search(model, src, ids["bos_id"], ids["eos_id"], max_len, beam=args.beam, alpha=args.alpha,
+                           n_best=args.n_best, use_cache=not args.no_cache, vocab_size=tok.vocab_size)[0]
+    for i, h in enumerate(hyps):
+        if args.n_best > 1:
+            print(f"--- {i + 1} (score {h.score:.4f}, log-probability {h.logprob:.4f})")
+        print(detok(h.tokens))
+    return 0
 
 
 def _check_sampling(args) -> None:
-    for flag, ok, valid in [("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
+    for flag, ok, valid in [("--max-new-tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
+                            ("--beam", args.beam >= 1, ">= 1 (1: greedy)"),
+                            ("--n-best", 1 <= args.n_best <= args.beam, "between 1 and --beam"),
+                            ("--alpha", args.alpha >= 0, ">= 0 (0: no length penalty)"),
                             ("--num-samples", args.num_samples >= 1, ">= 1"),
                             ("--temperature", args.temperature >= 0, ">= 0 (0: greedy)"),
                             ("--top-k", args.top_k >= 0, ">= 0 (0: no top-k filter)"),
@@ -348,12 +417,22 @@ def cmd_eval(args) -> int:
 
     if args.batches is not None and args.batches < 1:
         raise ConfigError(f"--batches={args.batches} must be >= 1")
+    if args.beam < 1 or args.alpha < 0 or (args.examples is not None and args.examples < 1):
+        raise ConfigError(f"--beam={args.beam} must be >= 1, --alpha={args.alpha} >= 0, --examples={args.examples} "
+                          ">= 1")
     run_dir = Path(args.run_dir)
-    cfg, model, _, step = load_for_inference(run_dir, args.device)
+    cfg, model, tok, step = load_for_inference(run_dir, args.device)
+    if not _is_seq2seq(cfg) and (args.beam != 1 or args.examples is not None):
+        raise ConfigError("--beam and --examples are for seq2seq runs (an encoder-decoder)")
     data = prepare_run_data(cfg, run_dir / "tokenizer")  # the tokens this model was trained on
     task = build_task(task_name(cfg), data, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
     device = next(model.parameters()).device
     result = evaluate(model, task, args.batches or cfg.train.eval_batches, device, cfg.train.precision)
+    if _is_seq2seq(cfg):  # decode the held-out sources: BLEU and exact match beside the baselines
+        from loom.infer.seq2seq import evaluate_seq2seq
+
+        result |= evaluate_seq2seq(model, task, tok, beam=args.beam, alpha=args.alpha, examples=args.examples,
+                                   batch_size=cfg.train.batch_size, device=device, precision=cfg.train.precision)
     bad = {k: v for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)}
     if bad:  # JSON has no NaN: say what is wrong instead of printing something no parser reads
         raise RunError(f"the checkpoint of step {step} in {run_dir} gives non-finite "
@@ -387,6 +466,14 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _layers(cfg) -> str:
+    """``n_layer``, or encoder + decoder layers where the blocks hold both (an encoder-decoder)."""
+    from loom.models import n_blocks
+
+    blocks = n_blocks(cfg)
+    return str(cfg.n_layer) if blocks <= cfg.n_layer else f"{cfg.n_layer} encoder + {blocks - cfg.n_layer} decoder"
+
+
 def cmd_describe(args) -> int:
     from loom.config import load_config
     from loom.models import build_model, count_params, flops_per_token, presets, published_params
@@ -402,7 +489,7 @@ def cmd_describe(args) -> int:
     n = count_params(model)
     rows = [
         ("preset", cfg.preset),
-        ("shape", f"{cfg.arch}: {cfg.n_layer} layers, d={cfg.n_embd}, ffn={cfg.ffn}, {cfg.n_head} heads"
+        ("shape", f"{cfg.arch}: {_layers(cfg)} layers, d={cfg.n_embd}, ffn={cfg.ffn}, {cfg.n_head} heads"
                   + (f" ({cfg.kv_heads} key/value)" if cfg.kv_heads != cfg.n_head else "")
                   + f", vocab {cfg.vocab_size}, seq {cfg.block_size}"
                   + (f", {cfg.positions} positions" if cfg.positions != "auto" else "")),

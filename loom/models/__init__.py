@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.models import bert, gpt, llama, pangu, vit  # noqa: F401  (each registers its family)
+from loom.models import bert, encdec, gpt, llama, pangu, vit  # noqa: F401  (each registers its family)
 from loom.models.config import DEFAULT_PRESET, ModelConfig, MoEConfig
 from loom.models.costs import ModelCosts, PartCost
 from loom.models.costs import model_costs as _model_costs

@@ -53,6 +53,10 @@ class ModelConfig:
     image_size: int = 0  # vision: images are image_size × image_size pixels of `channels` channels
     patch_size: int = 0  # vision: square patches of patch_size pixels, one token each
     channels: int = 3
+    # encoder-decoder (model.arch=encdec): n_layer encoder blocks, then decoder_layers decoder blocks (None: n_layer)
+    decoder_layers: Optional[int] = None
+    norm: str = "layer"  # encdec: layer (LayerNorm, Vaswani et al. 2017) | rms (RMSNorm without bias, T5)
+    feed_forward: str = "relu"  # encdec: relu (Vaswani, T5) | gated-gelu (T5 v1.1, Shazeer 2020)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property

@@ -48,7 +48,10 @@ class Sharding:
     (patterns) that read the residual stream itself rather than a LayerNorm's output (post-LayerNorm
     blocks): under sequence parallelism their inputs are gathered to the whole sequence first.
     ``whole_inputs``: modules (a dropout too) after the blocks whose input is already the whole sequence on every
-    rank (a head behind a replicated projection that gathered the stream), not this rank's slice."""
+    rank (a head behind a replicated projection that gathered the stream), not this rank's slice.
+    ``cross_attention``: attention modules called as ``(x, memory, mask, cache)`` (an encoder-decoder's
+    cross-attention): under sequence parallelism the decoder's ``x`` (unless a norm already gathered it)
+    and the encoder's output ``memory`` are this rank's sequence slices, gathered whole first."""
 
     table: dict[str, str]
     positional: tuple[str, ...] = ()
@@ -57,6 +60,7 @@ class Sharding:
     own_groups: tuple[str, ...] = ()
     stream_inputs: tuple[str, ...] = ()
     whole_inputs: tuple[str, ...] = ()
+    cross_attention: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
             # that already gathered them
             parallelize_module(modules[name], tp_mesh, PrepareModuleInput(
                 input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)))
+        for name, mod in modules.items():
+            if any(fnmatchcase(name, p) for p in sharding.cross_attention):
+                # (x, memory, mask, cache): gather the decoder's slice (a no-op where a norm gathered it
+                # already) and the encoder output's slice
+                parallelize_module(mod, tp_mesh, PrepareModuleInput(
+                    input_layouts=(Shard(1), Shard(1), None, None),
+                    desired_input_layouts=(Replicate(), Replicate(), None, None)))
     for owners in tied:  # distributed one by one above: tie them again
         first_owner, first_leaf = owners[0]
         for owner, leaf in owners[1:]:

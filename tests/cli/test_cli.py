@@ -61,6 +61,9 @@ def trained_run(tiny_corpus, tmp_path_factory):
     (["generate", "RUN", "--max-new-tokens", "100000"], "leaves no room for a prompt"),
     (["generate", "RUN", "--device", "tpu"], "--device='tpu' is not valid"),
     (["eval", "RUN", "--batches", "-1"], "--batches=-1 must be >= 1"),
+    (["generate", "RUN", "--beam", "3"], "--beam and --n-best are for seq2seq runs"),
+    (["generate", "RUN", "--prompt", "a", "--text", "b"], "give --prompt or --text, not both"),
+    (["eval", "RUN", "--beam", "2"], "--beam and --examples are for seq2seq runs"),
     (["plot", "RUN", "--out", "/nonexistent/dir/x.png"], "No such file or directory"),
     (["train", "--resume", "RUN", "model.n_embd=32"], "--resume keeps the run's model"),
 ])

@@ -125,6 +125,9 @@ def test_large_presets_report_published_parameter_counts_without_allocating(pres
         # GLaM's FFNs are gated and it has relative position biases; the published shape with plain
         # FFNs gives 1.136T (tests/unit/test_moe.py pins it)
         assert n / published == pytest.approx(1.0, abs=0.06)
+    elif preset in ("transformer-base", "t5-base", "t5-large"):
+        # rounded in their papers: tests/unit/test_encdec.py pins the counts (t5-*: the released checkpoints')
+        assert n / published == pytest.approx(1.0, abs=0.043)
     else:
         assert n == pytest.approx(published, rel=0.01)
 
