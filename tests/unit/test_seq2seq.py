@@ -101,3 +101,10 @@ def test_label_smoothing_is_torchs():
     want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                                              label_smoothing=0.1)
     torch.testing.assert_close(seq2seq_loss(logits, (labels, weight), 0.1), want)
+
+
+def test_label_smoothing_under_tensor_parallelism_is_refused_before_launch():
+    with pytest.raises(ConfigError, match="train.label_smoothing=0.1 with parallel.tp=2"):
+        load_config(None, ["model=transformer-tiny", "parallel.tp=2"])
+    load_config(None, ["model=transformer-tiny", "parallel.tp=2", "train.label_smoothing=0"])
+    load_config(None, ["model=t5-tiny", "parallel.tp=2"])
