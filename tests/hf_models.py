@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -125,11 +126,14 @@ def t5_tokenizer(texts: list[str]):
     return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
 
 
-def t5_dir(path: Path, texts: list[str], seed: int = 0, v1_1: bool = False, n_layer: int = 2, decoder_layers: int = 3,
-           n_embd: int = 32, n_head: int = 4):
+def t5_dir(path: Path, texts: list[str], seed: int = 0, v1_1: bool = False, own_head: bool = True, n_layer: int = 2,
+           decoder_layers: int = 3, n_embd: int = 32, n_head: int = 4):
     """A random ``T5ForConditionalGeneration`` and its tokenizer saved into ``path``; returns the model
-    (eval mode). ``v1_1``: T5 v1.1's shape (gated-GELU feed-forward, no tied output scaling), else T5's
-    (ReLU, the output projection tied to the embedding and scaled by d^-0.5)."""
+    (eval mode). ``v1_1``: T5 v1.1's shape (gated-GELU feed-forward, no output scaling), else T5's
+    (ReLU, the output projection tied to the embedding and scaled by d^-0.5). ``own_head`` (v1.1): its
+    output projection its own, as the released v1.1 checkpoints hold it (transformers 5 ties it to the
+    embedding and saves it once, with ``scale_decoder_outputs=false``: ``own_head=False``)."""
+    from safetensors.torch import load_file, save_file
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -145,4 +149,12 @@ def t5_dir(path: Path, texts: list[str], seed: int = 0, v1_1: bool = False, n_la
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    return model
+    if not (v1_1 and own_head):
+        return model
+    weights = load_file(path / "model.safetensors")
+    weights["lm_head.weight"] = torch.randn_like(weights["shared.weight"])
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config.pop("scale_decoder_outputs", None)
+    (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    return T5ForConditionalGeneration.from_pretrained(path).eval()

@@ -71,6 +71,17 @@ def test_imported_t5_gives_transformers_logits(t5):
         assert diff(model(src, mask, tgt), ref(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits) <= TOL
 
 
+def test_a_v1_1_saved_by_transformers_5_reads_its_output_projection_from_the_embedding(tmp_path):
+    """transformers 5 ties v1.1's output projection to the embedding and saves it once (with
+    ``scale_decoder_outputs=false``): loom's own projection starts from the embedding, unscaled."""
+    ref = t5_dir(tmp_path, TEXTS, v1_1=True, own_head=False, decoder_layers=2)
+    cfg, model = imported(tmp_path)
+    assert not cfg.model.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight
+    src, mask, tgt = batch(4)
+    with torch.no_grad():
+        assert diff(model(src, mask, tgt), ref(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits) <= TOL
+
+
 def test_the_output_scaling_is_checked(t5):
     """The check can fail: T5's tied output is scaled by d^-0.5, v1.1's own is not; swapping them shows."""
     path, ref, v1_1 = t5
