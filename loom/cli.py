@@ -349,6 +349,14 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _layers(cfg) -> str:
+    """``n_layer``, or encoder + decoder layers where the blocks hold both (an encoder-decoder)."""
+    from loom.models import n_blocks
+
+    blocks = n_blocks(cfg)
+    return str(cfg.n_layer) if blocks <= cfg.n_layer else f"{cfg.n_layer} encoder + {blocks - cfg.n_layer} decoder"
+
+
 def cmd_describe(args) -> int:
     from loom.config import load_config
     from loom.models import build_model, count_params, flops_per_token, presets, published_params
@@ -364,7 +372,7 @@ def cmd_describe(args) -> int:
     n = count_params(model)
     rows = [
         ("preset", cfg.preset),
-        ("shape", f"{cfg.arch}: {cfg.n_layer} layers, d={cfg.n_embd}, ffn={cfg.ffn}, {cfg.n_head} heads"
+        ("shape", f"{cfg.arch}: {_layers(cfg)} layers, d={cfg.n_embd}, ffn={cfg.ffn}, {cfg.n_head} heads"
                   + (f" ({cfg.kv_heads} key/value)" if cfg.kv_heads != cfg.n_head else "")
                   + f", vocab {cfg.vocab_size}, seq {cfg.block_size}"
                   + (f", {cfg.positions} positions" if cfg.positions != "auto" else "")),

@@ -66,6 +66,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    # seq2seq: ε of label smoothing (Szegedy et al. 2016); None: as the preset was published (0.1 for
+    # transformer-*, Vaswani et al. section 5.4; else 0)
+    label_smoothing: Optional[float] = None
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, fp32 master weights) | fp64 (checking numerics)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -386,6 +389,8 @@ def _validate_train(t: TrainConfig) -> None:
     for name in ("beta1", "beta2"):
         _check(f"train.{name}", getattr(t, name), 0.0, 1.0, high_open=True)
     _check("train.seed", t.seed, 0, 2**32 - 1)
+    if t.label_smoothing is not None:
+        _check("train.label_smoothing", t.label_smoothing, 0.0, 1.0, high_open=True)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device={t.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
 

@@ -8,12 +8,14 @@ from loom.tasks.causal_lm import CausalLM, lm_loss, lm_metrics
 from loom.tasks.classification import Classification
 from loom.tasks.image_classification import ImageClassification
 from loom.tasks.masked_lm import MaskedLM
+from loom.tasks.seq2seq import Seq2Seq
 from loom.tasks.sft import SFT
 
 TASKS: dict[str, type[Task]] = {"causal_lm": CausalLM, "masked_lm": MaskedLM, "classification": Classification,
-                              "image_classification": ImageClassification, "sft": SFT}
+                              "image_classification": ImageClassification, "sft": SFT,
+                              "seq2seq": Seq2Seq}
 
-__all__ = ["SFT", "TASKS", "Batch", "CausalLM", "Classification", "ImageClassification", "MaskedLM", "Task",
+__all__ = ["SFT", "TASKS", "Batch", "CausalLM", "Classification", "ImageClassification", "MaskedLM", "Seq2Seq", "Task",
            "build_task", "lm_loss", "lm_metrics", "names", "slice_rows", "to_device"]
 
 

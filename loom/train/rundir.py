@@ -78,7 +78,8 @@ def prepare_run_data(cfg: Config, tokenizer_dir: Path | None = None) -> Prepared
     d = cfg.data
     # data.tokenizer=auto: the task's own kind where it needs one (masked-LM: WordPiece's special tokens)
     kind = d.tokenizer if d.tokenizer != "auto" else getattr(TASKS[task_name(cfg)], "tokenizer_kind", "auto")
-    field = "response" if cfg.train.task == "sft" else d.jsonl_field  # sft's records: {prompt, response}
+    # sft's records: {prompt, response}; seq2seq's {source, target} (its tokenizer learns from the sources)
+    field = {"sft": "response", "seq2seq": "source"}.get(task_name(cfg), d.jsonl_field)
     if tokenizer_is_dir(d.tokenizer):  # a given folder: tokenizer_dir says which tokenizer
         kind = "auto"
     return prepare_data(d.path, cfg.model.vocab_size, kind, d.val_fraction, d.cache_dir, field,

@@ -139,6 +139,8 @@ class Trainer:
         self.replica = self.coord.data(plan.ep) if self.coord else 0  # which slice of each batch
         torch.manual_seed(t.seed + (self.replica * 7919 + self.coord.pp * 104729 if self.coord else 0))
         self.task = build_task(task_name(cfg), data, cfg.model.block_size, t.batch_size, t.seed)
+        if hasattr(self.task, "configure"):  # a task that reads settings beyond its batches (label smoothing)
+            self.task.configure(cfg)
         _check_classes(cfg, self.task)
         spec = spec_of(cfg.model)
         model = prepare_for_finetuning(build_model(cfg.model), t)  # LoRA adapters, frozen parameters

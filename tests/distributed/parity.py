@@ -53,6 +53,11 @@ MODELS = {
     "bert-cls": ["model=bert-tiny", "model.n_layer=4", "train.task=classification"],
     # a vision encoder on scikit-learn's digits (tiny_image_data)
     "vit": ["model=vit-tiny"],
+    # encoder-decoders on source/target pairs (tiny_pair_data): Vaswani's (post-LN, sinusoidal positions,
+    # label smoothing 0.1), T5's (pre-RMSNorm, relative position bias), and T5 with Switch's MoE layers
+    "encdec": ["model=transformer-tiny"],
+    "t5": ["model=t5-tiny"],
+    "encdec-switch": ["model=encdec-switch-tiny"],
 }
 COMMON = ["model.block_size=32", "train.batch_size=8", "train.warmup_steps=2", "train.steps=10",
           "train.progress=none", "train.device=cpu", "train.grad_clip=0.5", "train.lr=1e-3", "train.precision=fp64"]
@@ -104,6 +109,22 @@ def tiny_labelled_data(n: int = 400, seed: int = 0) -> SimpleNamespace:
     return SimpleNamespace(examples=examples, tokenizer=data.tokenizer, meta={}, train=data.train, val=data.val)
 
 
+def tiny_pair_data(vocab: int = 512, n: int = 300, seed: int = 0) -> SimpleNamespace:
+    """(source, target) pairs of token ids for seq2seq: sources of 3-20 tokens from :func:`tiny_data`'s
+    rule, each target its first half reversed, so that rows hold different numbers of target
+    tokens; ids 0-6 are WordPiece's special tokens."""
+    from loom.data.tokenizer import WORDPIECE_SPECIALS
+
+    special = {t: i for i, t in enumerate(WORDPIECE_SPECIALS)}
+    rng = np.random.default_rng(seed)
+    stream = tiny_data(vocab - len(special), 10_000, seed).train.astype(np.int64) + len(special)
+    starts, lengths = rng.integers(0, len(stream) - 20, size=n), rng.integers(3, 21, size=n)
+    pairs = [(stream[s:s + k].tolist(), stream[s:s + k][: (k + 1) // 2][::-1].tolist())
+             for s, k in zip(starts, lengths)]
+    tokenizer = SimpleNamespace(special_ids=special, vocab_size=vocab, kind="wordpiece")
+    return SimpleNamespace(pairs=pairs, tokenizer=tokenizer, meta={})
+
+
 def tiny_image_data() -> SimpleNamespace:
     """scikit-learn's 8×8 handwritten digits (they ship inside the package)."""
     from loom.tasks.image_classification import digits
@@ -123,7 +144,8 @@ def trainer(model: str, layout: list[str], process: Process, run_dir=None, resum
     cfg = config(model, layout)
     plan = resolve_plan(cfg, process.world_size)
     check_plan(plan, cfg, process.world_size)
-    data = {"bert": tiny_sentence_data, "bert-cls": tiny_labelled_data, "vit": tiny_image_data}.get(model, tiny_data)()
+    data = {"bert": tiny_sentence_data, "bert-cls": tiny_labelled_data, "vit": tiny_image_data,
+            "encdec": tiny_pair_data, "t5": tiny_pair_data, "encdec-switch": tiny_pair_data}.get(model, tiny_data)()
     return Trainer(cfg, plan, Path(run_dir) if run_dir is not None else None, data, resume=resume,
                    process=process, device=torch.device("cpu"))
 
@@ -151,7 +173,8 @@ def _train_as_configured(model: str, layout: list[str], process: Process, steps:
         if t.interval.moe is not None:  # this step's MoE statistics, summed over ranks
             moe.append(all_reduce_sum(t.interval.moe).cpu())
             t.interval.moe = None
-    val = t.evaluate()["val_loss"] if model in ("gpt", "switch", "llama", "bert", "bert-cls", "vit") else None
+    val = (t.evaluate()["val_loss"] if model in ("gpt", "switch", "llama", "bert", "bert-cls", "vit", "encdec", "t5",
+                                                 "encdec-switch") else None)
     return {"losses": losses, "params": full_parameters(t), "val_loss": val, "moe": moe}
 
 
@@ -310,8 +333,24 @@ def _local_mlm_normalization():
     return _patched(masked_lm, "mlm_nsp_loss", local)
 
 
+def _local_target_normalization():
+    """The seq2seq loss normalized by each micro-batch's own count of target tokens instead of the
+    global batch's."""
+    from loom.tasks import seq2seq
+
+    original = seq2seq.seq2seq_loss
+
+    def local(logits, targets, label_smoothing=0.0):
+        labels, weight = targets
+        own = (labels != seq2seq.IGNORE).sum(1).to(weight.dtype)
+        return original(logits, (labels, own), label_smoothing)
+
+    return _patched(seq2seq, "seq2seq_loss", local)
+
+
 SABOTAGE = {"bias_on_every_rank": _bias_on_every_rank, "dropped_microbatch": _dropped_microbatch,
-            "local_mlm_normalization": _local_mlm_normalization}
+            "local_mlm_normalization": _local_mlm_normalization,
+            "local_target_normalization": _local_target_normalization}
 
 
 @contextlib.contextmanager

@@ -11,6 +11,12 @@ Every block takes and returns the pipeline *state* ``(stream, src_mask, tgt)``:
 ``src_mask`` (B, S), True at real source tokens, hides the source's padding from the encoder's
 self-attention and from every cross-attention. The state is what passes from one pipeline stage to
 the next, so the encoder's output travels with the decoder's hidden states (as in Megatron-LM).
+
+A block hands on a *copy* of what it carries unchanged (the target in the encoder, the memory in the
+decoder): data parallelism with sharded parameters (``fully_shard``) hooks each block's outputs for
+its backward, and a tensor passed through as it came would carry the hooks of every block it crossed
+(measured under ZeRO-3: the ranks' collectives then no longer match). The copy costs one (B, T, C)
+tensor per block.
 """
 
 from __future__ import annotations
@@ -153,7 +159,7 @@ class PreNormEncoderBlock(Block):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, tgt: torch.Tensor) -> State:  # type: ignore[override]
         x = x + self.attn(self.ln_1(x), mask)
         x = x + self.mlp(self.ln_2(x))
-        return (self.out(x) if hasattr(self, "out") else x), mask, tgt
+        return (self.out(x) if hasattr(self, "out") else x), mask, tgt.clone()
 
 
 class PostNormEncoderBlock(nn.Module):
@@ -168,7 +174,7 @@ class PostNormEncoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, tgt: torch.Tensor) -> State:
         x = self.ln_1(x + self.attn(x, mask))
-        return self.ln_2(x + self.mlp(x)), mask, tgt
+        return self.ln_2(x + self.mlp(x)), mask, tgt.clone()
 
 
 class PreNormDecoderBlock(Block):
@@ -186,7 +192,7 @@ class PreNormDecoderBlock(Block):
         self_cache, cross_cache = cache if cache is not None else (None, None)
         y = y + self.attn(self.ln_1(y), self_cache)
         y = y + self.cross(self.ln_x(y), memory, mask, cross_cache)
-        return memory, mask, y + self.mlp(self.ln_2(y))
+        return memory.clone(), mask, y + self.mlp(self.ln_2(y))
 
 
 class PostNormDecoderBlock(nn.Module):
@@ -206,4 +212,4 @@ class PostNormDecoderBlock(nn.Module):
         self_cache, cross_cache = cache if cache is not None else (None, None)
         y = self.ln_1(y + self.attn(y, self_cache))
         y = self.ln_x(y + self.cross(y, memory, mask, cross_cache))
-        return memory, mask, self.ln_2(y + self.mlp(y))
+        return memory.clone(), mask, self.ln_2(y + self.mlp(y))

@@ -1,0 +1,281 @@
+"""Sequence-to-sequence learning with an encoder-decoder (Sutskever et al. 2014; Vaswani et al. 2017):
+the training half (teacher forcing, label smoothing, loss, perplexity, token accuracy).
+
+**Data.** ``data.path``: a ``.jsonl`` file (or folder of them) of ``{"source": ..., "target": ...}``
+records. By default (no ``data.path``), a real pair set made from this machine's Python standard
+library, no download: every function (``def``, ``async def``) with a docstring, outside the test
+suites, its source *with the docstring removed* as the source and the docstring's first sentence
+as the target (:func:`stdlib_docstring_pairs`; kept when that sentence has 3 to 30 words). A fixed
+10% of the pairs (the same whatever the seed, so that runs compare on the same ones) is held out.
+
+**Tokens.** One tokenizer for source and target, loom's WordPiece (``data.tokenizer=auto`` picks it):
+``[PAD]`` pads, ``[CLS]`` starts the decoder's input (bos), ``[SEP]`` ends source and target (eos);
+the ids are the task's ``pad_id``, ``bos_id``, ``eos_id``. The source is cut to ``model.block_size - 1``
+tokens plus eos; the target to ``target_len - 1`` tokens plus eos, where ``target_len`` is the longest
+training target + 1 rounded up to a multiple of 16 (so that sequence parallelism splits it evenly, as
+it splits ``model.block_size``), at most ``model.block_size``: fixed for the run, so every batch has
+one shape.
+
+**Teacher forcing.** The decoder reads ``[bos] y_1 .. y_{n-1}`` and predicts ``y_1 .. y_n [eos]``.
+
+**Loss.** Cross-entropy with label smoothing ε (``train.label_smoothing``; as published: 0.1 for the
+``transformer-*`` presets, Vaswani et al. section 5.4) summed over the target tokens of a micro-batch
+and divided by the *global* batch's count of them, carried in every row as ``tgt_weight`` = count /
+rows (as masked-LM does), so that any layout computes one process's loss and gradients. Smoothing is
+a training regularizer: where no gradient is taken (evaluation) the loss is the plain cross-entropy,
+so ``val_loss`` and perplexity are the model's. ``loom eval`` adds token accuracy.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loom.errors import ConfigError
+from loom.models.common.numerics import at_least_fp32
+from loom.tasks.base import Batch, Task
+
+IGNORE = -100
+HELD_OUT = 0.1
+TARGET_MULTIPLE = 16  # target length rounded up to it: sequence parallelism splits it evenly over tp ranks
+MIN_WORDS, MAX_WORDS = 3, 30  # first sentences kept as targets
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+
+
+def _local(t):
+    # a vocabulary-parallel loss (tensor parallelism) is a replicated distributed tensor
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def first_sentence(docstring: str) -> str | None:
+    """The first sentence of a docstring's first paragraph, its whitespace collapsed; None when it is
+    not a sentence of :data:`MIN_WORDS` to :data:`MAX_WORDS` words."""
+    paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+    sentence = _SENTENCE_END.split(paragraph, maxsplit=1)[0].strip()
+    return sentence if MIN_WORDS <= len(sentence.split()) <= MAX_WORDS else None
+
+
+def function_pairs(text: str) -> list[tuple[str, str]]:
+    """(source without its docstring, the docstring's first sentence) of every documented function in
+    the Python module ``text``."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    lines = text.splitlines()
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        doc = ast.get_docstring(node)
+        target = first_sentence(doc) if doc else None
+        if target is None:
+            continue
+        first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+        expr = node.body[0]  # the docstring's statement
+        kept = lines[first - 1:expr.lineno - 1] + lines[expr.end_lineno:node.end_lineno]
+        if len(node.body) == 1:  # nothing but the docstring: the body is empty without it
+            continue
+        indent = min((len(s) - len(s.lstrip()) for s in kept if s.strip()), default=0)
+        out.append(("\n".join(s[indent:] for s in kept if s.strip()), target))
+    return out
+
+
+def stdlib_docstring_pairs(cache: Path | None = None) -> list[tuple[str, str]]:
+    """The built-in pair set: :func:`function_pairs` of every standard-library module outside test
+    suites and ``idlelib``, in a fixed order; kept in ``cache`` (a json file) once made."""
+    from loom.data.corpus import stdlib_files
+
+    if cache is not None and cache.is_file():
+        return [tuple(p) for p in json.loads(cache.read_text())]
+    pairs = []
+    for f in stdlib_files():
+        parts = {p.lower() for p in f.parts}
+        if parts & {"test", "tests", "idle_test", "idlelib"} or f.name.startswith("test_"):
+            continue
+        try:
+            pairs += function_pairs(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(pairs))
+        tmp.replace(cache)
+    return pairs
+
+
+def read_pairs(source: str) -> list[tuple[str, str]]:
+    """The {source, target} records of a ``.jsonl`` file or a folder of them."""
+    path = Path(source)
+    files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+    records = []
+    for f in files:
+        if f.suffix != ".jsonl":
+            raise ConfigError(f"data.path={source!r}: seq2seq reads .jsonl files of {{source, target}} records; "
+                              "or leave data.path unset for the built-in standard-library pairs")
+        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise ConfigError(f"{f}:{n}: invalid JSON ({e})") from None
+            if not (isinstance(r, dict) and isinstance(r.get("source"), str) and isinstance(r.get("target"), str)):
+                raise ConfigError(f"{f}:{n}: a seq2seq record needs string fields source and target")
+            records.append((r["source"], r["target"]))
+    return records
+
+
+def seq2seq_loss(logits, targets, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Logits (B, T, V), (labels (B, T) with -100 at padding, tgt_weight (B,)) -> this micro-batch's
+    share of the global batch's mean loss per target token.
+
+    Label smoothing as ``F.cross_entropy`` defines it, (1 - ε)·NLL + ε·mean over the vocabulary of
+    -log p, written out so that it also runs on vocabulary-parallel logits (tensor parallelism)."""
+    labels, weight = targets
+    logits = at_least_fp32(logits).flatten(0, 1)  # (B·T, V)
+    labels = labels.flatten()
+    loss = _local(F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum"))
+    if label_smoothing and torch.is_grad_enabled():
+        log_p = _local(F.log_softmax(logits, dim=-1).sum(-1))  # (B·T,) Σ_v log p_v
+        uniform = -(log_p * (labels != IGNORE).to(log_p.dtype)).sum() / logits.shape[-1]
+        loss = (1 - label_smoothing) * loss + label_smoothing * uniform
+    return loss / weight.sum().to(loss.dtype)
+
+
+class Seq2Seq(Task):
+    """Batches: ``src_ids``, ``src_mask`` (B, S); ``tgt_in``, ``labels`` (B, T); ``tgt_weight`` (B,)."""
+
+    name = "seq2seq"
+    tokenizer_kind = "wordpiece"
+
+    @classmethod
+    def from_data(cls, data, block_size: int, batch_size: int, seed: int) -> Seq2Seq:
+        pairs = getattr(data, "pairs", None)  # (source ids, target ids), already encoded (tests)
+        special = getattr(data.tokenizer, "special_ids", None)
+        if special is None:
+            raise ConfigError(f"train.task=seq2seq needs a WordPiece tokenizer ([PAD] [CLS] [SEP]); the data uses "
+                              f"{data.tokenizer.kind}: set data.tokenizer=wordpiece (or auto)")
+        if pairs is None:
+            source = data.meta.get("source", "python-stdlib")
+            if source == "python-stdlib":
+                key = hashlib.sha1(f"{sys.version}|{sys.prefix}".encode()).hexdigest()[:12]
+                texts = stdlib_docstring_pairs(Path(data.dir).parent.parent / "seq2seq" / f"stdlib-{key}.json")
+            else:
+                texts = read_pairs(source)
+            drop = {special["[NL]"], special["<|endoftext|>"]}
+            src = data.tokenizer.encode_batch([s for s, _ in texts])
+            tgt = data.tokenizer.encode_batch([t for _, t in texts])
+            pairs = [([i for i in s if i != special["<|endoftext|>"]], [i for i in t if i not in drop])
+                     for s, t in zip(src, tgt)]
+        return cls(pairs, special, block_size, batch_size, seed)
+
+    def __init__(self, pairs: list[tuple[list[int], list[int]]], special: dict[str, int], block_size: int,
+                 batch_size: int, seed: int):
+        pairs = [(s, t) for s, t in pairs if s and t]
+        if len(pairs) < 10:
+            raise ConfigError(f"seq2seq needs at least 10 pairs with a non-empty source and target; the data "
+                              f"holds {len(pairs)}")
+        if block_size < 4:
+            raise ConfigError(f"model.block_size={block_size} is too short for seq2seq; use at least 4")
+        self.pad_id, self.bos_id, self.eos_id = special["[PAD]"], special["[CLS]"], special["[SEP]"]
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.label_smoothing = 0.0
+        order = np.random.default_rng(0).permutation(len(pairs))  # the same held-out split for every run
+        n_val = max(1, int(HELD_OUT * len(pairs)))
+        val, train = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
+        longest = max(len(t) for _, t in train) + 1
+        self.target_len = min(block_size, -(-longest // TARGET_MULTIPLE) * TARGET_MULTIPLE)
+        self.train, self.val = self._encode(train), self._encode(val)
+        # what a model that ignores the source scores: the entropy of the training targets' tokens
+        labels = self.train[3][self.train[3] != IGNORE]
+        p = np.bincount(labels)[np.bincount(labels) > 0] / labels.size
+        self.unigram_entropy = float(-(p * np.log(p)).sum())
+
+    def configure(self, cfg) -> None:
+        """Settings beyond the batches: label smoothing (``train.label_smoothing``, or the preset's)."""
+        eps = cfg.train.label_smoothing
+        self.label_smoothing = eps if eps is not None else (0.1 if cfg.model.preset.startswith("transformer-") else 0.0)
+
+    def _encode(self, pairs: list[tuple[list[int], list[int]]]) -> tuple[np.ndarray, ...]:
+        """-> source ids, source mask (B, S); decoder input, labels (B, T)."""
+        n, s, t = len(pairs), self.block_size, self.target_len
+        src = np.full((n, s), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, s), dtype=np.int64)
+        tgt_in = np.full((n, t), self.pad_id, dtype=np.int64)
+        labels = np.full((n, t), IGNORE, dtype=np.int64)
+        for r, (a, b) in enumerate(pairs):
+            a, b = [*a[: s - 1], self.eos_id], [*b[: t - 1], self.eos_id]
+            src[r, : len(a)], mask[r, : len(a)] = a, 1
+            tgt_in[r, : len(b)] = [self.bos_id, *b[:-1]]
+            labels[r, : len(b)] = b
+        return src, mask, tgt_in, labels
+
+    @staticmethod
+    def _batch(src, mask, tgt_in, labels) -> Batch:
+        count = float((labels != IGNORE).sum())
+        rows = len(labels)
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        return {"src_ids": as_t(src), "src_mask": as_t(mask), "tgt_in": as_t(tgt_in), "labels": as_t(labels),
+                # every row carries the batch's target tokens per row: a slice's sum is its share
+                "tgt_weight": torch.full((rows,), count / rows, dtype=torch.float64)}
+
+    def train_batch(self, step: int, rows: slice) -> Batch:
+        pick = np.random.default_rng([self.seed, step]).integers(len(self.train[0]), size=self.batch_size)
+        whole = self._batch(*(a[pick] for a in self.train))  # the whole global batch: its count is global
+        return {k: v[rows] for k, v in whole.items()}
+
+    def eval_batches(self, max_batches: int) -> Iterator[Batch]:
+        """Whole batches of the held-out pairs (the last, partial one left out), or the pairs there
+        are when they do not fill one."""
+        n = len(self.val[0])
+        for k in range(min(max_batches, max(n // self.batch_size, 1))):
+            sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
+            yield self._batch(*(a[sl] for a in self.val))
+
+    # -- model and loss ---------------------------------------------------------------------
+
+    def inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        return batch["src_ids"], batch["src_mask"], batch["tgt_in"]
+
+    def targets(self, batch: Batch):
+        return batch["labels"], batch["tgt_weight"]
+
+    def loss(self, outputs, targets) -> torch.Tensor:
+        return seq2seq_loss(outputs, targets, self.label_smoothing)
+
+    def units(self, batch: Batch) -> float:
+        """Target tokens of ``batch``, as its rows' share of its global batch's count."""
+        return float(batch["tgt_weight"].sum())
+
+    def metrics(self, loss_sum: float, units: int) -> dict:
+        if units == 0:
+            raise ValueError("evaluation saw no target tokens")
+        loss = loss_sum / units
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": units}
+
+    # -- detailed evaluation (loom eval, one device) ------------------------------------------
+
+    def eval_counts(self, outputs, batch: Batch) -> dict[str, float]:
+        labels = batch["labels"]
+        scored = labels != IGNORE
+        ce = F.cross_entropy(at_least_fp32(outputs).flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                             reduction="sum")
+        return {"ce": float(ce), "tokens": float(scored.sum()),
+                "correct": float((outputs.argmax(-1)[scored] == labels[scored]).sum())}
+
+    def count_metrics(self, c: dict[str, float]) -> dict:
+        loss = c["ce"] / c["tokens"]
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "token_accuracy": c["correct"] / c["tokens"],
+                "unigram_entropy": self.unigram_entropy}
