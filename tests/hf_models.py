@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -125,3 +126,52 @@ def vit_dir(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_hea
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     return model
+
+
+def t5_tokenizer(texts: list[str]):
+    """A SentencePiece-style Unigram tokenizer (whitespace split, ``▁`` word marks) of at most ``VOCAB``
+    tokens with T5's ``<pad>`` (0), ``</s>`` (1) and ``<unk>`` (2), as a ``transformers`` ``T5TokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])  # T5's
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                                      show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+
+
+def t5_dir(path: Path, texts: list[str], seed: int = 0, v1_1: bool = False, own_head: bool = True, n_layer: int = 2,
+           decoder_layers: int = 3, n_embd: int = 32, n_head: int = 4):
+    """A random ``T5ForConditionalGeneration`` and its tokenizer saved into ``path``; returns the model
+    (eval mode). ``v1_1``: T5 v1.1's shape (gated-GELU feed-forward, no output scaling), else T5's
+    (ReLU, the output projection tied to the embedding and scaled by d^-0.5). ``own_head`` (v1.1): its
+    output projection its own, as the released v1.1 checkpoints hold it (transformers 5 ties it to the
+    embedding and saves it once, with ``scale_decoder_outputs=false``: ``own_head=False``)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = t5_tokenizer(texts)
+    config = T5Config(vocab_size=VOCAB, d_model=n_embd, d_kv=n_embd // n_head, d_ff=2 * n_embd, num_layers=n_layer,
+                      num_decoder_layers=decoder_layers, num_heads=n_head, dropout_rate=0.0, n_positions=32,
+                      feed_forward_proj="gated-gelu" if v1_1 else "relu", tie_word_embeddings=not v1_1,
+                      layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # non-trivial norms, so a mapping that misses one fails
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if not (v1_1 and own_head):
+        return model
+    weights = load_file(path / "model.safetensors")
+    weights["lm_head.weight"] = torch.randn_like(weights["shared.weight"])
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config.pop("scale_decoder_outputs", None)
+    (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    return T5ForConditionalGeneration.from_pretrained(path).eval()

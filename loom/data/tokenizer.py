@@ -222,6 +222,10 @@ class HFTokenizer(BpeTokenizer):
             hf = HFTok(models.BPE.from_file(str(dir / "vocab.json"), str(dir / "merges.txt")))
             hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             hf.decoder = decoders.ByteLevel()
+        elif (dir / "spiece.model").is_file():  # T5's SentencePiece model alone
+            raise DataError(f"{str(dir)!r} holds spiece.model (a SentencePiece model) but no tokenizer.json; loom "
+                            "reads tokenizers-library files: write them with transformers' "
+                            "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
         else:
             raise DataError(f"{str(dir)!r} holds no tokenizer.json (nor vocab.json + merges.txt); loom reads "
                             "fast (tokenizers-library) tokenizers")

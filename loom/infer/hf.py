@@ -79,7 +79,8 @@ def export_hf(run_dir: Path, out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) 
     shapes = {n: p.shape for n, p in adapt(build_model(cfg.model), cfg.train).named_parameters()}  # meta
     parts = hf_parts([n for n in shapes if not is_lora_param(n)], cfg.model)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    files = _file_index({k: sum(shapes[n].numel() for _, n in v) * itemsize for k, v in parts.items()}, shard_bytes)
+    stored = {k: v[:1] if v[0][0].shared else v for k, v in parts.items()}  # a shared tensor is stored once
+    files = _file_index({k: sum(shapes[n].numel() for _, n in v) * itemsize for k, v in stored.items()}, shard_bytes)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if tokenizer is not None:
         config.update({"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id})
@@ -99,7 +100,7 @@ def export_hf(run_dir: Path, out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) 
         os.replace(tmp / "model-00001-of-00001.safetensors", tmp / "model.safetensors")
         (tmp / INDEX).unlink()
     else:  # each save wrote the index of its own file: the index of them all
-        total = sum(shapes[n].numel() * itemsize for v in parts.values() for _, n in v)
+        total = sum(shapes[n].numel() * itemsize for v in stored.values() for _, n in v)
         index = {"metadata": {"total_size": total}, "weight_map": {k: Path(f).name for k, f in weight_map.items()}}
         write_text_atomic(tmp / INDEX, json.dumps(index, indent=2) + "\n")
     write_text_atomic(tmp / "config.json", json.dumps(config, indent=2) + "\n")

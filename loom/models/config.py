@@ -57,6 +57,9 @@ class ModelConfig:
     decoder_layers: Optional[int] = None
     norm: str = "layer"  # encdec: layer (LayerNorm, Vaswani et al. 2017) | rms (RMSNorm without bias, T5)
     feed_forward: str = "relu"  # encdec: relu (Vaswani, T5) | gated-gelu (T5 v1.1, Shazeer 2020)
+    # encdec: the output projection is the shared embedding (T5: then scaled by d^-0.5); false: its own
+    # weights, unscaled (T5 v1.1)
+    tie_embeddings: bool = True
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property

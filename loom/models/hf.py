@@ -11,6 +11,7 @@ the other way, the stored tensors of a whole model. Reading the files is the eng
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,8 @@ from loom.errors import ConfigError
 from loom.models.config import ModelConfig
 from loom.models.registry import families
 from loom.models.spec import HFMapping, HFSource, ModelSpec
+
+log = logging.getLogger("loom")
 
 CONFIG_FILE = "config.json"
 
@@ -135,8 +138,22 @@ def assemble(parts: list[tuple[HFSource, str]], tensors: dict[str, torch.Tensor]
     src = parts[0][0]
     if src.shape is not None:
         return tensors[parts[0][1]].reshape(src.shape).contiguous()
+    if src.shared:  # copies of one stored tensor: the first, the others checked against it
+        _warn_if_apart(parts, tensors)
+        parts = parts[:1]
     full = torch.cat([tensors[n] for _, n in parts], dim=src.dim) if len(parts) > 1 else tensors[parts[0][1]]
+    if src.scale != 1.0:
+        full = full / src.scale
     return (full.t() if src.transpose else full).contiguous()
+
+
+def _warn_if_apart(parts: list[tuple[HFSource, str]], tensors: dict[str, torch.Tensor]) -> None:
+    first = tensors[parts[0][1]]
+    apart = [(n, (tensors[n] - first).abs().max().item()) for _, n in parts[1:] if not torch.equal(tensors[n], first)]
+    if apart:
+        name, diff = max(apart, key=lambda nd: nd[1])
+        log.warning("%s is stored once (%s); %d other copies of it differ from %s (at most %.3g, in %s): the "
+                    "export holds only the first", parts[0][0].name, parts[0][1], len(apart), parts[0][1], diff, name)
 
 
 def hf_state_dict(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ run separately: ``embed(*inputs)`` (first stage) -> each block -> ``head(hidden)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -80,6 +80,12 @@ class PipelineSplit:
     blocks: str = "layers"
     tied: tuple[tuple[str, str], ...] = ()
 
+    def tied_in(self, model: nn.Module) -> PipelineSplit:
+        """This split with only the pairs ``model`` (as built) ties: a family whose config can untie its
+        output projection (the encoder-decoder's ``model.tie_embeddings=false``) lists the pair anyway."""
+        tied = tuple((a, b) for a, b in self.tied if model.get_parameter(a) is model.get_parameter(b))
+        return self if tied == self.tied else replace(self, tied=tied)
+
 
 @dataclass(frozen=True)
 class HFSource:
@@ -89,13 +95,22 @@ class HFSource:
     ``c_attn``). A parameter is a rectangle of its source, so any shard of it is one too: each rank
     reads only the rectangle its shard needs. ``shape``: set when the stored tensor is the parameter
     reshaped (ViT's patch projection stored as a convolution's (C, channels, P, P) kernel, its [CLS] and
-    position tables with a leading 1); such a (small) tensor is read whole and each rank keeps its part."""
+    position tables with a leading 1); such a (small) tensor is read whole and each rank keeps its part.
+    ``scale``: the parameter is the stored tensor times ``scale`` (T5's query projection: T5 does not
+    divide attention scores by sqrt(head width), loom does). ``shared``: several loom parameters are
+    copies of this one tensor (T5 keeps a stack's relative-bias table in its first layer, loom one per
+    layer); each reads it on import, and export writes the first (a warning when the others trained
+    apart from it). ``fallback``: the tensor to read when the checkpoint has no ``name`` (T5 v1.1's
+    output projection, which transformers 5 saves as the shared embedding)."""
 
     name: str
     transpose: bool = False
     dim: int = 0
     start: int = 0
     shape: tuple[int, ...] | None = None
+    scale: float = 1.0
+    shared: bool = False
+    fallback: str | None = None
 
 
 @dataclass(frozen=True)

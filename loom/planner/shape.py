@@ -57,8 +57,8 @@ class Shape:
 
 def model_shape(cfg: ModelConfig, seq: int) -> Shape:
     spec = spec_of(cfg)
-    split = spec.pipeline
     model = build_model(cfg)
+    split = spec.pipeline.tied_in(model)
     strategies = resolve_strategies(model, spec.sharding.table, {}, tp=1, dp=1)
     c = costs(cfg, seq)
     n = spec.n_blocks(cfg)

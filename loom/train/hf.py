@@ -53,6 +53,7 @@ class _Read:
     offsets: tuple[int, ...]  # the rectangle of it, in the stored layout
     sizes: tuple[int, ...]
     transpose: bool
+    scale: float  # the parameter is the stored tensor times this
     # a reshaped source (read whole): the whole parameter's shape and this rank's part of it
     part: tuple[torch.Size, tuple[slice, ...]] | None = None
 
@@ -122,6 +123,12 @@ def _local(p: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return p, (0,) * p.dim()
 
 
+def _find(src, stored: dict, prefixes: tuple[str, ...]) -> str | None:
+    """The stored tensor ``src`` names (or its fallback), as the checkpoint spells it; None: neither."""
+    key = _resolve(src.name, stored, prefixes)
+    return key if key is not None or src.fallback is None else _resolve(src.fallback, stored, prefixes)
+
+
 def _vocab_padding(shape: torch.Size, cfg: ModelConfig, src) -> bool:
     """Whether a parameter may hold more rows than its stored tensor: one row per token of a vocabulary
     padded past the checkpoint's (``model.vocab_size`` raised so that tensor parallelism divides it)."""
@@ -144,7 +151,7 @@ def check_hf_weights(path: str | Path, cfg: ModelConfig) -> str:
     used = set()
     for name, p in build_model(cfg).named_parameters():  # meta: nothing allocated
         src = hf.source(name, cfg)
-        key = _resolve(src.name, stored, hf.prefixes)
+        key = _find(src, stored, hf.prefixes)
         if key is None:
             raise ConfigError(f"{path}: no tensor {src.name!r} (for loom's {name}) in the checkpoint")
         offsets, sizes = source_region(src, (0,) * p.dim(), tuple(p.shape))
@@ -187,7 +194,7 @@ def load_hf_weights(modules: list[nn.Module], cfg: ModelConfig, path: str | Path
             local, offsets = _local(p)
             if local.numel() == 0:
                 continue
-            key = _resolve(src.name, stored, hf.prefixes)
+            key = _find(src, stored, hf.prefixes)
             if key is None:
                 raise ConfigError(f"{path}: no tensor {src.name!r} (for loom's {name}) in the checkpoint")
             region_offsets, region_sizes = source_region(src, offsets, tuple(local.shape))
@@ -200,7 +207,7 @@ def load_hf_weights(modules: list[nn.Module], cfg: ModelConfig, path: str | Path
             part = None
             if src.shape is not None:  # read whole, this rank's part taken after the reshape
                 part = p.shape, tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))
-            reads.append(_Read(local, key, region_offsets, region_sizes, src.transpose, part))
+            reads.append(_Read(local, key, region_offsets, region_sizes, src.transpose, src.scale, part))
     if fmt == "safetensors":
         state = {str(i): torch.empty(r.sizes, dtype=stored[r.stored][1]) for i, r in enumerate(reads)}
         planner = _RectanglePlanner({str(i): (r.stored, r.offsets) for i, r in enumerate(reads)})
@@ -213,7 +220,8 @@ def load_hf_weights(modules: list[nn.Module], cfg: ModelConfig, path: str | Path
     for r, v in zip(reads, values):
         if r.part is not None:
             v = v.reshape(r.part[0])[r.part[1]]
-        r.param.copy_(v.t() if r.transpose else v)
+        v = v.t() if r.transpose else v
+        r.param.copy_(v * r.scale if r.scale != 1.0 else v)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ pytest.importorskip("transformers")  # the test extra; loom's import and export 
 from loom.config import load_config  # noqa: E402
 from loom.data.tokenizer import HFTokenizer  # noqa: E402
 from loom.errors import ConfigError  # noqa: E402
+from loom.models import build_model  # noqa: E402
 from loom.models.hf import hf_model_settings  # noqa: E402
 from tests.hf_models import VOCAB, bert_dir, imported  # noqa: E402
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from loom.errors import ConfigError
 from loom.models.config import ModelConfig
+from loom.models.encdec.hf import HF
 from loom.models.encdec.model import EncDecCache, EncoderDecoder, decoder_layers
 from loom.models.encdec.presets import PRESETS, PUBLISHED_PARAMS
 from loom.models.encdec.sharding import TABLE
@@ -50,6 +51,6 @@ def n_blocks(cfg: ModelConfig) -> int:
 
 SPEC = register(ModelSpec(name="encdec", build=EncoderDecoder, presets=PRESETS, published_params=PUBLISHED_PARAMS,
                           sharding=SHARDING, pipeline=PIPELINE, tasks=("seq2seq",), n_blocks=n_blocks,
-                          positions=("sinusoidal", "relative", "learned"), validate=validate))
+                          positions=("sinusoidal", "relative", "learned"), validate=validate, hf=HF))
 
 __all__ = ["PIPELINE", "SHARDING", "SPEC", "EncDecCache", "EncoderDecoder"]

@@ -115,10 +115,11 @@ class EncoderDecoder(nn.Module):
         self.layers = nn.ModuleDict(blocks)
         if not cfg.post_ln:
             self.ln_f = norm(cfg, cfg.norm)  # the decoder's final norm
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)  # tied to tok_emb
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)  # tied to tok_emb (unless model.tie_embeddings=false)
         # Vaswani et al. scale the embeddings by sqrt(d); T5 (RMSNorm) scales the tied output by d^-0.5
+        # (T5 v1.1's own, untied, output projection: unscaled)
         self.emb_scale = math.sqrt(d) if cfg.norm == "layer" else 1.0
-        self.out_scale = 1.0 if cfg.norm == "layer" else d ** -0.5
+        self.out_scale = 1.0 if cfg.norm == "layer" or not cfg.tie_embeddings else d ** -0.5
         self.tie_weights()
 
     @property
@@ -140,8 +141,10 @@ class EncoderDecoder(nn.Module):
         return gpt_initial_value(self, name, shape, n, generator)
 
     def tie_weights(self) -> None:
-        """The output projection is the shared embedding (``to_empty()`` unties them)."""
-        self.lm_head.weight = self.tok_emb.weight
+        """The output projection is the shared embedding (``to_empty()`` unties them), unless
+        ``model.tie_embeddings=false``."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
