@@ -83,7 +83,10 @@ class PipelineSplit:
     def tied_in(self, model: nn.Module) -> PipelineSplit:
         """This split with only the pairs ``model`` (as built) ties: a family whose config can untie its
         output projection (the encoder-decoder's ``model.tie_embeddings=false``) lists the pair anyway."""
-        tied = tuple((a, b) for a, b in self.tied if model.get_parameter(a) is model.get_parameter(b))
+        params = dict(model.named_parameters(remove_duplicate=False))
+        # a pair whose output module the model lacks (a classifier without the pretraining head) stays:
+        # the engine skips it as before; only a pair of two distinct tensors is untied
+        tied = tuple((a, b) for a, b in self.tied if a not in params or b not in params or params[a] is params[b])
         return self if tied == self.tied else replace(self, tied=tied)
 
 
