@@ -113,8 +113,8 @@ def test_fp32_memory_counts_sixteen_bytes_per_parameter(tmp_path):
         (4 * n / gib, 4 * n / gib, 8 * n / gib))
     cluster = parse_cluster("4xcpu", profile=profile)
     dp = estimate(cfg, plan_for_batch(16, 4, dp=4), cluster, 16, 64)
-    # FSDP keeps its shard (here: all of it) of weights and gradients beside the gathered ones
-    assert dp.memory_gb["weights"] == pytest.approx(8 * n / gib) and dp.memory_gb["grads"] == pytest.approx(8 * n / gib)
+    # zero=0 without tp/pp/ep is DDP: one copy of the weights, gradients as views of its buckets
+    assert dp.memory_gb["weights"] == pytest.approx(4 * n / gib) and dp.memory_gb["grads"] == pytest.approx(4 * n / gib)
     z1 = estimate(cfg, plan_for_batch(16, 4, dp=4, zero=1), cluster, 16, 64)
     assert z1.memory_gb["optimizer"] == pytest.approx(dp.memory_gb["optimizer"] / 4)
     assert z1.memory_gb["weights"] == pytest.approx(5 * n / gib)
