@@ -113,8 +113,13 @@ class StopRequest:
                 return
             raise KeyboardInterrupt
         self.signum, self._at = signum, time.monotonic()
-        log.warning("%s: stopping after this step and saving a checkpoint (again to abort now)",
-                    signal.Signals(signum).name)
+        # straight to the file descriptor: a signal can arrive while the main thread is inside a write
+        # to the same stream, and logging from here would then fail with a re-entrant write
+        msg = f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint (again to abort now)\n"
+        try:
+            os.write(2, msg.encode())
+        except OSError:  # no stderr to tell: the stop still happens
+            pass
 
 
 class Trainer:
