@@ -19,8 +19,10 @@ that it registers (:func:`loom.models.register`). The spec says, as data:
   config and tensors become its config and parameters, and back (:mod:`loom.models.hf`).
 
 The model itself provides ``initial_value(name, shape, seed)`` (so that any layout initializes each
-shard as one device would), ``tie_weights()``, and a forward in three parts that a pipeline stage can
-run separately: ``embed(*inputs)`` (first stage) -> each block -> ``head(hidden)`` (last stage).
+shard as one device would), ``tie_weights()`` and ``init_weights(seed)`` (both from
+:class:`~loom.models.common.NameSeededInit`, the first overridden by a model that ties), and a
+forward in three parts that a pipeline stage can run separately: ``embed(*inputs)`` (first stage) ->
+each block -> ``head(hidden)`` (last stage).
 """
 
 from __future__ import annotations
