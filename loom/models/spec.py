@@ -153,6 +153,9 @@ class ModelSpec:
     # config -> the (last-stage, first-stage) parameter pairs its model ties (PipelineSplit.tied): decided by
     # the family from the config alone (a tied output projection, and whether the head that holds it is built)
     tied: Callable[[ModelConfig], tuple[tuple[str, str], ...]] = lambda cfg: ()
+    # modules whose outputs are the classes (sized by model.n_classes): fine-tuning from a run with another
+    # class count (train.init_from) initializes them afresh instead of refusing the other shape
+    class_heads: tuple[str, ...] = ()
 
     def pipeline_split(self, cfg: ModelConfig) -> PipelineSplit:
         """The pipeline split of the model ``cfg`` builds: the family's ``pipeline`` with the pairs this

@@ -30,6 +30,6 @@ SHARDING = Sharding(table=TABLE, positional=("pos_emb",), stream_inputs=("layers
 
 SPEC = register(ModelSpec(name="bert", build=BERT, presets=PRESETS, published_params=PUBLISHED_PARAMS,
                           sharding=SHARDING, pipeline=PIPELINE, tied=tied, tasks=("masked_lm", "classification"),
-                          hf=HF))
+                          hf=HF, class_heads=CLASSIFICATION_HEADS))
 
 __all__ = ["BERT", "PIPELINE", "SHARDING", "SPEC"]
