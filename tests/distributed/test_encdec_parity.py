@@ -59,6 +59,8 @@ FOUR_RANKS = {
     ("encdec", "dp2_tp2"): ["parallel.dp=2", "parallel.tp=2"],
     # two pipeline stages of two tensor-parallel ranks each
     ("encdec", "pp2_tp2_sp"): ["parallel.tp=2", "parallel.sp=true", *PP2],
+    # ZeRO-3 inside pipeline stages: a stage's first block receives what the stage before it sent
+    ("encdec", "dp2_pp2_zero3"): ["parallel.dp=2", "parallel.zero=3", *PP2],
 }
 BROKEN = (("encdec", "dp2_local_normalization"), ("encdec", "tp2_log_softmax_smoothing"))
 # bf16 mixed precision against one bf16 process, at test_parity.py's production tolerances
