@@ -231,7 +231,8 @@ def estimate(cfg: ModelConfig, plan: Plan, cluster: Cluster, global_batch: int, 
     cpu_terms, comm_terms = ("compute", "recompute", "overhead"), ("tp", "ep")
     slowest = max(per_stage, key=lambda d: kappa * sum(d[k] for k in cpu_terms) + sum(d[k] for k in comm_terms))
     t_mb = kappa * sum(slowest[k] for k in cpu_terms) + sum(slowest[k] for k in comm_terms)
-    p2p = (2 * act / L.tp / pp_bw + 2 * pp_lat) * v if L.pp > 1 else 0.0  # send forward, receive backward
+    # send forward, receive backward: every tensor a stage hands on (an encoder-decoder's: memory and target)
+    p2p = (2 * sh.stage_tensors * act / L.tp / pp_bw + 2 * pp_lat) * v if L.pp > 1 else 0.0
     time = {k: slowest[k] * m * (kappa if k in cpu_terms else 1.0) for k in (*cpu_terms, *comm_terms)}
     if L.pp == 1:
         time["pp_bubble"] = 0.0

@@ -44,6 +44,13 @@ FP32_BACKWARD_TRANSIENT = 8  # (b, s, h) tensors of gradients alive at once in a
 # the buffers of the forward's two all-reduces (or reduce-scatters) of partial sums. Measured: a tp=4 rank's
 # peak resident set grows by 12.5–14 (b, s, h) per block, where the saved tensors are 7.
 FP32_TP_BUFFERS = 6
+# an encoder-decoder's cross-attention, per layer, in (b, s, h) tensors (source as long as target): its
+# norm's input and output (whole; 2 bytes each in Korthikanti's count, plus the output dropout's mask 1)
+# and what attention itself keeps (split over tp): q, k, v and the attention output with its re-laid-out
+# copy (fp32: 5; mixed precision: Korthikanti's attention, 8 bytes + the 5·a·s scores). Under sequence
+# parallelism the memory gathered for the keys and values is one more whole tensor.
+FP32_CROSS = {"whole": 2, "split": 5}
+CROSS_BYTES = {"whole": 5, "split": 8}
 
 
 # bytes per element of the master weights (and their gradients and Adam moments) and of the working copy
@@ -149,6 +156,9 @@ def memory(sh: Shape, stages, L: Plan, b: int, m: int, acc, fp32: bool = False
         else:
             per_layer = 2 * sbh / (L.tp if L.sp else 1)
         activations = per_layer * layers * in_flight(L, m, r)
+        cross = sum(sh.cross_layers[i] for si in mine for i in stages[si]) if sh.cross_layers else 0
+        activations += (cross * cross_attention_bytes(L, L.recompute, a, s, h) + carried_bytes(sh, L)) \
+            * sbh * in_flight(L, m, r)
         if L.recompute == "full":  # one layer's activations live while it is recomputed
             activations += sbh * (10 + split / L.tp + 5 * a * s / (h * L.tp))
         if len(stages) - 1 in mine:
@@ -158,6 +168,24 @@ def memory(sh: Shape, stages, L: Plan, b: int, m: int, acc, fp32: bool = False
                           "activations": activations / gib})
     worst = max(per_stage, key=lambda d: sum(d.values()))
     return dict(worst), per_stage
+
+
+def cross_attention_bytes(L: Plan, recompute: str, a: int, s: int, h: int) -> float:
+    """Bytes per s·b·h that one cross-attention layer keeps for backward in mixed precision
+    (:data:`CROSS_BYTES`, Korthikanti et al.'s attention terms); none under full recomputation (its
+    block keeps only its inputs, which it shares with the blocks around it)."""
+    if recompute == "full":
+        return 0.0
+    split = CROSS_BYTES["split"] + (5 * a * s / h if recompute == "none" else 0.0)
+    if L.sp:
+        return (CROSS_BYTES["whole"] + split) / L.tp + 2
+    return CROSS_BYTES["whole"] + split / L.tp
+
+
+def carried_bytes(sh: Shape, L: Plan, nbytes: int = BYTES_ACT) -> float:
+    """Bytes per s·b·h of what the blocks carry beside the stream (an encoder-decoder's memory in the
+    decoder, the embedded target in the encoder): one tensor per micro-batch in flight, not a copy per block."""
+    return (sh.stage_tensors - 1) * nbytes / (L.tp if L.sp else 1)
 
 
 def in_flight(L: Plan, m: int, r: int) -> float:
@@ -219,6 +247,11 @@ def _memory_fp32(sh: Shape, stages, L: Plan, b: int, m: int, acc) -> tuple[dict[
         full_layer = (fp32_saved_per_layer(L, "none", sh) + (FP32_TP_BUFFERS if tp > 1 else 0)) * sbh
         per_layer = full_layer if L.recompute == "none" else fp32_saved_per_layer(L, L.recompute, sh) * sbh
         activations = per_layer * layers * in_flight(L, m, r)
+        cross = sum(sh.cross_layers[i] for si in mine for i in stages[si]) if sh.cross_layers else 0
+        if L.recompute != "full":
+            whole = FP32_CROSS["whole"] + (1 if L.sp else 0)
+            activations += cross * (whole + FP32_CROSS["split"] / tp) * sbh * in_flight(L, m, r)
+        activations += carried_bytes(sh, L, 1) * sbh * in_flight(L, m, r)
         if L.recompute != "none":  # one block's activations live again while it is recomputed
             activations += full_layer
         activations += FP32_BACKWARD_TRANSIENT * sbh / tp

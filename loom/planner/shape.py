@@ -11,6 +11,7 @@ projection's reduction, replicated modules, an MoE router) and *experts* (split 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 from loom.models import ModelConfig, build_model, costs, spec_of
 from loom.models.common import SwiGLU
@@ -49,6 +50,10 @@ class Shape:
     kv_ratio: float = 1.0  # key/value heads per query head (grouped-query attention: < 1)
     mlp_hidden: float = 8.0  # the MLP's hidden activations saved for backward (GELU 4h: before and after, 8)
     mlp_matmul_out: float = 4.0  # ... of them, the outputs of its first matrix multiplies (GELU: 4; SwiGLU: 2·ffn/h)
+    # an encoder-decoder: cross-attention layers per block (their activations), and the (b, s, h) tensors a
+    # pipeline stage sends to the next (the encoder's output travels with the decoder's hidden states: 2)
+    cross_layers: tuple[int, ...] = ()
+    stage_tensors: int = 1
 
     @property
     def layer_params(self) -> list[int]:
@@ -91,7 +96,8 @@ def model_shape(cfg: ModelConfig, seq: int) -> Shape:
                  head_flops=c.last.flops, first_split=first[0], first_whole=first[1], last_split=last[0],
                  last_whole=last[1], tied=tied, moe_tokens_per_layer=[b.experts_top_k for b in c.blocks],
                  total_params=c.params, layer_tensors=tuple(r[3] for r in per_block), first_tensors=first[2],
-                 last_tensors=last[2], tied_whole=tied_whole, **_activation_widths(cfg, model))
+                 last_tensors=last[2], tied_whole=tied_whole, **_activation_widths(cfg, model),
+                 **_cross_attention(model, spec, prefix, n))
 
 
 def _activation_widths(cfg: ModelConfig, model) -> dict:
@@ -102,6 +108,16 @@ def _activation_widths(cfg: ModelConfig, model) -> dict:
     gated = any(isinstance(m, SwiGLU) for m in model.modules())
     return dict(kv_ratio=cfg.kv_heads / cfg.n_head, mlp_hidden=(4 if gated else 2) * r,
                 mlp_matmul_out=(2 if gated else 1) * r)
+
+
+def _cross_attention(model, spec, prefix: str, n: int) -> dict:
+    """The cross-attention layers of each block (the modules the family's sharding declares as such),
+    and the tensors a stage sends: the stream, plus the encoder's output where a block reads one."""
+    cross = [0] * n
+    for name, _ in model.named_modules():
+        if name.startswith(prefix) and any(fnmatchcase(name, p) for p in spec.sharding.cross_attention):
+            cross[int(name[len(prefix):].split(".", 1)[0])] += 1
+    return dict(cross_layers=tuple(cross), stage_tensors=2 if any(cross) else 1)
 
 
 def stage_blocks(sh: Shape, n_stages: int) -> list[list[int]]:

@@ -142,19 +142,36 @@ def seq2seq_loss(logits, targets, label_smoothing: float = 0.0) -> torch.Tensor:
     share of the global batch's mean loss per target token.
 
     Label smoothing as ``F.cross_entropy`` defines it, (1 - ε)·NLL + ε·mean over the vocabulary of
-    -log p, written out so that it runs on vocabulary-parallel logits too (tensor parallelism with
-    smoothing is refused before launch for now: its parity run did not match one process)."""
+    -log p, written as NLL + ε·Σ (z_y - mean_v z_v) (the same sum: -mean_v log p_v = NLL + z_y - mean_v z_v
+    per position) so that it runs exactly on vocabulary-parallel logits (:func:`_smoothing_term`)."""
     labels, weight = targets
     logits = at_least_fp32(logits).flatten(0, 1)  # (B·T, V)
     labels = labels.flatten()
     loss = _local(F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum"))
     if label_smoothing and torch.is_grad_enabled():
-        # vocabulary-parallel log-probabilities gathered whole first (a sum over the split dimension
-        # would leave partial sums to DTensor); then Σ_v log p_v of each position, (B·T,)
-        log_p = _local(F.log_softmax(logits, dim=-1)).sum(-1)
-        uniform = -(log_p * (labels != IGNORE).to(log_p.dtype)).sum() / logits.shape[-1]
-        loss = (1 - label_smoothing) * loss + label_smoothing * uniform
+        loss = loss + label_smoothing * _local(_smoothing_term(logits, labels))
     return loss / weight.sum().to(loss.dtype)
+
+
+def _smoothing_term(logits, labels) -> torch.Tensor:
+    """Σ over the target positions of z_y - mean_v z_v: what smoothing adds to the NLL, linear in the
+    logits (B·T, V). Linear on purpose: under tensor parallelism the logits are split over the
+    vocabulary and torch's ``loss_parallel`` gives ``log_softmax`` no backward of its own (it leaves the
+    gradient to ``nll_loss``), so a smoothing term built on ``log_softmax`` gets wrong gradients there;
+    a weighted sum of the logits is an ordinary reduction whose gradient is exact on any split."""
+    vocab = logits.shape[-1]
+    cols = torch.arange(vocab, device=labels.device)
+    split = hasattr(logits, "device_mesh")  # a DTensor: weigh this rank's vocabulary columns only
+    if split:
+        from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+        on_cols = [Shard(0) if p.is_shard(logits.ndim - 1) else Replicate() for p in logits.placements]
+        cols = distribute_tensor(cols, logits.device_mesh, on_cols, src_data_rank=None).to_local()
+    scored = (labels != IGNORE).to(logits.dtype)[:, None]
+    w = ((labels[:, None] == cols).to(logits.dtype) - 1.0 / vocab) * scored  # (B·T, V or this rank's V / tp)
+    if split:
+        w = DTensor.from_local(w, logits.device_mesh, logits.placements, run_check=False)
+    return (logits * w).sum()
 
 
 def label_smoothing_of(cfg) -> float:

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from loom.config import load_config
@@ -351,9 +352,24 @@ def _local_target_normalization():
     return _patched(seq2seq, "seq2seq_loss", local)
 
 
+def _log_softmax_smoothing():
+    """Label smoothing's uniform term taken from ``log_softmax`` of the logits, as F.cross_entropy
+    computes it on one process: on vocabulary-split logits torch's ``loss_parallel`` leaves that
+    ``log_softmax`` without a backward of its own, so the loss is right and its gradient is not."""
+    from loom.tasks import seq2seq
+
+    def from_log_softmax(logits, labels):
+        scored = (labels != seq2seq.IGNORE).to(logits.dtype)
+        uniform = -(seq2seq._local(F.log_softmax(logits, dim=-1)).sum(-1) * scored).sum() / logits.shape[-1]
+        return uniform - seq2seq._local(F.cross_entropy(logits, labels, ignore_index=seq2seq.IGNORE, reduction="sum"))
+
+    return _patched(seq2seq, "_smoothing_term", from_log_softmax)
+
+
 SABOTAGE = {"bias_on_every_rank": _bias_on_every_rank, "dropped_microbatch": _dropped_microbatch,
             "local_mlm_normalization": _local_mlm_normalization,
-            "local_target_normalization": _local_target_normalization}
+            "local_target_normalization": _local_target_normalization,
+            "log_softmax_smoothing": _log_softmax_smoothing}
 
 
 @contextlib.contextmanager

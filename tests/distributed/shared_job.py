@@ -18,8 +18,8 @@ from pathlib import Path
 # world size -> (fixture and function name, the suites in the order they run: small ones first)
 SUITES = {
     2: ("two_rank_job", ("test_pipeline", "test_pipeline_state", "test_tensor_parallel", "test_tp_dropout",
-                         "test_parity")),
-    4: ("four_rank_job", ("test_memory_accounting", "test_checkpoint_layouts", "test_parity")),
+                         "test_parity", "test_encdec_parity")),
+    4: ("four_rank_job", ("test_memory_accounting", "test_checkpoint_layouts", "test_parity", "test_encdec_parity")),
 }
 
 

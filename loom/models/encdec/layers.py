@@ -12,11 +12,11 @@ Every block takes and returns the pipeline *state* ``(stream, src_mask, tgt)``:
 self-attention and from every cross-attention. The state is what passes from one pipeline stage to
 the next, so the encoder's output travels with the decoder's hidden states (as in Megatron-LM).
 
-A block hands on a *copy* of what it carries unchanged (the target in the encoder, the memory in the
-decoder): data parallelism with sharded parameters (``fully_shard``) hooks each block's outputs for
-its backward, and a tensor passed through as it came would carry the hooks of every block it crossed
-(measured under ZeRO-3: the ranks' collectives then no longer match). The copy costs one (B, T, C)
-tensor per block.
+A block hands on what it carries unchanged (the target in the encoder, the memory in the decoder) as
+it came, with no copy: data parallelism with sharded parameters (``fully_shard``) passes a block's
+inputs through an autograd function of its own and hooks that function's outputs, so each block's
+hooks sit on a tensor object of their own and fire once that block's backward is due (proved under
+ZeRO-3, alone and inside pipeline stages, by tests/distributed/test_encdec_parity.py).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class PreNormEncoderBlock(Block):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, tgt: torch.Tensor) -> State:  # type: ignore[override]
         x = x + self.attn(self.ln_1(x), mask)
         x = x + self.mlp(self.ln_2(x))
-        return (self.out(x) if hasattr(self, "out") else x), mask, tgt.clone()
+        return (self.out(x) if hasattr(self, "out") else x), mask, tgt
 
 
 class PostNormEncoderBlock(nn.Module):
@@ -174,7 +174,7 @@ class PostNormEncoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, tgt: torch.Tensor) -> State:
         x = self.ln_1(x + self.attn(x, mask))
-        return self.ln_2(x + self.mlp(x)), mask, tgt.clone()
+        return self.ln_2(x + self.mlp(x)), mask, tgt
 
 
 class PreNormDecoderBlock(Block):
@@ -192,7 +192,7 @@ class PreNormDecoderBlock(Block):
         self_cache, cross_cache = cache if cache is not None else (None, None)
         y = y + self.attn(self.ln_1(y), self_cache)
         y = y + self.cross(self.ln_x(y), memory, mask, cross_cache)
-        return memory.clone(), mask, y + self.mlp(self.ln_2(y))
+        return memory, mask, y + self.mlp(self.ln_2(y))
 
 
 class PostNormDecoderBlock(nn.Module):
@@ -212,4 +212,4 @@ class PostNormDecoderBlock(nn.Module):
         self_cache, cross_cache = cache if cache is not None else (None, None)
         y = self.ln_1(y + self.attn(y, self_cache))
         y = self.ln_x(y + self.cross(y, memory, mask, cross_cache))
-        return memory.clone(), mask, self.ln_2(y + self.mlp(y))
+        return memory, mask, self.ln_2(y + self.mlp(y))
