@@ -38,11 +38,11 @@ BROKEN = {"tp2_reader_ignores_offsets": ["parallel.tp=2", "sabotage:reader_ignor
           "tp2_lora_split_as_weight": ["parallel.tp=2", *LORA, "sabotage:lora_split_as_weight"]}
 
 
-def trainer(path: str, layout: list[str], process: Process) -> Trainer:
+def trainer(path: str, layout: list[str], process: Process, run_dir: Path | None = None) -> Trainer:
     cfg = hf_init_config(path, [*COMMON, *(o for o in layout if not o.startswith("sabotage:"))])
     plan = resolve_plan(cfg, process.world_size)
     check_plan(plan, cfg, process.world_size)
-    return Trainer(cfg, plan, None, _data(path, cfg.train.task), process=process, device=torch.device("cpu"))
+    return Trainer(cfg, plan, run_dir, _data(path, cfg.train.task), process=process, device=torch.device("cpu"))
 
 
 def _data(path: str, task: str):
@@ -125,6 +125,43 @@ def _lora_split_as_weight(on: bool):
         LoRALinear.TP_SPLITS = original
 
 
-def train_cases(paths: dict[str, str], cases: list[tuple[str, list[str]]]) -> dict:
-    """On every rank: ``{(model, layout...): result}``, ``paths[model]`` being its directory."""
-    return {(model, *layout): _train(paths[model], layout, process_of_this_rank()) for model, layout in cases}
+def train_cases(paths: dict[str, str], cases: list[tuple[str, list[str]]], export: tuple | None = None) -> dict:
+    """On every rank: ``{(model, layout...): result}``, ``paths[model]`` being its directory; with
+    ``export`` = (model, layout, run directory, output directory), also ``{"export": what this rank wrote}``
+    (:func:`train_and_export`)."""
+    out = {(model, *layout): _train(paths[model], layout, process_of_this_rank()) for model, layout in cases}
+    if export is not None:
+        model, layout, run_dir, hf_dir = export
+        out["export"] = train_and_export(paths[model], layout, Path(run_dir), Path(hf_dir))
+    return out
+
+
+EXPORT_STEPS = 2
+EXPORT_FILE_BYTES = 200_000  # the tiny GPT-2's weights (float64, ~0.5 MB) in several files
+
+
+def train_and_export(path: str, layout: list[str], run_dir: Path, hf_dir: Path) -> dict:
+    """Fine-tune the model directory ``path`` under ``layout`` into the run ``run_dir`` (saved after
+    :data:`EXPORT_STEPS` steps), then export it to ``hf_dir`` from this job's processes, each writing
+    its share (:func:`loom.infer.hf.write_hf`)."""
+    from loom.config import config_to_yaml
+    from loom.files import write_text_atomic
+    from loom.infer.hf import _newest_intact, write_hf
+    from loom.parallel.launch import barrier
+    from loom.train.hf import prepare_hf_init
+
+    process = process_of_this_rank()
+    if process.is_coordinator:  # what `loom train` puts into a run directory beside the checkpoints
+        run_dir.mkdir(parents=True)
+        hf_dir.mkdir(parents=True)
+    barrier()
+    t = trainer(path, layout, process, run_dir)
+    if process.is_coordinator:
+        prepare_hf_init(t.cfg, run_dir)
+        write_text_atomic(run_dir / "config.yaml", config_to_yaml(t.cfg))
+    for step in range(EXPORT_STEPS):
+        t.train_step(step)
+    t.save(EXPORT_STEPS)
+    t.metrics.close() if t.metrics else None
+    barrier()
+    return write_hf(run_dir, _newest_intact(run_dir), hf_dir, EXPORT_FILE_BYTES, process)

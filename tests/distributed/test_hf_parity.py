@@ -58,9 +58,19 @@ def hf_dirs(tmp_path_factory) -> dict:
     return out
 
 
+EXPORTED = ("gpt2", LORA_LAYOUTS["tp2_lora"])  # trained under tp2 with LoRA, then exported by both ranks
+
+
 @pytest.fixture(scope="module")
-def results(hf_dirs):
-    return tuple(run_on_ranks(2, train_cases, {k: v[0] for k, v in hf_dirs.items()}, CASES))
+def export_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("export")
+    return root / "run", root / "hf"
+
+
+@pytest.fixture(scope="module")
+def results(hf_dirs, export_dirs):
+    return tuple(run_on_ranks(2, train_cases, {k: v[0] for k, v in hf_dirs.items()}, CASES,
+                              (*EXPORTED, *map(str, export_dirs))))
 
 
 @functools.cache
@@ -147,3 +157,28 @@ def test_lora_factors_split_like_their_weights_fail_the_split_check(hf_dirs, res
     with pytest.raises(AssertionError):
         assert_adapters_split_with_their_weights(results[0][("gpt2", *layout)], full)
     assert_matches(*_got_and_ref(hf_dirs, results, "gpt2", layout))  # the numbers are right all the same
+
+
+def test_a_run_trained_under_tp2_exported_by_two_ranks_loads_in_transformers(hf_dirs, results, export_dirs):
+    """The LoRA run trained under tp2, exported by both ranks (each writing about half of every weights
+    file, consolidated into several files and their index): ``AutoModelForCausalLM`` gives the logits of
+    loom's model with its adapters un-merged."""
+    from transformers import AutoModelForCausalLM
+
+    from loom.infer.load import load_for_inference
+
+    run, out = export_dirs
+    wrote = [r["export"] for r in results]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    total, files = index["metadata"]["total_size"], set(index["weight_map"].values())
+    assert sum(w["bytes"] for w in wrote) == total and all(0.3 * total < w["bytes"] < 0.7 * total for w in wrote)
+    assert len(files) > 1 and files == {f.name for f in out.glob("*.safetensors")} and not (out / "sharded").exists()
+    _, ours, _, step = load_for_inference(run, device="cpu")
+    assert step == 2 and any(is_lora_param(n) for n, _ in ours.named_parameters())
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert theirs.dtype == torch.float64
+    x = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, before = theirs(x).logits, ours(x), hf_dirs["gpt2"][1].double()(x).logits
+    assert (got - want).abs().max().item() <= 1e-10
+    assert (got - before).abs().max().item() > 1e-6  # the adapters did change the model
