@@ -154,3 +154,5 @@ class ModelSpec:
     hf: HFMapping | None = None  # reading and writing Hugging Face model directories; None: not supported
     # why the family cannot split its sequence over tp ranks (parallel.sp); empty: it can
     no_sequence_parallel: str = ""
+    # why a model of the family cannot run the zero-bubble pipeline schedule; empty: it can
+    no_zero_bubble: Callable[[ModelConfig], str] = lambda cfg: ""
