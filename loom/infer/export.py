@@ -19,7 +19,7 @@ def export_safetensors(run_dir: Path, out: Path | None = None) -> Path:
     cfg, model, _, step = load_for_inference(run_dir, device="cpu")
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}  # tied: once
     out = out or Path(run_dir) / "model.safetensors"
-    ties = ",".join(f"{a}={b}" for a, b in spec_of(cfg.model).pipeline.tied)
+    ties = ",".join(f"{a}={b}" for a, b in spec_of(cfg.model).pipeline_split(cfg.model).tied)
     meta = {"format": "loom", "step": str(step), "config": config_to_yaml(cfg), "tied": ties}
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)

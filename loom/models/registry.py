@@ -13,6 +13,9 @@ def register(spec: ModelSpec) -> ModelSpec:
     """Make ``spec`` the family ``model.arch={spec.name}``; its presets join the others'."""
     if spec.name in _FAMILIES and _FAMILIES[spec.name] is not spec:
         raise ValueError(f"a model family named {spec.name!r} is already registered")
+    if spec.pipeline.tied:
+        raise ValueError(f"family {spec.name!r} lists tied pairs in its pipeline split; they depend on the "
+                         "config: give them as ModelSpec.tied(cfg)")
     taken = {p: f.name for f in _FAMILIES.values() if f is not spec for p in f.presets}
     clash = sorted(set(spec.presets) & set(taken))
     if clash:

@@ -10,7 +10,8 @@ that it registers (:func:`loom.models.register`). The spec says, as data:
   (:mod:`loom.parallel.strategy` resolves them; MindSpore's notation is accepted there too), and the
   few facts about its modules that tensor and sequence parallelism need (:class:`Sharding`);
 - its **pipeline split** (:class:`PipelineSplit`): the container of its blocks, which of its other
-  children run on the first stage and which on the last, and which parameters are tied across them;
+  children run on the first stage and which on the last; and, from a config, which parameters the
+  model built from it ties across them (``tied``; :meth:`ModelSpec.pipeline_split` puts both together);
 - its **cost description** (:func:`loom.models.costs.model_costs` by default, derived from the modules
   themselves): parameters and forward FLOPs per token of every block and of the first and last
   stage's own modules, which ``loom describe``, the pipeline balancer and the planner all read;
@@ -19,8 +20,10 @@ that it registers (:func:`loom.models.register`). The spec says, as data:
   config and tensors become its config and parameters, and back (:mod:`loom.models.hf`).
 
 The model itself provides ``initial_value(name, shape, seed)`` (so that any layout initializes each
-shard as one device would), ``tie_weights()``, and a forward in three parts that a pipeline stage can
-run separately: ``embed(*inputs)`` (first stage) -> each block -> ``head(hidden)`` (last stage).
+shard as one device would), ``tie_weights()`` and ``init_weights(seed)`` (both from
+:class:`~loom.models.common.NameSeededInit`, the first overridden by a model that ties), and a
+forward in three parts that a pipeline stage can run separately: ``embed(*inputs)`` (first stage) ->
+each block -> ``head(hidden)`` (last stage).
 """
 
 from __future__ import annotations
@@ -73,21 +76,14 @@ class PipelineSplit:
     ``tied``: (name, name) pairs of parameters that are one tensor on a single device, the first
     held by a last-stage module, the second by a first-stage module (an output projection tied to
     the input embedding): a last stage on a rank of its own keeps the second's module so the
-    parameter keeps its name there, and the engine adds the two gradients after each step."""
+    parameter keeps its name there, and the engine adds the two gradients after each step. A family
+    leaves it empty in its spec's ``pipeline``: the pairs depend on the config (whether the model ties,
+    whether the tied head exists for the task), and :meth:`ModelSpec.pipeline_split` fills them in."""
 
     first: tuple[str, ...]
     last: tuple[str, ...]
     blocks: str = "layers"
     tied: tuple[tuple[str, str], ...] = ()
-
-    def tied_in(self, model: nn.Module) -> PipelineSplit:
-        """This split with only the pairs ``model`` (as built) ties: a family whose config can untie its
-        output projection (the encoder-decoder's ``model.tie_embeddings=false``) lists the pair anyway."""
-        params = dict(model.named_parameters(remove_duplicate=False))
-        # a pair whose output module the model lacks (a classifier without the pretraining head) stays:
-        # the engine skips it as before; only a pair of two distinct tensors is untied
-        tied = tuple((a, b) for a, b in self.tied if a not in params or b not in params or params[a] is params[b])
-        return self if tied == self.tied else replace(self, tied=tied)
 
 
 @dataclass(frozen=True)
@@ -154,5 +150,16 @@ class ModelSpec:
     hf: HFMapping | None = None  # reading and writing Hugging Face model directories; None: not supported
     # why the family cannot split its sequence over tp ranks (parallel.sp); empty: it can
     no_sequence_parallel: str = ""
+    # config -> the (last-stage, first-stage) parameter pairs its model ties (PipelineSplit.tied): decided by
+    # the family from the config alone (a tied output projection, and whether the head that holds it is built)
+    tied: Callable[[ModelConfig], tuple[tuple[str, str], ...]] = lambda cfg: ()
+    # modules whose outputs are the classes (sized by model.n_classes): fine-tuning from a run with another
+    # class count (train.init_from) initializes them afresh instead of refusing the other shape
+    class_heads: tuple[str, ...] = ()
     # why a model of the family cannot run the zero-bubble pipeline schedule; empty: it can
     no_zero_bubble: Callable[[ModelConfig], str] = lambda cfg: ""
+
+    def pipeline_split(self, cfg: ModelConfig) -> PipelineSplit:
+        """The pipeline split of the model ``cfg`` builds: the family's ``pipeline`` with the pairs this
+        config ties."""
+        return replace(self.pipeline, tied=self.tied(cfg))

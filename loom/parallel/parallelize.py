@@ -248,7 +248,7 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh | None, *, spec: 
     parameters in; None: the parameters' own. ``materialize=False`` stops before allocating: the
     parameters stay on the meta device (sharded as the plan says), for counting what each rank would
     hold (:mod:`loom.planner.verify`)."""
-    split, sharding = spec.pipeline.tied_in(model), spec.sharding
+    split, sharding = spec.pipeline_split(model.cfg), spec.sharding
     pm = ParallelModel(plan=plan, mesh=mesh, device=device, loss_fn=loss_fn, modules=[model],
                        moe_names=tuple(name for name, _ in moe_layers(model)))
     if plan.tp > 1:  # resolved on the whole model: a pipeline stage holds only some of the named modules

@@ -58,7 +58,7 @@ class Shape:
 def model_shape(cfg: ModelConfig, seq: int) -> Shape:
     spec = spec_of(cfg)
     model = build_model(cfg)
-    split = spec.pipeline.tied_in(model)
+    split = spec.pipeline_split(cfg)
     strategies = resolve_strategies(model, spec.sharding.table, {}, tp=1, dp=1)
     c = costs(cfg, seq)
     n = spec.n_blocks(cfg)

@@ -159,7 +159,7 @@ class Trainer:
         if self.start_step == 0 and starts_from_hf(cfg):  # the model directory's weights, each rank its shards
             load_hf_weights(self.model.modules, cfg.model, t.init_from)
         elif t.init_from and self.start_step == 0:  # a resumed run continues its own weights
-            init_from_run(t.init_from, self.model.modules)
+            init_from_run(t.init_from, self.model.modules, class_heads=spec.class_heads)
         self.flops_per_token = flops_per_token(cfg.model, cfg.model.block_size)
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", truncate_after_step=self.start_step) \
             if run_dir is not None and self.process.is_coordinator else None

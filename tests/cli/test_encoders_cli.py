@@ -5,6 +5,7 @@ classification run, and the one-line errors for the wrong kind of run or input."
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,17 +14,34 @@ STEPS = ["train.steps=30", "train.batch_size=16", "train.warmup_steps=3", "train
          "train.eval_every=30", "train.eval_batches=2", "train.progress=none", "train.tensorboard=false"]
 
 
-def _stripes(path, vertical: bool, seed: int) -> None:
-    """An 8×8 grayscale PNG of bright stripes (vertical or horizontal) with noise."""
+def _stripes(path, vertical: bool, seed: int, checker: bool = False) -> None:
+    """An 8×8 grayscale PNG of bright stripes (vertical or horizontal; or a checkerboard) with noise."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 60, (8, 8))
-    if vertical:
+    if checker:
+        a[::2, ::2] += 180
+        a[1::2, 1::2] += 180
+    elif vertical:
         a[:, ::2] += 180
     else:
         a[::2, :] += 180
     Image.fromarray(a.astype(np.uint8)).save(path)
+
+
+def _train(args: list[str]) -> int:
+    """``loom train`` in this process, leaving the "loom" logger as it found it."""
+    import logging
+
+    from loom.cli import main
+
+    logger = logging.getLogger("loom")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    try:
+        return main(["train", *args])
+    finally:
+        logger.handlers[:], logger.propagate, logger.level = saved
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +57,9 @@ def image_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def image_run(image_folder, tmp_path_factory):
     """vit-tiny trained on the folder in bf16 mixed precision: its run directory."""
-    import logging
-
-    from loom.cli import main
-
     run = tmp_path_factory.mktemp("vit") / "run"
-    logger = logging.getLogger("loom")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    try:
-        code = main(["train", "model=vit-tiny", "model.n_classes=0", f"data.path={image_folder}",
-                     f"train.run_dir={run}", "train.precision=bf16", *STEPS])
-    finally:
-        logger.handlers[:], logger.propagate, logger.level = saved
-    assert code == 0
+    assert _train(["model=vit-tiny", "model.n_classes=0", f"data.path={image_folder}", f"train.run_dir={run}",
+                   "train.precision=bf16", *STEPS]) == 0
     return run
 
 
@@ -84,8 +92,6 @@ def test_predict_gives_an_image_its_label(image_run, tmp_path, loom_cli):
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     """bert-tiny fine-tuned from scratch on a labelled .jsonl file (which words a line holds)."""
-    from loom.cli import main
-
     root = tmp_path_factory.mktemp("cls")
     rng = np.random.default_rng(0)
     words = {"fruit": ["apple", "pear", "plum", "grape"], "tool": ["hammer", "saw", "drill", "wrench"]}
@@ -94,16 +100,8 @@ def text_run(tmp_path_factory):
             label = "fruit" if i % 2 else "tool"
             f.write(json.dumps({"text": " ".join(rng.choice(words[label], 5)), "label": label}) + "\n")
     run = root / "run"
-    import logging
-
-    logger = logging.getLogger("loom")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    try:
-        code = main(["train", "model=bert-tiny", "train.task=classification", f"data.path={root / 'data.jsonl'}",
-                     "model.vocab_size=512", f"train.run_dir={run}", *STEPS])
-    finally:
-        logger.handlers[:], logger.propagate, logger.level = saved
-    assert code == 0
+    assert _train(["model=bert-tiny", "train.task=classification", f"data.path={root / 'data.jsonl'}",
+                   "model.vocab_size=512", f"train.run_dir={run}", *STEPS]) == 0
     return run
 
 
@@ -141,6 +139,48 @@ def test_predict_refuses_the_wrong_run_or_input_in_one_line(run, args, fragment,
     assert len(lines) == 1 and lines[0].startswith("loom: error:") and fragment in lines[0], err
 
 
+@pytest.mark.parametrize("kinds", [("horizontal", "vertical"), ("checker", "horizontal", "vertical")])
+def test_a_vit_run_fine_tunes_on_a_folder_of_images(kinds, image_run, tmp_path, loom_cli):
+    """``train.init_from=VIT_RUN data.path=FOLDER``: with the run's class count every weight comes over;
+    with another count the body does and the classifier starts as a fresh run's would."""
+    import torch
+
+    from loom.config import load_config
+    from loom.infer.load import load_for_inference
+    from loom.models import build_model, materialize
+
+    folder = tmp_path / "images"
+    for kind in kinds:
+        (folder / kind).mkdir(parents=True)
+        for i in range(8):
+            _stripes(folder / kind / f"{i}.png", kind == "vertical", seed=500 + i, checker=kind == "checker")
+    run = tmp_path / "run"
+    # a learning rate too small to move a weight: what the run holds after its step is what it started from
+    code, _, err = loom_cli("train", "model=vit-tiny", "model.n_classes=0", f"data.path={folder}",
+                            f"train.init_from={image_run}", f"train.run_dir={run}", "train.steps=1",
+                            "train.warmup_steps=0", "train.lr=1e-12", "train.min_lr=0", "train.batch_size=8",
+                            "train.eval_batches=1", "train.progress=none", "train.tensorboard=false")
+    assert code == 0, err
+    got = dict(load_for_inference(run, device="cpu")[1].named_parameters())
+    old = dict(load_for_inference(image_run, device="cpu")[1].named_parameters())
+    cfg = load_config(None, ["model=vit-tiny", f"model.n_classes={len(kinds)}"])
+    fresh = dict(materialize(build_model(cfg.model), "cpu", cfg.train.seed).named_parameters())
+    for name, p in got.items():
+        want = fresh[name] if name.startswith("cls_head.") and len(kinds) != 2 else old[name]
+        torch.testing.assert_close(p.float(), want.float(), rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert got["cls_head.weight"].shape == (len(kinds), 64)
+
+
+def test_fine_tuning_a_vit_run_of_another_width_is_one_line(image_run, image_folder, tmp_path, loom_cli):
+    """Only a class head may change shape: any other weight of another shape names itself."""
+    code, _, err = loom_cli("train", "model=vit-tiny", "model.n_classes=0", "model.n_embd=32",
+                            f"data.path={image_folder}", f"train.init_from={image_run}",
+                            f"train.run_dir={tmp_path / 'run'}", "train.progress=none")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"train.init_from: (?!cls_head)\S+ is \(\d+, 64\) in .* but \(\d+, 32\) here; keep the "
+                     r"model's shape", err), err
+
+
 def test_a_missing_image_folder_is_one_line_before_a_run_starts(tmp_path, loom_cli):
     code, _, err = loom_cli("train", "model=vit-tiny", f"data.path={tmp_path / 'none'}",
                             f"train.run_dir={tmp_path / 'run'}")
@@ -153,6 +193,8 @@ def test_a_missing_image_folder_is_one_line_before_a_run_starts(tmp_path, loom_c
      "parallel.sp=true is not supported for model.arch=vit: its sequence ([CLS] + image patches"),
     (["model=vit-tiny", "model.moe.experts=4"], "ViT's blocks have no Mixture-of-Experts layers"),
     (["model=vit-tiny", "--nproc", "2", "parallel.ep=2"], "is dense"),
+    # 16x16 images in 2x2 patches: 64 patches + [CLS], not the preset's 17
+    (["model=vit-tiny", "model.image_size=16"], "model.block_size=17, but a ViT's sequence is 65 tokens"),
 ])
 def test_a_layout_an_encoder_cannot_train_is_one_line_before_launch(args, fragment, tmp_path, loom_cli):
     code, _, err = loom_cli("train", *args, f"train.run_dir={tmp_path / 'run'}")

@@ -51,8 +51,8 @@ MODELS = {
     "bert": ["model=bert-tiny", "model.n_layer=4"],
     # ... fine-tuned for classification (tiny_labelled_data), usually from a "bert" run (train.init_from)
     "bert-cls": ["model=bert-tiny", "model.n_layer=4", "train.task=classification"],
-    # a vision encoder on scikit-learn's digits (tiny_image_data)
-    "vit": ["model=vit-tiny"],
+    # a vision encoder on scikit-learn's digits (tiny_image_data): 16 patches + [CLS]
+    "vit": ["model=vit-tiny", "model.block_size=17"],
     # encoder-decoders on source/target pairs (tiny_pair_data): Vaswani's (post-LN, sinusoidal positions,
     # label smoothing 0.1), T5's (pre-RMSNorm, relative position bias), and T5 with Switch's MoE layers
     "encdec": ["model=transformer-tiny"],
@@ -136,7 +136,7 @@ def tiny_image_data() -> SimpleNamespace:
 
 
 def config(model: str, layout: list[str]):
-    return load_config(None, [*MODELS[model], *COMMON, *(o for o in layout if not o.startswith("sabotage:"))])
+    return load_config(None, [*COMMON, *MODELS[model], *(o for o in layout if not o.startswith("sabotage:"))])
 
 
 def trainer(model: str, layout: list[str], process: Process, run_dir=None, resume: bool = False) -> Trainer:

@@ -39,8 +39,8 @@ def _check_case(preset, schedule, v, microbatches, batch) -> dict:
     cfg = _cfg(preset)
     errors: list[str] = []
     ref = materialize(build_model(cfg).double(), "cpu", SEED)  # float64, as the parity suite
-    pipe = build_pipeline(build_model(cfg).double(), spec_of(cfg).pipeline, dist.group.WORLD, schedule=schedule,
-                          microbatches=microbatches, virtual_stages=v, loss_fn=lm_loss, device="cpu")
+    pipe = build_pipeline(build_model(cfg).double(), spec_of(cfg).pipeline_split(cfg), dist.group.WORLD,
+                          schedule=schedule, microbatches=microbatches, virtual_stages=v, loss_fn=lm_loss, device="cpu")
     for m in pipe.modules:  # the same weights as the single-process model, loaded by name
         m.to_empty(device="cpu")
     pipe.tie_weights()

@@ -79,7 +79,7 @@ def _worker() -> dict:
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (4, cfg.block_size), generator=gen)
     y = torch.randn(4, cfg.block_size, 3, generator=gen, dtype=torch.float64)
-    pipe = build_pipeline(build_model(cfg).double(), spec.pipeline, dist.group.WORLD, schedule="1f1b",
+    pipe = build_pipeline(build_model(cfg).double(), spec.pipeline_split(cfg), dist.group.WORLD, schedule="1f1b",
                           microbatches=2, virtual_stages=1, loss_fn=_loss, device="cpu")
     for m in pipe.modules:  # the reference's weights, by name
         m.to_empty(device="cpu")
@@ -110,7 +110,7 @@ def test_a_pair_of_tensors_travels_through_the_stages_in_one_process(toy_family)
     x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
     state = x
     for s in stage_layout(cfg, 3):
-        stage = stage_module(model, spec.pipeline, s)
+        stage = stage_module(model, spec.pipeline_split(cfg), s)
         state = stage(*(state if isinstance(state, tuple) else (state,)))
         assert isinstance(state, tuple) != s.head  # a pair between stages, the output after the last
     torch.testing.assert_close(state, model(x), rtol=0, atol=0)

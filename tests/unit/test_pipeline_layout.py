@@ -119,7 +119,7 @@ def test_check_pipeline_accepts(pp, v, schedule, mb):
 def test_stage_copies_keep_names_and_chain_to_the_model(preset):
     cfg = _cfg(preset, n_layer=5, block_size=16)
     specs = stage_layout(cfg, 3)
-    split = spec_of(cfg).pipeline
+    split = spec_of(cfg).pipeline_split(cfg)
     meta = [stage_module(build_model(cfg), split, s, keep_tied=s.head) for s in specs]
     full_names = set(dict(build_model(cfg).named_parameters()))
     for spec, m in zip(specs, meta):
@@ -138,3 +138,33 @@ def test_stage_copies_keep_names_and_chain_to_the_model(preset):
     for spec in specs:  # copies of a materialized model carry its weights
         h = stage_module(model, split, spec, keep_tied=spec.head)(h)
     torch.testing.assert_close(h, model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset,overrides,ties", [
+    ("gpt-tiny", {}, True), ("pangu-tiny", {}, True), ("llama-tiny", {}, False), ("vit-tiny", {}, False),
+    ("bert-tiny", {}, True),  # the masked-LM decoder is the token embedding
+    ("bert-tiny", {"n_classes": 3}, False),  # a classifier is built without that head
+    ("t5-tiny", {}, True), ("t5-tiny", {"tie_embeddings": "false"}, False),  # T5 v1.1's own output projection
+])
+def test_the_specs_tied_pairs_follow_the_config(preset, overrides, ties):
+    """The family decides from the config which pairs its pipeline split ties: exactly the pairs of
+    names the model built from that config holds as one Parameter."""
+    cfg = _cfg(preset, **overrides)
+    split = spec_of(cfg).pipeline_split(cfg)
+    model = build_model(cfg)
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    shared = {frozenset(names) for names in names_of.values() if len(names) > 1}
+    assert {frozenset(pair) for pair in split.tied} == shared
+    assert bool(split.tied) == ties
+    last = stage_module(model, split, stage_layout(cfg, 2)[-1], keep_tied=True)
+    assert hasattr(last, "tok_emb") == ties  # a last stage keeps the embedding only for a tied output
+
+
+def test_a_family_gives_its_tied_pairs_by_config_not_in_its_split():
+    from loom.models import ModelSpec, PipelineSplit, Sharding, register
+
+    split = PipelineSplit(first=("tok_emb",), last=("lm_head",), tied=(("lm_head.weight", "tok_emb.weight"),))
+    with pytest.raises(ValueError, match="give them as ModelSpec.tied"):
+        register(ModelSpec(name="tied-in-split", build=build_model, presets={}, sharding=Sharding({}), pipeline=split))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.models.common import Experts, param_generator
+from loom.models.common import Experts, NameSeededInit, param_generator
 from loom.models.common.block import gelu_approximate
 from loom.models.common.encoder import encoder_block
 from loom.models.common.moe import moe_initial_value
@@ -31,7 +31,7 @@ PRETRAINING_HEADS = ("mlm_dense", "mlm_ln", "mlm_decoder", "nsp_head")
 CLASSIFICATION_HEADS = ("classifier",)
 
 
-class BERT(nn.Module):
+class BERT(NameSeededInit, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -76,12 +76,6 @@ class BERT(nn.Module):
         """The masked-LM decoder is the token embedding (``to_empty()`` unties them)."""
         if hasattr(self, "mlm_decoder"):
             self.mlm_decoder.weight = self.tok_emb.weight
-
-    @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        self.tie_weights()
-        for name, p in self.named_parameters():
-            p.copy_(self.initial_value(name, p.shape, seed))
 
     # -- forward ----------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Initial values of parameters as a function of the seed and the parameter's name alone, so that
-every layout that splits a model initializes the numbers one device would."""
+every layout that splits a model initializes the numbers one device would; :class:`NameSeededInit`
+gives a family's model the ``init_weights`` that applies them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,22 @@ import torch
 from torch import nn
 
 from loom.models.common.moe import Experts, moe_initial_value
+
+
+class NameSeededInit:
+    """The initialization every family shares, mixed into its ``nn.Module``: the model provides
+    ``initial_value(name, shape, seed)`` and, when it ties parameters, ``tie_weights()``."""
+
+    def tie_weights(self) -> None:
+        """Nothing is tied (a family whose output projection is its input embedding overrides this)."""
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Tie the pairs again (``to_empty()`` replaces parameters one by one, which unties them), then
+        initialize every parameter from ``seed`` and its name; usable after ``to_empty`` from the meta device."""
+        self.tie_weights()
+        for name, p in self.named_parameters():
+            p.copy_(self.initial_value(name, p.shape, seed))
 
 
 def param_generator(seed: int, name: str) -> torch.Generator:

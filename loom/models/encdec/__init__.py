@@ -18,8 +18,14 @@ from loom.models.spec import ModelSpec, PipelineSplit, Sharding
 # and target; the decoder's final norm and the output projection (the embedding, tied) on the last.
 # The blocks, encoder's then decoder's, are one container: a stage may hold the end of the encoder
 # and the start of the decoder.
-PIPELINE = PipelineSplit(first=("tok_emb", "pos_emb"), last=("ln_f", "lm_head"), blocks="layers",
-                         tied=(("lm_head.weight", "tok_emb.weight"),))
+PIPELINE = PipelineSplit(first=("tok_emb", "pos_emb"), last=("ln_f", "lm_head"), blocks="layers")
+
+
+def tied(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
+    """The output projection is the shared embedding unless ``model.tie_embeddings=false`` (T5 v1.1)."""
+    return (("lm_head.weight", "tok_emb.weight"),) if cfg.tie_embeddings else ()
+
+
 # Post-LN blocks (Vaswani's) feed self-attention and the feed-forward network the stream itself; every
 # cross-attention reads the decoder's stream (or its norm) and the encoder's output, both gathered
 # under sequence parallelism.
@@ -61,7 +67,7 @@ def n_blocks(cfg: ModelConfig) -> int:
 
 
 SPEC = register(ModelSpec(name="encdec", build=EncoderDecoder, presets=PRESETS, published_params=PUBLISHED_PARAMS,
-                          sharding=SHARDING, pipeline=PIPELINE, tasks=("seq2seq",), n_blocks=n_blocks,
+                          sharding=SHARDING, pipeline=PIPELINE, tied=tied, tasks=("seq2seq",), n_blocks=n_blocks,
                           positions=("sinusoidal", "relative", "learned"), validate=validate, hf=HF,
                           no_zero_bubble=no_zero_bubble))
 

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from loom.models.common import KVCache, SinusoidalPositions, gpt_initial_value, norm, param_generator
+from loom.models.common.init import NameSeededInit
 from loom.models.common.positions import resolve
 from loom.models.config import ModelConfig
 from loom.models.encdec.layers import (
@@ -94,7 +95,7 @@ class EncDecCache:
                 c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(NameSeededInit, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -147,12 +148,6 @@ class EncoderDecoder(nn.Module):
         ``model.tie_embeddings=false``."""
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-
-    @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        self.tie_weights()
-        for name, p in self.named_parameters():
-            p.copy_(self.initial_value(name, p.shape, seed))
 
     # -- training forward, in the three parts a pipeline stage runs ----------------------------
 

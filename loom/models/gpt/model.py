@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.models.common import Block, KVCache, SinusoidalPositions, gpt_initial_value, param_generator
+from loom.models.common import Block, KVCache, NameSeededInit, SinusoidalPositions, gpt_initial_value, param_generator
 from loom.models.common import positions as position_kinds
 from loom.models.config import ModelConfig
 
 
-class GPT(nn.Module):
+class GPT(NameSeededInit, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -59,13 +59,6 @@ class GPT(nn.Module):
         """Make the output projection the input embedding again (``to_empty()`` replaces
         parameters one by one, which unties them)."""
         self.lm_head.weight = self.tok_emb.weight
-
-    @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        """Initialize every parameter from ``seed``; usable after ``to_empty`` from the meta device."""
-        self.tie_weights()
-        for name, p in self.named_parameters():
-            p.copy_(self.initial_value(name, p.shape, seed))
 
     # -- forward ----------------------------------------------------------------------------
 

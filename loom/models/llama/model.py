@@ -22,11 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.models.common import Block, KVCache, gpt_initial_value, norm, param_generator
+from loom.models.common import Block, KVCache, NameSeededInit, gpt_initial_value, norm, param_generator
 from loom.models.config import ModelConfig
 
 
-class Llama(nn.Module):
+class Llama(NameSeededInit, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -47,14 +47,6 @@ class Llama(nn.Module):
         """N(0, 0.02) matrices (the output projection too), unit RMSNorms, residual projections
         (attention output, MLP down) scaled by 1/sqrt(2 n_layer); a function of ``seed`` and ``name``."""
         return gpt_initial_value(self, name, shape, self.cfg.n_layer, param_generator(seed, name))
-
-    def tie_weights(self) -> None:
-        """Nothing is tied: Llama's output projection is its own matrix."""
-
-    @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        for name, p in self.named_parameters():
-            p.copy_(self.initial_value(name, p.shape, seed))
 
     # -- forward ----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from loom.errors import ConfigError
 from loom.models.config import ModelConfig
 from loom.models.gpt import PIPELINE as GPT_PIPELINE
+from loom.models.gpt import tied
 from loom.models.pangu.model import PanGuAlpha, n_blocks
 from loom.models.pangu.presets import PRESETS, PUBLISHED_PARAMS
 from loom.models.pangu.sharding import TABLE
@@ -14,7 +15,7 @@ from loom.models.spec import ModelSpec, PipelineSplit, Sharding
 
 # the top query layer and its query embedding run on the last stage, after GPT's final LayerNorm
 PIPELINE = PipelineSplit(first=GPT_PIPELINE.first, last=(*GPT_PIPELINE.last, "top_query_emb", "top_query_layer"),
-                         blocks=GPT_PIPELINE.blocks, tied=GPT_PIPELINE.tied)
+                         blocks=GPT_PIPELINE.blocks)
 # the query embedding is looked up by position, inside the sequence-parallel region (the head runs on
 # this rank's slice of the sequence), and feeds the top query layer's attention as its query
 SHARDING = Sharding(table=TABLE, positional=("pos_emb", "top_query_emb"), local_positions=("top_query_emb",),
@@ -28,7 +29,7 @@ def validate(cfg: ModelConfig) -> None:
 
 
 SPEC = register(ModelSpec(name="pangu", build=PanGuAlpha, presets=PRESETS, published_params=PUBLISHED_PARAMS,
-                          sharding=SHARDING, pipeline=PIPELINE, n_blocks=n_blocks, validate=validate,
+                          sharding=SHARDING, pipeline=PIPELINE, tied=tied, n_blocks=n_blocks, validate=validate,
                           # absolute positions only: the top query layer's query is a position embedding
                           positions=("learned", "sinusoidal")))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.models.common import Block, param_generator
+from loom.models.common import Block, NameSeededInit, param_generator
 from loom.models.common.encoder import BidirectionalAttention
 from loom.models.config import ModelConfig
 
@@ -32,7 +32,7 @@ class ViTBlock(Block):
         return x + self.mlp(self.ln_2(x))
 
 
-class ViT(nn.Module):
+class ViT(NameSeededInit, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -54,14 +54,6 @@ class ViT(nn.Module):
         if leaf == "bias":
             return torch.zeros(shape)
         return torch.empty(shape).normal_(0.0, 0.02, generator=param_generator(seed, name))
-
-    def tie_weights(self) -> None:
-        """Nothing is tied."""
-
-    @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        for name, p in self.named_parameters():
-            p.copy_(self.initial_value(name, p.shape, seed))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> class logits (B, n_classes)."""
