@@ -99,6 +99,9 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
                    help="safetensors: loom's names, one file; hf: config.json, weights and tokenizer that "
                         "transformers' Auto classes load")
+    x.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="--format hf: N local processes share the reading and writing, each its share of every "
+                        "weights file's tensors (default 1)")
 
     im = sub.add_parser("import", help="make a run directory (config, tokenizer, checkpoint) from a Hugging Face "
                                        "model directory on local disk")
@@ -281,8 +284,13 @@ def cmd_export(args) -> int:
 
         if not dest:
             raise ConfigError("--format hf needs a directory to write: loom export RUN --format hf OUT_DIR")
-        print(export_hf(Path(args.run_dir), Path(dest)))
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc={args.nproc} must be at least 1")
+        print(export_hf(Path(args.run_dir), Path(dest), nproc=args.nproc))
         return 0
+    if args.nproc != 1:
+        raise ConfigError(f"--nproc={args.nproc} shares a --format hf export; --format safetensors writes one file "
+                          "from one process")
     out = export_safetensors(Path(args.run_dir), Path(dest) if dest else None)
     print(out)
     return 0

@@ -403,9 +403,6 @@ def _validate_finetuning(cfg: Config) -> None:
     _check("train.lora.alpha", lora.alpha, 0.0, low_open=True)
     if not lora.targets:
         raise ConfigError("train.lora.targets is empty; name the linear layers to adapt, e.g. [*.q_proj,*.v_proj]")
-    if cfg.parallel.tp > 1:
-        raise ConfigError(f"train.lora.rank={lora.rank} with parallel.tp={cfg.parallel.tp}: LoRA adapters are not "
-                          "split by tensor parallelism yet; use data or pipeline parallelism (dp, zero, pp)")
 
 
 MESH_AXES = ("pp", "dp", "ep", "tp")

@@ -8,7 +8,8 @@ A target ``nn.Linear`` computing ``y = x Wᵀ + b`` becomes a :class:`LoRALinear
 so the model starts exactly as it was and only A and B (``<module>.lora_a``, ``.lora_b``) train. The
 module keeps its class's parameters and names (``q_proj.weight`` stays ``q_proj.weight``): its class is
 swapped for the subclass, so checkpoints, tied weights, shard strategies and the Hugging Face mapping
-see the model they know, plus two new parameters per target.
+see the model they know, plus two new parameters per target. Tensor parallelism splits each adapter
+with its weight (:attr:`LoRALinear.TP_SPLITS`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ class LoRALinear(nn.Linear):
     lora_a: nn.Parameter  # (r, in)
     lora_b: nn.Parameter  # (out, r)
     scaling: float
+    #: How tensor parallelism splits the adapter beside its weight, by the weight's strategy: each
+    #: factor is split along the dimension it shares with W, or whole (None). Column-parallel (and a
+    #: vocabulary-split output layer): B's outputs split as W's, A whole on every rank, so B A's
+    #: outputs are this rank's columns. Row-parallel: A's inputs split as W's, B whole, so A x is a
+    #: partial sum that the base layer's one all-reduce (reduce-scatter under sp) completes.
+    TP_SPLITS = {"colwise": {"lora_a": None, "lora_b": 0}, "vocab": {"lora_a": None, "lora_b": 0},
+                 "rowwise": {"lora_a": 1, "lora_b": None}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) + self.scaling * F.linear(F.linear(x, self.lora_a), self.lora_b)

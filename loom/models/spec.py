@@ -156,6 +156,8 @@ class ModelSpec:
     # modules whose outputs are the classes (sized by model.n_classes): fine-tuning from a run with another
     # class count (train.init_from) initializes them afresh instead of refusing the other shape
     class_heads: tuple[str, ...] = ()
+    # why a model of the family cannot run the zero-bubble pipeline schedule; empty: it can
+    no_zero_bubble: Callable[[ModelConfig], str] = lambda cfg: ""
 
     def pipeline_split(self, cfg: ModelConfig) -> PipelineSplit:
         """The pipeline split of the model ``cfg`` builds: the family's ``pipeline`` with the pairs this

@@ -175,6 +175,9 @@ def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
     if plan.sp and spec_of(cfg.model).no_sequence_parallel:
         raise ConfigError(f"parallel.sp=true is not supported for model.arch={cfg.model.arch}: "
                           f"{spec_of(cfg.model).no_sequence_parallel}; use parallel.tp={plan.tp} without sp")
+    if plan.pp > 1 and plan.schedule == "zero-bubble" and spec_of(cfg.model).no_zero_bubble(cfg.model):
+        raise ConfigError(f"parallel.schedule=zero-bubble cannot train this model: "
+                          f"{spec_of(cfg.model).no_zero_bubble(cfg.model)}; use parallel.schedule=1f1b or interleaved")
     if plan.sp and cfg.model.block_size % plan.tp:
         raise ConfigError(f"parallel.sp=true splits the sequence over parallel.tp={plan.tp} ranks, but "
                           f"model.block_size={cfg.model.block_size} is not divisible by it")

@@ -112,20 +112,25 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, strategies: dic
                       else _Replicated(idx, out)]
         elif isinstance(mod, nn.Linear) and isinstance(parent, (Attention, MLP, SwiGLU)):
             consumer = leaf in ("out_proj", "proj", "down_proj")  # reads the split activation, writes the stream
+            extra = _extra_splits(mod, strategy)
             if strategy == "colwise":
-                styles = [ColwiseParallel()]
+                styles = [_Colwise(extra)]
             elif strategy == "rowwise":
-                styles = [RowwiseParallel(output_layouts=stream)]
+                styles = [_Rowwise(extra, output_layouts=stream)]
             else:
                 styles = [_Replicated(Replicate(), stream if consumer else Replicate())]
         elif isinstance(mod, nn.Linear):  # an output projection: reads the stream
-            styles = [ColwiseParallel(input_layouts=inp, output_layouts=Shard(-1), use_local_output=False)
+            styles = [_Colwise(_extra_splits(mod, strategy), input_layouts=inp, output_layouts=Shard(-1),
+                               use_local_output=False)
                       if strategy == "vocab" else _Replicated(inp, Replicate())]
             setattr(mod, VOCAB_PARALLEL, strategy == "vocab")
         else:
             styles = [_Replicated(Replicate(), Replicate())]
+        frozen = [k for k, p in mod.named_parameters(recurse=False) if not p.requires_grad]  # train.freeze
         for style in styles:
             parallelize_module(mod, tp_mesh, style, src_data_rank=src)
+        for k in frozen:  # torch's SequenceParallel makes new parameters that all require gradients
+            getattr(mod, k).requires_grad_(False)
     for name, mod in model.named_modules():
         if isinstance(mod, Attention) and strategies.get(f"{name}.q_proj") == "colwise":
             mod.rng_stream = tp_mesh.get_local_rank()  # its attention dropout reads this rank's heads only
@@ -169,6 +174,54 @@ def _rank_positions(mesh: DeviceMesh, module: nn.Module, args: tuple) -> tuple:
     """Positions ``past + arange(T / tp)`` computed from a local slice -> this rank's positions."""
     (pos,) = args
     return (pos + mesh.get_local_rank() * pos.numel(),)
+
+
+def _extra_splits(mod: nn.Linear, strategy: str) -> dict[str, int | None]:
+    """A linear layer's parameters beside ``weight`` and ``bias`` (a LoRA adapter's factors) -> the
+    dimension that ``strategy`` splits (None: whole on every rank), as the module declares them in
+    ``TP_SPLITS``; a parameter it does not declare cannot be split safely."""
+    declared = getattr(mod, "TP_SPLITS", {}).get(strategy, {})
+    extra = [k for k, _ in mod.named_parameters(recurse=False) if k not in ("weight", "bias")]
+    missing = [k for k in extra if k not in declared]
+    if missing:  # a programming error of the module, not a user's: the split would be a guess
+        raise ValueError(f"{type(mod).__name__} declares no {strategy} split for {', '.join(missing)} (TP_SPLITS)")
+    return {k: declared[k] for k in extra}
+
+
+def _distribute_params(module: nn.Module, mesh: DeviceMesh, splits: dict[str, int | None], src) -> None:
+    """Each parameter ``splits`` names -> a DTensor split along its dimension there (None: replicated)."""
+    for key, dim in splits.items():
+        p = getattr(module, key)
+        dt = distribute_tensor(p, mesh, [Replicate() if dim is None else Shard(dim)], src_data_rank=src)
+        module.register_parameter(key, nn.Parameter(dt, requires_grad=p.requires_grad))
+
+
+class _Colwise(ColwiseParallel):
+    """torch's ``ColwiseParallel`` (weight and bias split along the outputs) whose module may hold
+    further parameters split as the module declares (``extra``: name -> dimension or None), e.g. a
+    LoRA adapter's B along its outputs and A whole."""
+
+    def __init__(self, extra: dict[str, int | None], **kwargs):
+        super().__init__(**kwargs)
+        self.extra = extra
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        splits = {"weight": 0, **({"bias": 0} if module.bias is not None else {}), **self.extra}
+        _distribute_params(module, device_mesh, splits, self.src_data_rank)
+
+
+class _Rowwise(RowwiseParallel):
+    """torch's ``RowwiseParallel`` (weight split along the inputs, bias whole) with further parameters
+    split as the module declares (``extra``), e.g. a LoRA adapter's A along its inputs and B whole:
+    its partial product joins the weight's before the one all-reduce (or reduce-scatter)."""
+
+    def __init__(self, extra: dict[str, int | None], **kwargs):
+        super().__init__(**kwargs)
+        self.extra = extra
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        super()._partition_linear_fn(name, module, device_mesh)
+        _distribute_params(module, device_mesh, self.extra, self.src_data_rank)
 
 
 class _Replicated(ParallelStyle):

@@ -46,6 +46,23 @@ def test_import_then_export_gives_transformers_the_same_model(gpt2, tmp_path, lo
     assert ours(text)["input_ids"] == theirs(text)["input_ids"]
 
 
+@pytest.mark.slow  # starts 2 processes: about 20 s of CPU
+def test_export_by_two_processes_writes_what_one_process_writes(gpt2, tmp_path, loom_cli):
+    """``--nproc 2``: each process writes its share of the tensors, merged into the same file."""
+    from safetensors.torch import load_file
+
+    path, _ = gpt2
+    run = tmp_path / "run"
+    assert loom_cli("import", str(path), "--out", str(run))[0] == 0
+    for nproc in (1, 2):
+        code, _, err = loom_cli("export", str(run), "--format", "hf", str(tmp_path / f"hf{nproc}"),
+                                "--nproc", str(nproc))
+        assert code == 0, err
+    one, two = (load_file(tmp_path / f"hf{n}" / "model.safetensors") for n in (1, 2))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert sorted(p.name for p in (tmp_path / "hf1").iterdir()) == sorted(p.name for p in (tmp_path / "hf2").iterdir())
+
+
 def test_lora_sft_from_a_hf_directory_records_its_origin_and_exports_merged(gpt2, tmp_path, loom_cli):
     """Fine-tune the imported model with LoRA on {prompt, response} records; the export (adapters
     merged) gives transformers the logits of the un-merged fine-tuned model."""
@@ -104,6 +121,7 @@ def test_training_from_scratch_with_a_model_directorys_tokenizer(gpt2, tmp_path,
     (["train", "train.init_from=/nonexistent"], "is neither a loom run directory (config.yaml, checkpoints/) nor"),
     (["import", "/nonexistent", "--out", "x"], "is not a Hugging Face model directory"),
     (["export", "RUN", "--format", "hf"], "--format hf needs a directory"),
+    (["export", "RUN", "OUT", "--nproc", "2"], "--format safetensors writes one file from one process"),
     (["train", "data.tokenizer=/nonexistent"], "data.tokenizer='/nonexistent' is not valid"),
 ])
 def test_bad_hf_paths_are_one_line_and_exit_code_2(args, fragment, loom_cli):

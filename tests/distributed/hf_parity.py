@@ -8,7 +8,9 @@ import contextlib
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
+from loom.models.lora import LoRALinear
 from loom.parallel.launch import Process
 from loom.parallel.plan import check_plan, resolve_plan
 from loom.train.hf import hf_init_config
@@ -28,14 +30,19 @@ LAYOUTS = {
     "dp2_sft": ["parallel.dp=2", "train.task=sft"],
     "pp2_sft": ["parallel.pp=2", "parallel.microbatches=2", "train.task=sft"],
 }
-BROKEN = {"tp2_reader_ignores_offsets": ["parallel.tp=2", "sabotage:reader_ignores_offsets"]}
+# adapters on column-parallel (q, v, fc, up) and row-parallel (out, proj, down) linear layers of GPT-2 and Llama
+LORA = ["train.lora.rank=4", "train.lora.targets=['*.q_proj','*.v_proj','*.out_proj','*.fc','*.proj','*.up_proj',"
+        "'*.down_proj']"]
+LORA_LAYOUTS = {"tp2_lora": ["parallel.tp=2", *LORA], "tp2_sp_lora": ["parallel.tp=2", "parallel.sp=true", *LORA]}
+BROKEN = {"tp2_reader_ignores_offsets": ["parallel.tp=2", "sabotage:reader_ignores_offsets"],
+          "tp2_lora_split_as_weight": ["parallel.tp=2", *LORA, "sabotage:lora_split_as_weight"]}
 
 
-def trainer(path: str, layout: list[str], process: Process) -> Trainer:
+def trainer(path: str, layout: list[str], process: Process, run_dir: Path | None = None) -> Trainer:
     cfg = hf_init_config(path, [*COMMON, *(o for o in layout if not o.startswith("sabotage:"))])
     plan = resolve_plan(cfg, process.world_size)
     check_plan(plan, cfg, process.world_size)
-    return Trainer(cfg, plan, None, _data(path, cfg.train.task), process=process, device=torch.device("cpu"))
+    return Trainer(cfg, plan, run_dir, _data(path, cfg.train.task), process=process, device=torch.device("cpu"))
 
 
 def _data(path: str, task: str):
@@ -52,11 +59,21 @@ def _data(path: str, task: str):
 
 
 def _train(path: str, layout: list[str], process: Process) -> dict:
-    with _sabotaged("sabotage:reader_ignores_offsets" in layout), _counting_reads() as read:
+    with (_sabotaged("sabotage:reader_ignores_offsets" in layout), _counting_reads() as read,
+          _lora_split_as_weight("sabotage:lora_split_as_weight" in layout)):
         t = trainer(path, layout, process)
+    before = full_parameters(t) if t.cfg.train.lora.rank else {}
     losses = [t.mean_over_replicas(t.train_step(step)[0]).item() for step in range(STEPS)]
-    return {"losses": losses, "params": full_parameters(t), "val_loss": t.evaluate()["val_loss"],
-            "elements_read": read["elements"]}
+    params = full_parameters(t)
+    out = {"losses": losses, "params": params, "val_loss": t.evaluate()["val_loss"], "elements_read": read["elements"]}
+    if before:  # which parameters training changed, and the shape of each adapted layer's pieces on this rank
+        out["moved"] = sorted(n for n, p in before.items() if not torch.equal(p, params[n]))
+        out["local_shapes"] = {n: tuple((p.to_local() if isinstance(p, DTensor) else p).shape)
+                               for part in t.model.modules for m_name, m in part.named_modules()
+                               if isinstance(m, LoRALinear)
+                               for k, p in m.named_parameters(recurse=False)
+                               for n in [f"{m_name}.{k}"]}
+    return out
 
 
 @contextlib.contextmanager
@@ -94,6 +111,57 @@ def _sabotaged(on: bool):
         hf.source_region = original
 
 
-def train_cases(paths: dict[str, str], cases: list[tuple[str, list[str]]]) -> dict:
-    """On every rank: ``{(model, layout...): result}``, ``paths[model]`` being its directory."""
-    return {(model, *layout): _train(paths[model], layout, process_of_this_rank()) for model, layout in cases}
+@contextlib.contextmanager
+def _lora_split_as_weight(on: bool):
+    """Both LoRA factors split along their first dimension, as torch's ``ColwiseParallel`` splits every
+    parameter of a linear layer: A's rank instead of its inputs, B's outputs even where the weight's
+    inputs are split."""
+    original = LoRALinear.TP_SPLITS
+    if on:
+        LoRALinear.TP_SPLITS = {k: {"lora_a": 0, "lora_b": 0} for k in original}
+    try:
+        yield
+    finally:
+        LoRALinear.TP_SPLITS = original
+
+
+def train_cases(paths: dict[str, str], cases: list[tuple[str, list[str]]], export: tuple | None = None) -> dict:
+    """On every rank: ``{(model, layout...): result}``, ``paths[model]`` being its directory; with
+    ``export`` = (model, layout, run directory, output directory), also ``{"export": what this rank wrote}``
+    (:func:`train_and_export`)."""
+    out = {(model, *layout): _train(paths[model], layout, process_of_this_rank()) for model, layout in cases}
+    if export is not None:
+        model, layout, run_dir, hf_dir = export
+        out["export"] = train_and_export(paths[model], layout, Path(run_dir), Path(hf_dir))
+    return out
+
+
+EXPORT_STEPS = 2
+EXPORT_FILE_BYTES = 200_000  # the tiny GPT-2's weights (float64, ~0.5 MB) in several files
+
+
+def train_and_export(path: str, layout: list[str], run_dir: Path, hf_dir: Path) -> dict:
+    """Fine-tune the model directory ``path`` under ``layout`` into the run ``run_dir`` (saved after
+    :data:`EXPORT_STEPS` steps), then export it to ``hf_dir`` from this job's processes, each writing
+    its share (:func:`loom.infer.hf.write_hf`)."""
+    from loom.config import config_to_yaml
+    from loom.files import write_text_atomic
+    from loom.infer.hf import _newest_intact, write_hf
+    from loom.parallel.launch import barrier
+    from loom.train.hf import prepare_hf_init
+
+    process = process_of_this_rank()
+    if process.is_coordinator:  # what `loom train` puts into a run directory beside the checkpoints
+        run_dir.mkdir(parents=True)
+        hf_dir.mkdir(parents=True)
+    barrier()
+    t = trainer(path, layout, process, run_dir)
+    if process.is_coordinator:
+        prepare_hf_init(t.cfg, run_dir)
+        write_text_atomic(run_dir / "config.yaml", config_to_yaml(t.cfg))
+    for step in range(EXPORT_STEPS):
+        t.train_step(step)
+    t.save(EXPORT_STEPS)
+    t.metrics.close() if t.metrics else None
+    barrier()
+    return write_hf(run_dir, _newest_intact(run_dir), hf_dir, EXPORT_FILE_BYTES, process)

@@ -49,6 +49,9 @@ TWO_RANKS = {
     ("encdec", "tp2_sp_selective_recompute"): ["parallel.tp=2", "parallel.sp=true", "parallel.recompute=selective"],
     ("t5", "tp2_sp"): ["parallel.tp=2", "parallel.sp=true"],
     ("t5", "pp2"): PP2,
+    # 3 + 3 blocks: stage 0 holds the encoder and the decoder's first block, whose position bias (from the
+    # decoder's one relative-bias table) stage 1 receives in the state; the table's gradient comes back
+    ("t5", "pp2_bias_across_stages"): ["model.n_layer=3", "model.decoder_layers=3", *PP2],
     ("encdec-switch", "ep2"): ["parallel.ep=2"],
     # the loss normalized by each rank's own count of target tokens: must fail
     ("encdec", "dp2_local_normalization"): ["parallel.dp=2", "sabotage:local_target_normalization"],

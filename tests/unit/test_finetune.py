@@ -114,11 +114,6 @@ def test_an_unquoted_leading_star_is_one_line():
         load_config(None, ["train.freeze=[*.bias]"])
 
 
-def test_lora_under_tensor_parallelism_is_refused_before_launch():
-    with pytest.raises(ConfigError, match="not split by tensor parallelism"):
-        load_config(None, [*TINY, "train.lora.rank=2", "parallel.tp=2"])
-
-
 def test_sft_labels_only_the_response():
     prompt, response = [5, 6, 7], [8, 9, 0]  # 0: end of text
     x, y = sft_rows([(prompt, response)], block_size=8, pad=0)

@@ -157,21 +157,22 @@ def test_a_sentencepiece_only_directory_asks_for_tokenizer_json(tmp_path):
         HFTokenizer.from_pretrained_dir(tmp_path)
 
 
-def test_relative_bias_tables_that_trained_apart_are_reported_on_export(t5, caplog):
-    """transformers keeps one relative-bias table per stack, loom one per layer: the export writes the
-    first layer's and says so when the others differ from it."""
+def test_relative_bias_tables_are_one_per_stack_as_in_transformers(t5, caplog):
+    """loom holds T5's two tables where transformers does (each stack's first self-attention), so a
+    table loom trained is the table it exports."""
     path, ref, _ = t5
     cfg, model = imported(path)
+    tables = {n: p for n, p in model.named_parameters() if "rel_bias" in n}
+    assert sorted(tables) == ["layers.0.attn.rel_bias.weight", f"layers.{cfg.model.n_layer}.attn.rel_bias.weight"]
+    with torch.no_grad():
+        for p in tables.values():
+            p.add_(0.5)
     with caplog.at_level(logging.WARNING, logger="loom"):
         state = hf_state_dict(model, cfg.model)
     assert not caplog.records
-    name = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-    assert torch.equal(state[name], ref.state_dict()[name])
-    with torch.no_grad():
-        model.layers["1"].attn.rel_bias.weight.add_(0.5)
-    with caplog.at_level(logging.WARNING, logger="loom"):
-        hf_state_dict(model, cfg.model)
-    assert "layers.1.attn.rel_bias.weight" in caplog.text and "only the first" in caplog.text
+    for stack, name in zip(("encoder", "decoder"), sorted(tables, key=lambda n: int(n.split(".")[1]))):
+        key = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        assert torch.equal(state[key], tables[name].t()) and torch.equal(state[key], ref.state_dict()[key] + 0.5)
 
 
 def test_a_t5_option_loom_lacks_is_one_clear_error(tmp_path, t5):

@@ -51,12 +51,24 @@ def validate(cfg: ModelConfig) -> None:
                           "pre-norm blocks; set model.post_ln=false (e.g. model=switch-base-128)")
 
 
+def no_zero_bubble(cfg: ModelConfig) -> str:
+    """T5's position bias crosses stages as an output computed from the table alone: torch's split
+    backward (stage_backward_input/weight) finds a weight's gradient only along paths that meet the
+    stage's inputs, and would drop the table's gradient through that output (measured: the losses
+    part from one process's at the second step)."""
+    if cfg.positions != "relative":
+        return ""
+    return ("T5's relative position bias is computed by each stack's first block and carried to the stages "
+            "after it, and the schedule's split backward drops the gradient its table gets that way")
+
+
 def n_blocks(cfg: ModelConfig) -> int:
     return cfg.n_layer + decoder_layers(cfg)
 
 
 SPEC = register(ModelSpec(name="encdec", build=EncoderDecoder, presets=PRESETS, published_params=PUBLISHED_PARAMS,
                           sharding=SHARDING, pipeline=PIPELINE, tied=tied, tasks=("seq2seq",), n_blocks=n_blocks,
-                          positions=("sinusoidal", "relative", "learned"), validate=validate, hf=HF))
+                          positions=("sinusoidal", "relative", "learned"), validate=validate, hf=HF,
+                          no_zero_bubble=no_zero_bubble))
 
 __all__ = ["PIPELINE", "SHARDING", "SPEC", "EncDecCache", "EncoderDecoder"]

@@ -2,10 +2,8 @@
 
 Both releases read and write: T5 as published (v1.0: ReLU feed-forward, the output projection tied to
 the shared embedding and its input scaled by d^-0.5) and T5 v1.1 (``feed_forward_proj="gated-gelu"``,
-an output projection of its own, unscaled: ``model.tie_embeddings=false``). Three differences of
-layout, all exact: transformers keeps each stack's relative-bias table in its first layer and loom one
-per self-attention layer (every layer reads the stack's table; export writes the first layer's);
-T5 does not divide attention scores by sqrt(head width) and loom does, so loom's query projections
+an output projection of its own, unscaled: ``model.tie_embeddings=false``). Two differences of
+layout, both exact: T5 does not divide attention scores by sqrt(head width) and loom does, so loom's query projections
 are T5's times sqrt(d_kv); the bias tables are ``nn.Embedding`` (buckets, heads) in transformers,
 (heads, buckets) ``Linear`` weights in loom. Switch Transformer (``switch_transformers``) is not read:
 its experts (ReLU, a router of its own) are not loom's.
@@ -53,9 +51,8 @@ def source(name: str, cfg: ModelConfig) -> HFSource:
     if module == "mlp" and f"mlp.{rest}" in _FFN:
         return HFSource(f"{prefix}.{_FFN[f'mlp.{rest}']}")
     attention = "SelfAttention" if module == "attn" else "EncDecAttention"
-    if rest == "rel_bias.weight":  # one table per stack, in its first layer: (buckets, heads)
-        return HFSource(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", transpose=True,
-                        shared=True)
+    if rest == "rel_bias.weight":  # one table per stack, in its first layer, as loom's: (buckets, heads)
+        return HFSource(f"{prefix}.SelfAttention.relative_attention_bias.weight", transpose=True)
     proj = rest.removesuffix(".weight")
     if module in ("attn", "cross") and proj in _ATTN:
         scale = math.sqrt(cfg.head_dim) if proj == "q_proj" else 1.0  # T5's scores are not divided by sqrt(hs)

@@ -9,7 +9,10 @@ Every block takes and returns the pipeline *state* ``(stream, src_mask, tgt)``:
 - a decoder block reads the memory for cross-attention, passes it on untouched, and writes ``tgt``.
 
 ``src_mask`` (B, S), True at real source tokens, hides the source's padding from the encoder's
-self-attention and from every cross-attention. The state is what passes from one pipeline stage to
+self-attention and from every cross-attention. With T5's relative positions the state carries a
+fourth tensor inside each stack: the position bias (nh, S, S) or (nh, T, T) that the stack's first
+self-attention computes from the stack's one table (T5's layout) and every later one adds; the
+encoder's last block drops it, the decoder's first computes its own. The state is what passes from one pipeline stage to
 the next, so the encoder's output travels with the decoder's hidden states (as in Megatron-LM).
 
 A block hands on what it carries unchanged (the target in the encoder, the memory in the decoder) as
@@ -34,7 +37,8 @@ from loom.models.common.moe import MoE
 from loom.models.common.positions import relative_bias_inputs
 from loom.models.config import ModelConfig
 
-State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (stream or memory (B, S, C), src_mask (B, S), tgt (B, T, C))
+# (stream or memory (B, S, C), src_mask (B, S), tgt (B, T, C)[, the stack's position bias (nh, S or T, S or T)])
+State = tuple[torch.Tensor, ...]
 
 
 class ReluMLP(MLP):
@@ -67,34 +71,41 @@ class _Attending(Attention):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.resid_drop(self.out_proj(y.transpose(1, 2).reshape(b, t, -1)))  # (B, T, C)
 
-    def _bias(self, allowed: torch.Tensor, past: int, t: int, s: int, bidirectional: bool) -> torch.Tensor:
-        """``allowed`` (bool, broadcastable to (B, nh, T, S)) as SDPA's mask, plus T5's relative bias
-        (nh, T, S) of queries at ``past .. past+t`` over keys ``0 .. s`` when this attention has one."""
-        if not hasattr(self, "rel_bias"):
-            return allowed
-        qpos = torch.arange(past, past + t, device=allowed.device)
-        kpos = torch.arange(s, device=allowed.device)
-        dtype = self.rel_bias.weight.dtype
-        buckets = relative_bias_inputs(qpos, kpos, bidirectional=bidirectional, dtype=dtype)  # (T, S, nb)
-        bias = self.rel_bias(buckets).permute(2, 0, 1)  # (nh, T, S)
-        return bias.masked_fill(~allowed, float("-inf"))
+    def _bias(self, allowed: torch.Tensor, past: int, t: int, s: int, bidirectional: bool,
+              bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(``allowed`` (bool, broadcastable to (B, nh, T, S)) as SDPA's mask, plus T5's relative bias
+        (nh, T, S) of queries at ``past .. past+t`` over keys ``0 .. s``; that bias). The bias is this
+        attention's own when it holds its stack's table (the stack's first), else ``bias``, the one
+        the first computed (None: no position bias)."""
+        if hasattr(self, "rel_bias"):
+            qpos = torch.arange(past, past + t, device=allowed.device)
+            kpos = torch.arange(s, device=allowed.device)
+            dtype = self.rel_bias.weight.dtype
+            buckets = relative_bias_inputs(qpos, kpos, bidirectional=bidirectional, dtype=dtype)  # (T, S, nb)
+            bias = self.rel_bias(buckets).permute(2, 0, 1)  # (nh, T, S)
+        return (allowed, None) if bias is None else (bias.masked_fill(~allowed, float("-inf")), bias)
 
 
 class EncoderAttention(_Attending):
     """Self-attention over the source: every query sees every real (not padding) key."""
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """``x`` (B, S, C); ``mask`` (B, S), True at real tokens."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None  # type: ignore[override]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` (B, S, C); ``mask`` (B, S), True at real tokens; ``bias``: the stack's position bias
+        (nh, S, S), unless this attention computes it -> (output, the position bias)."""
         s = x.size(1)
         q, k, v = (self._heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, S, hs) each
-        return self._attend(q, k, v, self._bias(mask[:, None, None, :], 0, s, s, bidirectional=True))
+        scores, bias = self._bias(mask[:, None, None, :], 0, s, s, True, bias)
+        return self._attend(q, k, v, scores), bias
 
 
 class DecoderAttention(_Attending):
     """Masked (causal) self-attention over the target; with ``cache`` the queries continue the cached
     positions and their keys and values are appended to it."""
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,  # type: ignore[override]
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :class:`EncoderAttention`, causal; the position bias (nh, T, past + T)."""
         t = x.size(1)
         q, k, v = (self._heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs) each
         past = cache.length if cache is not None else 0
@@ -102,7 +113,8 @@ class DecoderAttention(_Attending):
             k, v = cache.append(k, v)  # (B, nh, past + T, hs)
         qpos = torch.arange(past, past + t, device=x.device)
         allowed = torch.arange(past + t, device=x.device)[None, :] <= qpos[:, None]  # (T, past + T)
-        return self._attend(q, k, v, self._bias(allowed, past, t, past + t, bidirectional=False))
+        scores, bias = self._bias(allowed, past, t, past + t, False, bias)
+        return self._attend(q, k, v, scores), bias
 
 
 @dataclass
@@ -131,6 +143,17 @@ class CrossAttention(_Attending):
         return self._attend(q, k, v, mask[:, None, None, :])
 
 
+def _carried(bias: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The stack's position bias a block received in the state, if any."""
+    return bias[0] if bias else None
+
+
+def _passing(a: torch.Tensor, mask: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> State:
+    """The state a block hands on: with the stack's position bias (a copy, as every carried tensor;
+    contiguous, as a pipeline stage sends it) if any."""
+    return (a, mask, b) if bias is None else (a, mask, b, bias.clone(memory_format=torch.contiguous_format))
+
+
 class OutputNorm(nn.Module):
     """The encoder's final norm (pre-norm stacks leave the stream unnormalized), held by the last
     encoder block so that it runs on whichever pipeline stage ends the encoder. A module of its own
@@ -156,10 +179,14 @@ class PreNormEncoderBlock(Block):
         if last:
             self.out = OutputNorm(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, tgt: torch.Tensor) -> State:  # type: ignore[override]
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, tgt: torch.Tensor,  # type: ignore[override]
+                *bias: torch.Tensor) -> State:
+        a, b = self.attn(self.ln_1(x), mask, bias=_carried(bias))
+        x = x + a
         x = x + self.mlp(self.ln_2(x))
-        return (self.out(x) if hasattr(self, "out") else x), mask, tgt
+        if hasattr(self, "out"):  # the encoder's end: its position bias stays behind
+            return self.out(x), mask, tgt
+        return _passing(x, mask, tgt, b)
 
 
 class PostNormEncoderBlock(nn.Module):
@@ -167,14 +194,16 @@ class PostNormEncoderBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig, moe: bool = False, relative: bool = False, last: bool = False):
         super().__init__()
+        self.last = last
         self.attn = EncoderAttention(cfg, relative=relative)
         self.ln_1 = norm(cfg, cfg.norm)
         self.mlp = feed_forward(cfg, moe)
         self.ln_2 = norm(cfg, cfg.norm)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, tgt: torch.Tensor) -> State:
-        x = self.ln_1(x + self.attn(x, mask))
-        return self.ln_2(x + self.mlp(x)), mask, tgt
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, tgt: torch.Tensor, *bias: torch.Tensor) -> State:
+        a, b = self.attn(x, mask, bias=_carried(bias))
+        x = self.ln_1(x + a)
+        return _passing(self.ln_2(x + self.mlp(x)), mask, tgt, None if self.last else b)
 
 
 class PreNormDecoderBlock(Block):
@@ -188,11 +217,12 @@ class PreNormDecoderBlock(Block):
         self.mlp = feed_forward(cfg, moe)
 
     def forward(self, memory: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,  # type: ignore[override]
-                cache: tuple[LayerCache, CrossCache] | None = None) -> State:
+                *bias: torch.Tensor, cache: tuple[LayerCache, CrossCache] | None = None) -> State:
         self_cache, cross_cache = cache if cache is not None else (None, None)
-        y = y + self.attn(self.ln_1(y), self_cache)
+        a, b = self.attn(self.ln_1(y), self_cache, bias=_carried(bias))
+        y = y + a
         y = y + self.cross(self.ln_x(y), memory, mask, cross_cache)
-        return memory, mask, y + self.mlp(self.ln_2(y))
+        return _passing(memory, mask, y + self.mlp(self.ln_2(y)), b)
 
 
 class PostNormDecoderBlock(nn.Module):
@@ -207,9 +237,10 @@ class PostNormDecoderBlock(nn.Module):
         self.mlp = feed_forward(cfg, moe)
         self.ln_2 = norm(cfg, cfg.norm)
 
-    def forward(self, memory: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,
+    def forward(self, memory: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, *bias: torch.Tensor,
                 cache: tuple[LayerCache, CrossCache] | None = None) -> State:
         self_cache, cross_cache = cache if cache is not None else (None, None)
-        y = self.ln_1(y + self.attn(y, self_cache))
+        a, b = self.attn(y, self_cache, bias=_carried(bias))
+        y = self.ln_1(y + a)
         y = self.ln_x(y + self.cross(y, memory, mask, cross_cache))
-        return memory, mask, self.ln_2(y + self.mlp(y))
+        return _passing(memory, mask, self.ln_2(y + self.mlp(y)), b)

@@ -6,17 +6,18 @@ model, with sparse Mixture-of-Experts feed-forward layers for Switch (Fedus et a
 =================  =======================================  ===========================================
 norm               LayerNorm with bias (``model.norm=layer``)  RMSNorm, no bias (``model.norm=rms``)
 placement          post-LN as published (``post_ln=true``)   pre-norm, plus a final norm after each stack
-positions          sinusoidal, added to the embeddings        relative bias per head and bucket in each
-                                                              self-attention (``positions=relative``)
+positions          sinusoidal, added to the embeddings        relative bias per head and bucket, one
+                                                              table per stack (``positions=relative``)
 feed-forward       ReLU (``feed_forward=relu``)               ReLU; gated-GELU for T5 v1.1 (``gated-gelu``)
 biases             yes                                        none (``model.bias=false``)
 embeddings         shared by source, target and output,       shared likewise; logits scaled by d^-0.5
                    scaled by sqrt(d) on input                 (the tied output projection)
 =================  =======================================  ===========================================
 
-Differences from the published models, kept for the sake of pipeline stages and shared code: each
-T5 self-attention layer holds its own relative-bias table (T5 computes it in the first layer and
-shares it; here 32·n_head more weights per layer, and no stage needs another's table); attention
+T5's relative-bias table is one per stack, in its first self-attention layer (as in T5): that layer
+computes the stack's position bias and hands it to the next in the state, so a pipeline stage
+without the table receives the bias, and its gradient flows back to the table's stage. Differences
+from the published models, kept for the sake of shared code: attention
 scores are scaled by 1/sqrt(head width) in T5 too (T5 folds that into its initialization); Switch's
 experts are loom's GELU experts (:mod:`loom.models.common.moe`), not ReLU ones.
 
@@ -109,9 +110,10 @@ class EncoderDecoder(NameSeededInit, nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         enc, dec = ((PostNormEncoderBlock, PostNormDecoderBlock) if cfg.post_ln
                     else (PreNormEncoderBlock, PreNormDecoderBlock))
-        blocks = {str(i): enc(cfg, moe=cfg.moe.is_moe_block(i), relative=relative, last=i == n_enc - 1)
+        # T5's relative-bias tables: one per stack, in its first self-attention (the others add its bias)
+        blocks = {str(i): enc(cfg, moe=cfg.moe.is_moe_block(i), relative=relative and i == 0, last=i == n_enc - 1)
                   for i in range(n_enc)}
-        blocks.update({str(i): dec(cfg, moe=cfg.moe.is_moe_block(i), relative=relative)
+        blocks.update({str(i): dec(cfg, moe=cfg.moe.is_moe_block(i), relative=relative and i == n_enc)
                        for i in range(n_enc, n_enc + n_dec)})
         self.layers = nn.ModuleDict(blocks)
         if not cfg.post_ln:
@@ -172,7 +174,7 @@ class EncoderDecoder(NameSeededInit, nn.Module):
         """-> the state (source hidden states (B, S, C), source mask (B, S) bool, target hidden states (B, T, C))."""
         return self._embed_tokens(src_ids), src_mask.bool(), self._embed_tokens(tgt_ids)
 
-    def head(self, memory: torch.Tensor, src_mask: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    def head(self, memory: torch.Tensor, src_mask: torch.Tensor, tgt: torch.Tensor, *bias) -> torch.Tensor:
         """The state after the last decoder block -> logits (B, T, vocab)."""
         if hasattr(self, "ln_f"):
             tgt = self.ln_f(tgt)
@@ -189,9 +191,10 @@ class EncoderDecoder(NameSeededInit, nn.Module):
             src_mask = src_ids != pad_id if pad_id is not None else torch.ones_like(src_ids, dtype=torch.bool)
         src_mask = src_mask.bool()
         x = self._embed_tokens(src_ids)
+        h = (x, src_mask, x)
         for i in range(self.n_encoder_layers):
-            x, src_mask, _ = self.layers[str(i)](x, src_mask, x)
-        return x, src_mask
+            h = self.layers[str(i)](*h)
+        return h[0], h[1]
 
     def decode(self, tgt_ids: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor,
                cache: EncDecCache | None = None) -> torch.Tensor:
@@ -199,11 +202,10 @@ class EncoderDecoder(NameSeededInit, nn.Module):
         ``cache``, ``tgt_ids`` continue the cached positions (see the module's docstring)."""
         y = self._embed_tokens(tgt_ids, cache.length if cache is not None else 0)
         mask = src_mask.bool()
-        n_enc = self.n_encoder_layers
+        n_enc, h = self.n_encoder_layers, (memory, mask, y)
         for i in range(decoder_layers(self.cfg)):
-            layer_cache = cache.layer(i) if cache is not None else None
-            memory, mask, y = self.layers[str(n_enc + i)](memory, mask, y, layer_cache)
-        return self.head(memory, mask, y)
+            h = self.layers[str(n_enc + i)](*h, cache=cache.layer(i) if cache is not None else None)
+        return self.head(*h)
 
     def new_cache(self, batch: int, max_tgt_len: int | None = None) -> EncDecCache:
         """An empty cache for ``batch`` rows and up to ``max_tgt_len`` target positions (default: block_size)."""

@@ -17,15 +17,14 @@ preset              loom           published   difference
 ==================  =============  ==========  ==========
 transformer-base       63,082,496  65M         -2.95%
 transformer-big       214,245,376  213M        +0.58%
-t5-small               60,509,184  60M         +0.85%
-t5-base               222,912,000  220M        +1.32%
-t5-large              737,691,648  770M        -4.2%
-switch-base-128     7,415,225,856  7.4B        +0.21%
+t5-small               60,506,624  60M         +0.84%
+t5-base               222,903,552  220M        +1.32%
+t5-large              737,668,096  770M        -4.2%
+switch-base-128     7,415,217,408  7.4B        +0.21%
 ==================  =============  ==========  ==========
 
-The T5 counts are those of the released checkpoints (60,506,624; 222,903,552; 737,668,096) plus the
-relative-bias table loom keeps in every self-attention layer rather than the first of each stack
-(32 buckets × heads each); the paper's "770M" and "220M" are rounded. No one vocabulary makes both
+The T5 counts are those of the released checkpoints (60,506,624; 222,903,552; 737,668,096): one
+relative-bias table per stack, as released; the paper's "770M" and "220M" are rounded. No one vocabulary makes both
 of Vaswani's counts exact (65M needs ~40,800 tokens, 213M ~35,900); with the paper's 37,000 the big
 model is within 0.6%, the base 3% under.
 
