@@ -8,13 +8,16 @@ suites, its source *with the docstring removed* as the source and the docstring'
 as the target (:func:`stdlib_docstring_pairs`; kept when that sentence has 3 to 30 words). A fixed
 10% of the pairs (the same whatever the seed, so that runs compare on the same ones) is held out.
 
-**Tokens.** One tokenizer for source and target, loom's WordPiece (``data.tokenizer=auto`` picks it):
-``[PAD]`` pads, ``[CLS]`` starts the decoder's input (bos), ``[SEP]`` ends source and target (eos);
-the ids are the task's ``pad_id``, ``bos_id``, ``eos_id``. The source is cut to ``model.block_size - 1``
-tokens plus eos; the target to ``target_len - 1`` tokens plus eos, where ``target_len`` is the longest
-training target + 1 rounded up to a multiple of 16 (so that sequence parallelism splits it evenly, as
-it splits ``model.block_size``), at most ``model.block_size``: fixed for the run, so every batch has
-one shape.
+**Tokens.** One tokenizer for source and target; its special tokens are the task's ``pad_id``,
+``bos_id`` (the decoder's first input) and ``eos_id`` (:func:`pair_tokens`). loom's WordPiece
+(``data.tokenizer=auto`` picks it; a BERT's too): ``[PAD]`` pads, ``[CLS]`` starts the decoder's
+input, ``[SEP]`` ends source and target. A tokenizer that came with a model and names a padding
+token (T5's, ``train.init_from=T5_DIR``), as T5 was trained: ``<pad>`` pads and starts the decoder's
+input, its end-of-sequence token (``</s>``) ends source and target. No token starts the source. The
+source is cut to ``model.block_size - 1`` tokens plus eos; the target to ``target_len - 1`` tokens
+plus eos, where ``target_len`` is the longest training target + 1 rounded up to a multiple of 16 (so
+that sequence parallelism splits it evenly, as it splits ``model.block_size``), at most
+``model.block_size``: fixed for the run, so every batch has one shape.
 
 **Teacher forcing.** The decoder reads ``[bos] y_1 .. y_{n-1}`` and predicts ``y_1 .. y_n [eos]``.
 
@@ -35,6 +38,7 @@ import math
 import re
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +141,38 @@ def read_pairs(source: str) -> list[tuple[str, str]]:
     return records
 
 
+@dataclass(frozen=True)
+class PairTokens:
+    """The special ids a seq2seq run reads and writes with, from its tokenizer (:func:`pair_tokens`)."""
+
+    pad_id: int
+    bos_id: int  # the decoder's first input
+    eos_id: int  # ends the source and the target
+    strip_source: frozenset[int] = frozenset()  # marks the tokenizer puts in a corpus, not part of a text
+    strip_target: frozenset[int] = frozenset()
+    hidden: frozenset[int] = frozenset()  # ids a prediction's text leaves out
+
+
+def pair_tokens(tokenizer) -> PairTokens:
+    """The special ids of ``tokenizer`` for seq2seq: a WordPiece's ``[PAD]``, ``[CLS]`` (the decoder's
+    start) and ``[SEP]`` (the end), its document and line marks stripped from the texts (a target is
+    one line); else, a tokenizer that names a padding token (T5's), that token as padding and the
+    decoder's start and its end-of-sequence token as the end, as T5 was trained (Raffel et al. 2020)."""
+    wordpiece = getattr(tokenizer, "special_ids", None)
+    if wordpiece is not None:
+        doc, nl = wordpiece.get("<|endoftext|>"), wordpiece.get("[NL]")
+        marks = [wordpiece[t] for t in ("[PAD]", "[CLS]", "[SEP]")] + [wordpiece.get("[MASK]"), doc, nl]
+        return PairTokens(wordpiece["[PAD]"], wordpiece["[CLS]"], wordpiece["[SEP]"],
+                          strip_source=frozenset({doc} - {None}), strip_target=frozenset({doc, nl} - {None}),
+                          hidden=frozenset(marks) - {None})
+    pad = getattr(tokenizer, "pad_id", None)
+    if pad is None:
+        raise ConfigError(f"train.task=seq2seq needs a tokenizer with a padding token: loom's WordPiece "
+                          f"(data.tokenizer=wordpiece, or auto) or a model's that names one (T5's <pad>); this one "
+                          f"({tokenizer.kind}) has none")
+    return PairTokens(pad, pad, tokenizer.eos_id, hidden=frozenset({pad, tokenizer.eos_id}))
+
+
 def seq2seq_loss(logits, targets, label_smoothing: float = 0.0) -> torch.Tensor:
     """Logits (B, T, V), (labels (B, T) with -100 at padding, tgt_weight (B,)) -> this micro-batch's
     share of the global batch's mean loss per target token.
@@ -167,15 +203,17 @@ class Seq2Seq(Task):
     """Batches: ``src_ids``, ``src_mask`` (B, S); ``tgt_in``, ``labels`` (B, T); ``tgt_weight`` (B,)."""
 
     name = "seq2seq"
-    tokenizer_kind = "wordpiece"
+    tokenizer_kind = "wordpiece"  # data.tokenizer=auto: loom's WordPiece
+
+    @staticmethod
+    def check_tokenizer(tokenizer) -> None:
+        """A model directory's tokenizer (``train.init_from``) that seq2seq cannot use is one line."""
+        pair_tokens(tokenizer)
 
     @classmethod
     def from_data(cls, data, block_size: int, batch_size: int, seed: int) -> Seq2Seq:
         pairs = getattr(data, "pairs", None)  # (source ids, target ids), already encoded (tests)
-        special = getattr(data.tokenizer, "special_ids", None)
-        if special is None:
-            raise ConfigError(f"train.task=seq2seq needs a WordPiece tokenizer ([PAD] [CLS] [SEP]); the data uses "
-                              f"{data.tokenizer.kind}: set data.tokenizer=wordpiece (or auto)")
+        tokens = pair_tokens(data.tokenizer)
         if pairs is None:
             source = data.meta.get("source", "python-stdlib")
             if source == "python-stdlib":
@@ -183,14 +221,13 @@ class Seq2Seq(Task):
                 texts = stdlib_docstring_pairs(Path(data.dir).parent.parent / "seq2seq" / f"stdlib-{key}.json")
             else:
                 texts = read_pairs(source)
-            drop = {special["[NL]"], special["<|endoftext|>"]}
             src = data.tokenizer.encode_batch([s for s, _ in texts])
             tgt = data.tokenizer.encode_batch([t for _, t in texts])
-            pairs = [([i for i in s if i != special["<|endoftext|>"]], [i for i in t if i not in drop])
+            pairs = [([i for i in s if i not in tokens.strip_source], [i for i in t if i not in tokens.strip_target])
                      for s, t in zip(src, tgt)]
-        return cls(pairs, special, block_size, batch_size, seed)
+        return cls(pairs, tokens, block_size, batch_size, seed)
 
-    def __init__(self, pairs: list[tuple[list[int], list[int]]], special: dict[str, int], block_size: int,
+    def __init__(self, pairs: list[tuple[list[int], list[int]]], tokens: PairTokens, block_size: int,
                  batch_size: int, seed: int):
         pairs = [(s, t) for s, t in pairs if s and t]
         if len(pairs) < 10:
@@ -198,7 +235,8 @@ class Seq2Seq(Task):
                               f"holds {len(pairs)}")
         if block_size < 4:
             raise ConfigError(f"model.block_size={block_size} is too short for seq2seq; use at least 4")
-        self.pad_id, self.bos_id, self.eos_id = special["[PAD]"], special["[CLS]"], special["[SEP]"]
+        self.special = tokens
+        self.pad_id, self.bos_id, self.eos_id = tokens.pad_id, tokens.bos_id, tokens.eos_id
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.label_smoothing = 0.0
         order = np.random.default_rng(0).permutation(len(pairs))  # the same held-out split for every run
