@@ -371,7 +371,8 @@ def _generate_seq2seq(args, cfg, model, tok) -> int:
     import torch
 
     from loom.infer.decode import beam_search, greedy_decode
-    from loom.infer.seq2seq import detokenizer, source_ids, special_ids
+    from loom.infer.seq2seq import detokenizer, special_ids
+    from loom.tasks.seq2seq import Seq2Seq
     from loom.train.precision import autocast
 
     text = args.text if args.text is not None else args.prompt
@@ -385,7 +386,7 @@ def _generate_seq2seq(args, cfg, model, tok) -> int:
         raise ConfigError(f"--max-new-tokens={max_len}: the decoder holds block_size={block} positions")
     device = next(model.parameters()).device
     ids = special_ids(tok)
-    src = torch.tensor([source_ids(tok, text, block)], device=device)
+    src = torch.tensor([Seq2Seq.encode_source(tok, text, block)], device=device)
     detok = detokenizer(tok)
     with autocast(device, cfg.train.precision):
         if args.beam == 1:

@@ -91,14 +91,6 @@ def special_ids(tokenizer) -> dict[str, int]:
     return {"pad_id": tokens.pad_id, "bos_id": tokens.bos_id, "eos_id": tokens.eos_id}
 
 
-def source_ids(tokenizer, text: str, block_size: int) -> list[int]:
-    """A source text as the seq2seq task encodes it for the encoder: its ids without the document
-    separator, cut to ``block_size - 1``, then eos."""
-    tokens = pair_tokens(tokenizer)
-    ids = [i for i in tokenizer.encode(text) if i not in tokens.strip_source]
-    return [*ids[: block_size - 1], tokens.eos_id]
-
-
 def detokenizer(tokenizer) -> Callable[[list[int]], str]:
     """ids -> text, the markers (padding, bos, eos, line ends, document ends) left out; an unknown
     piece stays as it is written ([UNK], <unk>)."""

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from loom.errors import ConfigError
 from loom.models.common.numerics import at_least_fp32
-from loom.tasks.base import Batch, Task
+from loom.tasks.base import Batch, Task, read_jsonl_pairs
 
 IGNORE = -100
 HELD_OUT = 0.1
@@ -123,22 +123,10 @@ def read_pairs(source: str) -> list[tuple[str, str]]:
     """The {source, target} records of a ``.jsonl`` file or a folder of them."""
     path = Path(source)
     files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
-    records = []
-    for f in files:
-        if f.suffix != ".jsonl":
-            raise ConfigError(f"data.path={source!r}: seq2seq reads .jsonl files of {{source, target}} records; "
-                              "or leave data.path unset for the built-in standard-library pairs")
-        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                raise ConfigError(f"{f}:{n}: invalid JSON ({e})") from None
-            if not (isinstance(r, dict) and isinstance(r.get("source"), str) and isinstance(r.get("target"), str)):
-                raise ConfigError(f"{f}:{n}: a seq2seq record needs string fields source and target")
-            records.append((r["source"], r["target"]))
-    return records
+    if any(f.suffix != ".jsonl" for f in files):
+        raise ConfigError(f"data.path={source!r}: seq2seq reads .jsonl files of {{source, target}} records; "
+                          "or leave data.path unset for the built-in standard-library pairs")
+    return read_jsonl_pairs(files, ("source", "target"), "seq2seq")
 
 
 @dataclass(frozen=True)
@@ -199,6 +187,16 @@ def label_smoothing_of(cfg) -> float:
     return eps if eps is not None else (0.1 if cfg.model.preset.startswith("transformer-") else 0.0)
 
 
+def _text_ids(tokenizer, texts: list[str], strip: frozenset[int]) -> list[list[int]]:
+    """Each text's ids without the marks ``strip`` (a corpus's document or line ends)."""
+    return [[i for i in ids if i not in strip] for ids in tokenizer.encode_batch(texts)]
+
+
+def _ended(ids: list[int], eos: int, length: int) -> list[int]:
+    """``ids`` cut to ``length - 1``, then eos: a source or target row before padding."""
+    return [*ids[: length - 1], eos]
+
+
 class Seq2Seq(Task):
     """Batches: ``src_ids``, ``src_mask`` (B, S); ``tgt_in``, ``labels`` (B, T); ``tgt_weight`` (B,)."""
 
@@ -221,11 +219,17 @@ class Seq2Seq(Task):
                 texts = stdlib_docstring_pairs(Path(data.dir).parent.parent / "seq2seq" / f"stdlib-{key}.json")
             else:
                 texts = read_pairs(source)
-            src = data.tokenizer.encode_batch([s for s, _ in texts])
-            tgt = data.tokenizer.encode_batch([t for _, t in texts])
-            pairs = [([i for i in s if i not in tokens.strip_source], [i for i in t if i not in tokens.strip_target])
-                     for s, t in zip(src, tgt)]
+            src = _text_ids(data.tokenizer, [s for s, _ in texts], tokens.strip_source)
+            tgt = _text_ids(data.tokenizer, [t for _, t in texts], tokens.strip_target)
+            pairs = list(zip(src, tgt))
         return cls(pairs, tokens, block_size, batch_size, seed)
+
+    @staticmethod
+    def encode_source(tokenizer, text: str, block_size: int) -> list[int]:
+        """A source text as the encoder reads it in training (``loom generate``): its ids without the
+        tokenizer's corpus marks, cut to ``block_size - 1``, then eos."""
+        tokens = pair_tokens(tokenizer)
+        return _ended(_text_ids(tokenizer, [text], tokens.strip_source)[0], tokens.eos_id, block_size)
 
     def __init__(self, pairs: list[tuple[list[int], list[int]]], tokens: PairTokens, block_size: int,
                  batch_size: int, seed: int):
@@ -262,7 +266,7 @@ class Seq2Seq(Task):
         tgt_in = np.full((n, t), self.pad_id, dtype=np.int64)
         labels = np.full((n, t), IGNORE, dtype=np.int64)
         for r, (a, b) in enumerate(pairs):
-            a, b = [*a[: s - 1], self.eos_id], [*b[: t - 1], self.eos_id]
+            a, b = _ended(a, self.eos_id, s), _ended(b, self.eos_id, t)
             src[r, : len(a)], mask[r, : len(a)] = a, 1
             tgt_in[r, : len(b)] = [self.bos_id, *b[:-1]]
             labels[r, : len(b)] = b
