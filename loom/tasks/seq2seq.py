@@ -4,9 +4,13 @@ the training half (teacher forcing, label smoothing, loss, perplexity, token acc
 **Data.** ``data.path``: a ``.jsonl`` file (or folder of them) of ``{"source": ..., "target": ...}``
 records. By default (no ``data.path``), a real pair set made from this machine's Python standard
 library, no download: every function (``def``, ``async def``) with a docstring, outside the test
-suites, its source *with the docstring removed* as the source and the docstring's first sentence
-as the target (:func:`stdlib_docstring_pairs`; kept when that sentence has 3 to 30 words). A fixed
-10% of the pairs (the same whatever the seed, so that runs compare on the same ones) is held out.
+suites, its source *with the docstring removed* as the source (its signature first, then its
+decorators and body, cut to 12 lines) and the docstring's first sentence as the target
+(:func:`stdlib_docstring_pairs`; kept when that sentence has 3 to 30 words; a function whose source
+repeats an earlier one's is left out). A fixed 10% of the pairs (the same whatever the seed, so that
+runs compare on the same ones) is held out. The pairs are written once into the cache as one
+``.jsonl`` file (:func:`pair_corpus`), which is what the data is prepared from: the tokenizer learns
+from sources and targets, and nothing else is encoded.
 
 **Tokens.** One tokenizer for source and target; its special tokens are the task's ``pad_id``,
 ``bos_id`` (the decoder's first input) and ``eos_id`` (:func:`pair_tokens`). loom's WordPiece
@@ -35,6 +39,7 @@ import ast
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -51,8 +56,10 @@ from loom.tasks.base import Batch, Task, read_jsonl_pairs
 
 IGNORE = -100
 HELD_OUT = 0.1
+PAIRS_FORMAT = 2  # the built-in pair set's recipe: a new one makes a new cached file
 TARGET_MULTIPLE = 16  # target length rounded up to it: sequence parallelism splits it evenly over tp ranks
 MIN_WORDS, MAX_WORDS = 3, 30  # first sentences kept as targets
+MAX_SOURCE_LINES = 12  # a source's first lines: more than a block of tokens holds, and what the tokenizer learns
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 
 
@@ -71,7 +78,8 @@ def first_sentence(docstring: str) -> str | None:
 
 def function_pairs(text: str) -> list[tuple[str, str]]:
     """(source without its docstring, the docstring's first sentence) of every documented function in
-    the Python module ``text``."""
+    the Python module ``text``. The source is the function's signature first (its name leads), then its
+    decorators, then its body, blank lines left out, cut to its first :data:`MAX_SOURCE_LINES` lines."""
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
@@ -87,46 +95,73 @@ def function_pairs(text: str) -> list[tuple[str, str]]:
             continue
         first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
         expr = node.body[0]  # the docstring's statement
-        kept = lines[first - 1:expr.lineno - 1] + lines[expr.end_lineno:node.end_lineno]
         if len(node.body) == 1:  # nothing but the docstring: the body is empty without it
             continue
-        indent = min((len(s) - len(s.lstrip()) for s in kept if s.strip()), default=0)
-        out.append(("\n".join(s[indent:] for s in kept if s.strip()), target))
+        signature, decorators = lines[node.lineno - 1:expr.lineno - 1], lines[first - 1:node.lineno - 1]
+        kept = [s for s in signature + decorators + lines[expr.end_lineno:node.end_lineno] if s.strip()]
+        kept = kept[:MAX_SOURCE_LINES]
+        indent = min((len(s) - len(s.lstrip()) for s in kept), default=0)
+        out.append(("\n".join(s[indent:] for s in kept), target))
     return out
 
 
-def stdlib_docstring_pairs(cache: Path | None = None) -> list[tuple[str, str]]:
+def stdlib_docstring_pairs() -> list[tuple[str, str]]:
     """The built-in pair set: :func:`function_pairs` of every standard-library module outside test
-    suites and ``idlelib``, in a fixed order; kept in ``cache`` (a json file) once made."""
+    suites and ``idlelib``, in a fixed order."""
     from loom.data.corpus import stdlib_files
 
-    if cache is not None and cache.is_file():
-        return [tuple(p) for p in json.loads(cache.read_text())]
-    pairs = []
+    pairs, seen = [], set()
     for f in stdlib_files():
         parts = {p.lower() for p in f.parts}
         if parts & {"test", "tests", "idle_test", "idlelib"} or f.name.startswith("test_"):
             continue
         try:
-            pairs += function_pairs(f.read_text(encoding="utf-8"))
+            found = function_pairs(f.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, OSError):
             continue
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(pairs))
-        tmp.replace(cache)
+        for source, target in found:  # a function copied between modules once (its first copy)
+            if source not in seen:
+                seen.add(source)
+                pairs.append((source, target))
     return pairs
+
+
+def pair_corpus(path: str | None, cache_dir: str | None = None) -> tuple[str, str]:
+    """What a seq2seq run's data is prepared from: one ``.jsonl`` file in the cache of its pairs (the
+    built-in ones, or those of ``data.path``), each record's ``text`` its source and target, one line
+    after the other, so that the tokenizer learns from both sides and only the pairs are encoded.
+    Made once per pair set (the built-in one: per Python installation and :data:`PAIRS_FORMAT`; the
+    user's: per the files' paths, sizes and modification times) -> (file, the field to read)."""
+    from loom.data.dataset import cache_root
+
+    if path is None:
+        key, make, name = f"{PAIRS_FORMAT}|{sys.version}|{sys.prefix}", stdlib_docstring_pairs, "stdlib"
+    else:
+        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in _pair_files(path)]
+        key, make, name = json.dumps([PAIRS_FORMAT, stats]), lambda: read_pairs(path), "pairs"
+    out = cache_root(cache_dir) / "seq2seq" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.jsonl"
+    if not out.is_file():
+        records = [{"source": a, "target": b, "text": f"{a}\n{b}"} for a, b in make()]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        tmp.replace(out)
+    return str(out), "text"
+
+
+def _pair_files(source: str) -> list[Path]:
+    """The ``.jsonl`` files of ``data.path`` (a file, or a folder searched recursively)."""
+    path = Path(source).expanduser()
+    files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+    if not files or any(f.suffix != ".jsonl" for f in files):
+        raise ConfigError(f"data.path={source!r}: seq2seq reads .jsonl files of {{source, target}} records; "
+                          "or leave data.path unset for the built-in standard-library pairs")
+    return files
 
 
 def read_pairs(source: str) -> list[tuple[str, str]]:
     """The {source, target} records of a ``.jsonl`` file or a folder of them."""
-    path = Path(source)
-    files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
-    if any(f.suffix != ".jsonl" for f in files):
-        raise ConfigError(f"data.path={source!r}: seq2seq reads .jsonl files of {{source, target}} records; "
-                          "or leave data.path unset for the built-in standard-library pairs")
-    return read_jsonl_pairs(files, ("source", "target"), "seq2seq")
+    return read_jsonl_pairs(_pair_files(source), ("source", "target"), "seq2seq")
 
 
 @dataclass(frozen=True)
@@ -202,6 +237,7 @@ class Seq2Seq(Task):
 
     name = "seq2seq"
     tokenizer_kind = "wordpiece"  # data.tokenizer=auto: loom's WordPiece
+    text_corpus = staticmethod(pair_corpus)  # what its data is prepared from (its pairs, not data.path itself)
 
     @staticmethod
     def check_tokenizer(tokenizer) -> None:
@@ -213,12 +249,7 @@ class Seq2Seq(Task):
         pairs = getattr(data, "pairs", None)  # (source ids, target ids), already encoded (tests)
         tokens = pair_tokens(data.tokenizer)
         if pairs is None:
-            source = data.meta.get("source", "python-stdlib")
-            if source == "python-stdlib":
-                key = hashlib.sha1(f"{sys.version}|{sys.prefix}".encode()).hexdigest()[:12]
-                texts = stdlib_docstring_pairs(Path(data.dir).parent.parent / "seq2seq" / f"stdlib-{key}.json")
-            else:
-                texts = read_pairs(source)
+            texts = read_pairs(data.meta["source"])  # the file of pairs it was prepared from (pair_corpus)
             src = _text_ids(data.tokenizer, [s for s, _ in texts], tokens.strip_source)
             tgt = _text_ids(data.tokenizer, [t for _, t in texts], tokens.strip_target)
             pairs = list(zip(src, tgt))
