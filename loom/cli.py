@@ -185,9 +185,18 @@ def cmd_train(args) -> int:
         check_resumable(Path(args.resume))
         cfg = load_resume_config(Path(args.resume), overrides, settings)
     else:
-        cfg = load_config(args.config, overrides, settings)
-        if cfg.train.init_from:  # a Hugging Face model directory: the model is the one its weights are for
-            cfg = _init_from_config(cfg, overrides, args.config, settings)
+        from loom.models.hf import is_hf_dir
+        from loom.train.hf import hf_init_config
+
+        # a Hugging Face model directory named on the command line is read before the overrides are checked,
+        # so that they may name what only its model has (train.task=seq2seq for a T5)
+        init = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.init_from=")), None)
+        if init is not None and is_hf_dir(init):
+            cfg = hf_init_config(init, overrides, args.config, settings)
+        else:
+            cfg = load_config(args.config, overrides, settings)
+            if cfg.train.init_from:  # a Hugging Face model directory: the model is the one its weights are for
+                cfg = _init_from_config(cfg, overrides, args.config, settings)
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be at least 1")
     if args.max_restarts < 0:
@@ -370,7 +379,8 @@ def _generate_seq2seq(args, cfg, model, tok) -> int:
     import torch
 
     from loom.infer.decode import beam_search, greedy_decode
-    from loom.infer.seq2seq import detokenizer, source_ids, special_ids
+    from loom.infer.seq2seq import detokenizer, special_ids
+    from loom.tasks.seq2seq import Seq2Seq
     from loom.train.precision import autocast
 
     text = args.text if args.text is not None else args.prompt
@@ -384,7 +394,7 @@ def _generate_seq2seq(args, cfg, model, tok) -> int:
         raise ConfigError(f"--max-new-tokens={max_len}: the decoder holds block_size={block} positions")
     device = next(model.parameters()).device
     ids = special_ids(tok)
-    src = torch.tensor([source_ids(tok, text, block)], device=device)
+    src = torch.tensor([Seq2Seq.encode_source(tok, text, block)], device=device)
     detok = detokenizer(tok)
     with autocast(device, cfg.train.precision):
         if args.beam == 1:

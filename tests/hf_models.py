@@ -143,6 +143,20 @@ def t5_tokenizer(texts: list[str]):
     return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
 
 
+def t5_spiece(path: Path, texts: list[str], vocab_size: int = 120) -> None:
+    """A SentencePiece unigram model trained on ``texts`` with T5's layout (``<pad>`` 0, ``</s>`` 1,
+    ``<unk>`` 2, no bos) written as ``path/spiece.model``, as T5's directories hold it."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    (Path(path) / "spiece.model").write_bytes(model.getvalue())
+
+
 def t5_dir(path: Path, texts: list[str], seed: int = 0, v1_1: bool = False, own_head: bool = True, n_layer: int = 2,
            decoder_layers: int = 3, n_embd: int = 32, n_head: int = 4):
     """A random ``T5ForConditionalGeneration`` and its tokenizer saved into ``path``; returns the model

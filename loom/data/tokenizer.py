@@ -23,6 +23,12 @@ Two kinds are supported:
     with [NL], the sentence boundary masked-LM pretraining reads. Decoding
     does not restore the original spacing.
 
+``hf`` and ``sentencepiece``
+    A tokenizer that came with a model (``train.init_from``, ``data.tokenizer=DIR``):
+    the directory's ``tokenizer.json`` read by ``tokenizers`` (:class:`HFTokenizer`),
+    or, where it holds only T5's ``spiece.model``, that SentencePiece model read by
+    ``sentencepiece`` (:class:`SentencePieceTokenizer`). They are loaded, not trained.
+
 All reserve the special token ``<|endoftext|>`` (:data:`EOS_TOKEN`), which is
 appended after every document when a corpus is tokenized. Literal occurrences
 of that string inside documents are encoded as ordinary text.
@@ -222,13 +228,9 @@ class HFTokenizer(BpeTokenizer):
             hf = HFTok(models.BPE.from_file(str(dir / "vocab.json"), str(dir / "merges.txt")))
             hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             hf.decoder = decoders.ByteLevel()
-        elif (dir / "spiece.model").is_file():  # T5's SentencePiece model alone
-            raise DataError(f"{str(dir)!r} holds spiece.model (a SentencePiece model) but no tokenizer.json; loom "
-                            "reads tokenizers-library files: write them with transformers' "
-                            "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
         else:
-            raise DataError(f"{str(dir)!r} holds no tokenizer.json (nor vocab.json + merges.txt); loom reads "
-                            "fast (tokenizers-library) tokenizers")
+            raise DataError(f"{str(dir)!r} holds no tokenizer.json (nor vocab.json + merges.txt, nor T5's "
+                            "spiece.model); loom reads fast (tokenizers-library) and SentencePiece tokenizers")
         extra = {f: (dir / f).read_text() for f in cls.EXTRA_FILES if (dir / f).is_file()}
         return cls(hf, _eos_token(dir, extra, hf), extra)
 
@@ -243,6 +245,13 @@ class HFTokenizer(BpeTokenizer):
                 return None
             ids[default] = int(found)
         return ids
+
+    @property
+    def pad_id(self) -> int | None:
+        """The id of the padding token the directory's files name (T5's ``<pad>``), or None."""
+        token = _named_token(self.extra, "pad_token")
+        found = self._hf.token_to_id(token) if token else None
+        return None if found is None else int(found)
 
     @classmethod
     def load(cls, path: Path) -> HFTokenizer:
@@ -259,6 +268,79 @@ class HFTokenizer(BpeTokenizer):
             (Path(dir) / name).write_text(text)
         meta = {"kind": self.kind, "model_file": self.model_file, "eos_token": self.eos_token}
         (Path(dir) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model as a model directory brings it alone (T5's ``spiece.model``, no
+    ``tokenizer.json``), read by ``sentencepiece``: the model's own end-of-sequence piece (T5's
+    ``</s>``) ends a document, its padding piece (``<pad>``) pads. The embedding rows past the
+    model's pieces (T5's 100 ``<extra_id_*>`` sentinels, the padding to 32,128) have no text."""
+
+    kind = "sentencepiece"
+    model_file = "spiece.model"
+
+    def __init__(self, model_proto: bytes) -> None:
+        import sentencepiece as spm
+
+        self._proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        if self._sp.eos_id() < 0:
+            raise DataError("the SentencePiece model has no end-of-sequence piece (eos_id); loom ends documents "
+                            "with it")
+
+    @classmethod
+    def from_pretrained_dir(cls, dir: Path) -> SentencePieceTokenizer:
+        return cls._checked(Path(dir) / cls.model_file)
+
+    @classmethod
+    def load(cls, path: Path) -> SentencePieceTokenizer:
+        return cls._checked(Path(path))
+
+    @classmethod
+    def _checked(cls, path: Path) -> SentencePieceTokenizer:
+        try:
+            return cls(path.read_bytes())
+        except (RuntimeError, OSError) as e:  # not a SentencePiece model
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise DataError(f"{str(path)!r} is not a SentencePiece model ({detail})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._sp.get_piece_size())
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._sp.eos_id())
+
+    @property
+    def pad_id(self) -> int | None:
+        return int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._sp.encode(list(texts))]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size]))
+
+    def _write_model(self, path: Path) -> None:
+        path.write_bytes(self._proto)
+
+
+def pretrained_tokenizer(dir: str | Path) -> Tokenizer:
+    """The tokenizer a Hugging Face model (or tokenizer) directory holds: its ``tokenizer.json`` (or
+    GPT-2's ``vocab.json`` + ``merges.txt``), else its ``spiece.model`` alone (T5's SentencePiece model).
+
+    Raises:
+        DataError: the directory holds none of them (one line).
+    """
+    dir = Path(dir).expanduser()
+    has_fast = any((dir / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+    if not has_fast and (dir / SentencePieceTokenizer.model_file).is_file():
+        return SentencePieceTokenizer.from_pretrained_dir(dir)
+    return HFTokenizer.from_pretrained_dir(dir)
 
 
 def _eos_token(dir: Path, extra: dict[str, str], hf: Any) -> str:
@@ -549,7 +631,8 @@ def load_tokenizer(dir: Path) -> Tokenizer:
     if not meta_path.is_file():
         raise DataError(f"no tokenizer in {str(dir)!r} (missing {META_FILE})")
     meta = json.loads(meta_path.read_text())
-    if meta["kind"] == HFTokenizer.kind:
-        return HFTokenizer.load(Path(dir) / meta["model_file"])
+    if meta["kind"] in (HFTokenizer.kind, SentencePieceTokenizer.kind):  # loaded, never trained
+        loaded = HFTokenizer if meta["kind"] == HFTokenizer.kind else SentencePieceTokenizer
+        return loaded.load(Path(dir) / meta["model_file"])
     cls = _tokenizer_class(meta["kind"])
     return cls.load(Path(dir) / meta["model_file"])

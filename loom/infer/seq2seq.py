@@ -25,6 +25,7 @@ from torch import nn
 
 from loom.infer.decode import decode
 from loom.tasks import Task
+from loom.tasks.seq2seq import pair_tokens
 from loom.train.precision import autocast
 
 IGNORE = -100  # labels of padding positions (the seq2seq task's)
@@ -85,24 +86,15 @@ def decode_texts(model: nn.Module, sources: Sequence[list[int]], detokenize: Cal
 
 
 def special_ids(tokenizer) -> dict[str, int]:
-    """The ids a seq2seq run decodes with (the task's: WordPiece's [PAD], [CLS] as bos, [SEP] as eos)."""
-    special = tokenizer.special_ids
-    return {"pad_id": special["[PAD]"], "bos_id": special["[CLS]"], "eos_id": special["[SEP]"]}
-
-
-def source_ids(tokenizer, text: str, block_size: int) -> list[int]:
-    """A source text as the seq2seq task encodes it for the encoder: its ids without the document
-    separator, cut to ``block_size - 1``, then eos."""
-    special = tokenizer.special_ids
-    ids = [i for i in tokenizer.encode(text) if i != special["<|endoftext|>"]]
-    return [*ids[: block_size - 1], special["[SEP]"]]
+    """The ids a seq2seq run decodes with, the task's (:func:`~loom.tasks.seq2seq.pair_tokens`)."""
+    tokens = pair_tokens(tokenizer)
+    return {"pad_id": tokens.pad_id, "bos_id": tokens.bos_id, "eos_id": tokens.eos_id}
 
 
 def detokenizer(tokenizer) -> Callable[[list[int]], str]:
     """ids -> text, the markers (padding, bos, eos, line ends, document ends) left out; an unknown
-    piece stays as [UNK]."""
-    special = tokenizer.special_ids
-    drop = {special[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[NL]", "<|endoftext|>")}
+    piece stays as it is written ([UNK], <unk>)."""
+    drop = pair_tokens(tokenizer).hidden
     return lambda ids: tokenizer.decode([i for i in ids if i not in drop])
 
 

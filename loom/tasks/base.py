@@ -5,13 +5,16 @@ counted in. The trainer and the parallel engine know nothing else of what is bei
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loom.errors import ConfigError
 from loom.models.common.numerics import at_least_fp32
 
 Batch = dict[str, torch.Tensor]  # every tensor's first dimension is the batch's rows (sequences)
@@ -115,3 +118,23 @@ def slice_rows(batch: Batch, rows: slice) -> Batch:
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def read_jsonl_pairs(files: Iterable[Path], fields: tuple[str, str], what: str) -> list[tuple[str, str]]:
+    """The (``fields[0]``, ``fields[1]``) strings of every record of the ``.jsonl`` ``files``, in order
+    (blank lines skipped); a line that is not JSON, or a record without both string fields, is one
+    line naming the file, the line and ``what`` reads it (e.g. ``train.task=sft``)."""
+    a, b = fields
+    records = []
+    for f in files:
+        for n, line in enumerate(Path(f).read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise ConfigError(f"{f}:{n}: invalid JSON ({e})") from None
+            if not (isinstance(r, dict) and isinstance(r.get(a), str) and isinstance(r.get(b), str)):
+                raise ConfigError(f"{f}:{n}: a {what} record needs string fields {a} and {b}")
+            records.append((r[a], r[b]))
+    return records

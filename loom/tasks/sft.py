@@ -18,9 +18,7 @@ records drawn from ``numpy.random.default_rng([seed, s])``, like the causal LM's
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 from loom.data.corpus import corpus_files
 from loom.errors import ConfigError
 from loom.models.common.numerics import at_least_fp32
-from loom.tasks.base import Batch, Task
+from loom.tasks.base import Batch, Task, read_jsonl_pairs
 from loom.tasks.causal_lm import lm_metrics
 
 IGNORE = -100  # a label no loss counts (cross_entropy's ignore_index)
@@ -51,22 +49,10 @@ def sft_rows(pairs: list[tuple[list[int], list[int]]], block_size: int, pad: int
 
 def read_records(path: str) -> list[tuple[str, str]]:
     """The (prompt, response) records of the ``.jsonl`` files of ``path``."""
-    records = []
     files = [f for f in corpus_files(path) if f.suffix == ".jsonl"]
     if not files:
         raise ConfigError(f"train.task=sft reads .jsonl files of {{prompt, response}} records; {path} has none")
-    for f in files:
-        for n, line in enumerate(Path(f).read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                raise ConfigError(f"{f}:{n}: invalid JSON ({e})") from None
-            if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("response"), str)):
-                raise ConfigError(f"{f}:{n}: a train.task=sft record needs string fields prompt and response")
-            records.append((r["prompt"], r["response"]))
-    return records
+    return read_jsonl_pairs(files, ("prompt", "response"), "train.task=sft")
 
 
 class SFT(Task):

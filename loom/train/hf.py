@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from loom.config import Config, config_to_yaml, load_config, task_name, tokenizer_is_dir
 from loom.data import DataError
-from loom.data.tokenizer import META_FILE, HFTokenizer
+from loom.data.tokenizer import META_FILE, pretrained_tokenizer
 from loom.errors import ConfigError, RunError
 from loom.files import write_text_atomic
 from loom.models import build_model
@@ -247,16 +247,19 @@ def hf_init_config(path: str | Path, overrides: list[str] | None = None, config_
     task = TASKS[task_name(cfg)]
     if training and getattr(task, "tokenizer_kind", None) == "wordpiece":
         needs = getattr(task, "special_tokens", None)  # what it reads of a model's own tokenizer
-        if needs is None:
+        check = getattr(task, "check_tokenizer", None)  # or a task's own check of it (seq2seq's)
+        if needs is None and check is None:
             raise ConfigError(f"train.task={task_name(cfg)} from a Hugging Face model directory is not built yet: "
                               "the task needs loom's WordPiece tokenizer (its [NL] and <|endoftext|> marks), the "
                               "directory brings its own; `loom import` and `loom export --format hf` work for this "
                               "model")
         try:
-            special = HFTokenizer.from_pretrained_dir(Path(path).expanduser()).special_ids
+            tokenizer = pretrained_tokenizer(path)
         except DataError as e:
             raise ConfigError(f"train.init_from={path}: {e}") from None
-        if special is None:
+        if check is not None:
+            check(tokenizer)
+        elif getattr(tokenizer, "special_ids", None) is None:
             raise ConfigError(f"train.task={task_name(cfg)} needs a tokenizer with {', '.join(needs)}; the one in "
                               f"{path} lacks one of them")
     return cfg
@@ -270,7 +273,7 @@ def prepare_hf_init(cfg: Config, run_dir: Path) -> Path | None:
     tok_dir = None if cfg.model.image_size else Path(run_dir) / "tokenizer"
     if tok_dir is not None:
         try:
-            tokenizer = HFTokenizer.from_pretrained_dir(source)
+            tokenizer = pretrained_tokenizer(source)
         except DataError as e:
             raise ConfigError(f"train.init_from={cfg.train.init_from}: {e}") from None
         tokenizer.save(tok_dir)
@@ -296,7 +299,7 @@ def initial_tokenizer(cfg: Config, run_dir: Path) -> str | None:
     if (source / META_FILE).is_file():  # a folder loom wrote (a run's tokenizer/)
         return str(source)
     try:
-        tokenizer = HFTokenizer.from_pretrained_dir(source)
+        tokenizer = pretrained_tokenizer(source)
     except DataError as e:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: {e}") from None
     tokenizer.save(Path(run_dir) / "tokenizer")

@@ -96,11 +96,13 @@ def prepare_run_data(cfg: Config, tokenizer_dir: Path | None = None) -> Prepared
         return load_data(d.path, cfg.model)
     # data.tokenizer=auto: the task's own kind where it needs one (masked-LM: WordPiece's special tokens)
     kind = d.tokenizer if d.tokenizer != "auto" else getattr(TASKS[task_name(cfg)], "tokenizer_kind", "auto")
-    # sft's records: {prompt, response}; seq2seq's {source, target} (its tokenizer learns from the sources)
-    field = {"sft": "response", "seq2seq": "source"}.get(task_name(cfg), d.jsonl_field)
+    # sft's records: {prompt, response}; a task that says what its corpus is (seq2seq: its pairs) is asked
+    corpus = getattr(TASKS[task_name(cfg)], "text_corpus", None)
+    path, field = corpus(d.path, d.cache_dir) if corpus else (d.path, {"sft": "response"}.get(task_name(cfg),
+                                                                                                d.jsonl_field))
     if tokenizer_is_dir(d.tokenizer) or tokenizer_dir is not None:  # a given folder says which tokenizer
         kind = "auto"
-    return prepare_data(d.path, cfg.model.vocab_size, kind, d.val_fraction, d.cache_dir, field,
+    return prepare_data(path, cfg.model.vocab_size, kind, d.val_fraction, d.cache_dir, field,
                         tokenizer_dir=tokenizer_dir)
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")  # the test extra; loom's import and export 
 
 from loom.config import load_config  # noqa: E402
 from loom.data import DataError  # noqa: E402
-from loom.data.tokenizer import HFTokenizer  # noqa: E402
+from loom.data.tokenizer import HFTokenizer, pretrained_tokenizer  # noqa: E402
 from loom.errors import ConfigError  # noqa: E402
 from loom.models import build_model  # noqa: E402
 from loom.models.hf import hf_model_settings, hf_state_dict, mapping  # noqa: E402
@@ -151,10 +151,14 @@ def test_the_t5_tokenizer_is_the_runs_with_eos_ending_a_document(t5):
     assert ours.eos_token == "</s>" and ours.eos_id == theirs.eos_token_id == EOS
 
 
-def test_a_sentencepiece_only_directory_asks_for_tokenizer_json(tmp_path):
+def test_a_spiece_model_that_is_not_one_is_one_clear_error(tmp_path):
+    """(A real ``spiece.model`` alone is the run's tokenizer: tests/cli/test_hf_t5_finetune.py.)"""
     (tmp_path / "spiece.model").write_bytes(b"\0")
-    with pytest.raises(DataError, match="spiece.model .* but no tokenizer.json"):
-        HFTokenizer.from_pretrained_dir(tmp_path)
+    with pytest.raises(DataError, match="spiece.model' is not a SentencePiece model"):
+        pretrained_tokenizer(tmp_path)
+    (tmp_path / "spiece.model").unlink()
+    with pytest.raises(DataError, match="holds no tokenizer.json"):
+        pretrained_tokenizer(tmp_path)
 
 
 def test_relative_bias_tables_are_one_per_stack_as_in_transformers(t5, caplog):

@@ -31,8 +31,8 @@ def only_a_docstring():
 '''
 
 
-def test_function_pairs_strip_the_docstring_and_keep_its_first_sentence():
-    assert function_pairs(MODULE) == [("@cache\ndef area(r):\n    return 3.14159 * r * r",
+def test_function_pairs_strip_the_docstring_and_keep_its_first_sentence_the_signature_first():
+    assert function_pairs(MODULE) == [("def area(r):\n@cache\n    return 3.14159 * r * r",
                                        "Return the area of a circle of radius r.")]
 
 
@@ -109,3 +109,22 @@ def test_label_smoothing_is_torchs_in_value_and_gradient():
 def test_label_smoothing_under_tensor_parallelism_is_accepted():
     """Exact on vocabulary-split logits (tests/distributed/test_encdec_parity.py proves it)."""
     load_config(None, ["model=transformer-tiny", "parallel.tp=2"])
+
+
+def test_the_data_is_the_pairs_and_the_tokenizer_learns_from_both_sides(tmp_path):
+    """Only the pairs are encoded (one document each), and a character found only in targets has
+    its own token rather than [UNK]."""
+    from loom.tasks import build_task
+    from loom.train.rundir import prepare_run_data
+
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({"source": f"def f{i}(x):\n    return x * {i}", "target": f"Ω times {i}."}) + "\n"
+                         for i in range(30)))
+    cfg = load_config(None, ["model=transformer-tiny", f"data.path={f}", "model.vocab_size=300",
+                             f"data.cache_dir={tmp_path / 'cache'}"])
+    data = prepare_run_data(cfg)
+    assert data.meta["n_documents"] == 30
+    task = build_task("seq2seq", data, 32, 8, 0)
+    unk = data.tokenizer.encode("\u2603")[0]  # a snowman: in neither side
+    assert unk not in task.train[3] and unk not in task.val[3]
+    assert "Ω" in data.tokenizer.decode(task.train[3][0][task.train[3][0] >= 0].tolist())
