@@ -132,16 +132,34 @@ class EncoderDecoder(NameSeededInit, nn.Module):
     # -- initialization ---------------------------------------------------------------------
 
     def initial_value(self, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
-        """GPT-2's rule for the blocks (N(0, 0.02), residual projections over sqrt(2 · blocks), unit
-        norms, zero biases); the shared embedding N(0, d^-0.5) (so that Vaswani's sqrt(d)-scaled input
-        has unit variance; fairseq's choice), N(0, 1) for T5's (mesh-tensorflow's). A function of
-        ``seed`` and ``name`` alone."""
+        """The published models' scale, set by each weight's fan-in rather than GPT-2's fixed N(0, 0.02):
+        Vaswani's weight matrices Xavier-uniform (Glorot and Bengio 2010, as tensor2tensor, fairseq and
+        ``torch.nn.Transformer``), T5's N(0, 1/fan_in) (mesh-tensorflow's variance scaling; the relative-
+        bias table N(0, 1/d)); the shared embedding N(0, d^-0.5) (so that Vaswani's sqrt(d)-scaled input
+        has unit variance; fairseq's choice), N(0, 1) for T5's. Norms one, biases zero, Switch experts as
+        :func:`~loom.models.common.moe.moe_initial_value`. A function of ``seed`` and ``name`` alone.
+
+        GPT-2's 0.02 suits GPT-2's width (d = 768: about 1/sqrt(d)); at a tiny model's width it makes
+        every attention score near zero, and an encoder-decoder then never learns to read its source
+        (measured: transformer-tiny stayed at the unigram loss of copying 8 random tokens for 300 steps,
+        and learns the copy with this initialization; tests/unit/test_encdec.py)."""
         generator = param_generator(seed, name)
+        d = self.cfg.n_embd
         if name == "tok_emb.weight":
-            std = self.cfg.n_embd ** -0.5 if self.cfg.norm == "layer" else 1.0
+            std = d ** -0.5 if self.cfg.norm == "layer" else 1.0
             return torch.empty(shape).normal_(0.0, std, generator=generator)
+        if name.endswith("rel_bias.weight"):
+            return torch.empty(shape).normal_(0.0, d ** -0.5, generator=generator)
         n = self.cfg.n_layer + decoder_layers(self.cfg)
-        return gpt_initial_value(self, name, shape, n, generator)
+        value = gpt_initial_value(self, name, shape, n, generator)
+        owner = self.get_submodule(name.rpartition(".")[0])
+        if len(shape) != 2 or not isinstance(owner, nn.Linear):  # norms, biases, experts: as GPT's
+            return value
+        fan_out, fan_in = shape
+        if self.cfg.norm == "layer":
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+        return torch.empty(shape).normal_(0.0, fan_in ** -0.5, generator=generator)
 
     def tie_weights(self) -> None:
         """The output projection is the shared embedding (``to_empty()`` unties them), unless
