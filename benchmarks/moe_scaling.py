@@ -3,6 +3,7 @@
     python benchmarks/moe_scaling.py                      # gpt-mini shape, dense and Switch E = 2..32, fp32
     python benchmarks/moe_scaling.py --capacity-factor 0  # the same with no capacity limit: no token dropped
     python benchmarks/moe_scaling.py --quick              # gpt-tiny shape, a smoke test of a few seconds
+    python benchmarks/moe_scaling.py --experts 0 32 --interleave --rounds 5 --steps 1   # one process, alternating
 
 The dense model (``model.moe.experts=0``) is compared with Switch (top-1) models that put an MoE in
 every block (``model.moe.every=1``) whose experts are as wide as the dense MLP, so a token meets the
@@ -19,6 +20,13 @@ matmuls, so with drops the MoE does less work than the dense model, and ``--capa
 like-for-like comparison. "CPU use" is the process's CPU time over wall time × threads: a run that
 other processes slowed down shows under 100% and is run again (``--min-cpu-use``, ``--retries``);
 ``--rounds`` repeats every configuration round-robin and keeps its fastest run.
+On a shared machine, ``--interleave`` builds every configuration in one process and alternates them
+step by step, so that a burst of load elsewhere falls on all of them; "vs dense" is then the median of
+the ratios measured in the same round (their spread is printed), and RSS is not per configuration.
+With more than one thread on an oversubscribed machine, OpenMP threads that spin at each parallel
+region's barrier while their partner is descheduled make every kernel launch expensive; the MoE step
+launches many more (small) kernels than the dense one, so it suffers more: run with ``--threads 1``
+or ``OMP_WAIT_POLICY=PASSIVE`` there (the JSON records which).
 Prints a table and writes JSON (``--out``).
 """
 
@@ -288,6 +296,7 @@ def main() -> None:
     meta = {"command": " ".join(["python", *sys.argv]), "interleave": args.interleave, "device": name,
             "torch": torch.__version__,
             "host": platform.node(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "wall_s": time.perf_counter() - t_start}
     out.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)")
