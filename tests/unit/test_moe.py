@@ -71,6 +71,9 @@ def test_sorted_dispatch_equals_token_by_token_routing(overrides):
     counts, n_dropped = d.counts, d.dropped
     assert int(n_dropped) == dropped
     assert int(counts.sum()) == int(route.active.sum()) - dropped
+    assert torch.equal(counts, torch.bincount(d.expert, minlength=layer.n_experts))
+    assert bool((d.expert[1:] >= d.expert[:-1]).all())  # sorted by expert, as the grouped GEMM reads them
+    assert torch.equal(d.load, torch.bincount(route.experts[route.active], minlength=layer.n_experts))
     if "model.moe.capacity_factor=0.5" in overrides:
         assert dropped > 0
 
