@@ -12,6 +12,10 @@ slow stretches hit both), and reports the medians, the spread over rounds and th
 ``MoE step``          forward + backward + AdamW of a 32-expert Switch model of gpt-mini's shape: the
                       experts as a loop of two matmuls each (before) against two grouped GEMMs;
 ``dense step``        the same step of the dense model, for the MoE/dense ratio;
+``MoE dispatch``      the same 32-expert step with capacity factor 1.25 (tokens dropped): the layer as it
+                      was (two sorts, a boolean selection per vector, gathers whose backward is a
+                      sorting ``index_put``, a second ``bincount`` for the statistics) against one
+                      sort, one selection and ``index_select`` gathers;
 ``bf16 loss``         cross-entropy forward + backward of bf16 logits (batch 8 × 256 tokens × 4096):
                       the whole fp32 copy (before) against fp32 pieces of 1024 tokens whose gradient
                       is made in the forward.
@@ -22,6 +26,7 @@ Writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -30,6 +35,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 from loom.config import load_config
 from loom.models import build_model, spec_of
@@ -42,11 +48,11 @@ from loom.train.step import build_optimizers
 SEQ, BATCH = 256, 8
 
 
-def _model(experts: int):
+def _model(experts: int, capacity_factor: float = 0.0):
     over = ["model=gpt-mini", "model.dropout=0.0", f"model.block_size={SEQ}"]
     if experts:
         over += [f"model.moe.experts={experts}", "model.moe.every=1", "model.moe.router=switch", "model.moe.top_k=1",
-                 "model.moe.capacity_factor=0"]
+                 f"model.moe.capacity_factor={capacity_factor}"]
     cfg = load_config(None, over)
     pm = parallelize(build_model(cfg.model), Plan(), None, spec=spec_of(cfg.model), loss_fn=lm_loss,
                      device=torch.device("cpu"), seed=0)
@@ -68,6 +74,50 @@ def loop_clip(params, max_norm: float) -> torch.Tensor:
     for p in params:
         p.grad.mul_(coef)
     return norm
+
+
+def old_moe_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """The MoE layer's forward before the one-sort dispatch (main before this change)."""
+    b, t, c = x.shape
+    flat = x.reshape(b * t, c)
+    route = self.router(flat, group_size=t)
+    n, k = route.experts.shape
+    e_count, groups, group_size = self.n_experts, b, t
+    expert = route.experts.reshape(-1)
+    token = torch.arange(n).repeat_interleave(k)
+    choice = torch.arange(k).repeat(n)
+    gate = route.gates.reshape(-1)
+    if not route.all_active:
+        active = route.active.reshape(-1)
+        expert, token, choice, gate = expert[active], token[active], choice[active], gate[active]
+    group, pos = token // group_size, token % group_size
+    key = ((group * e_count + expert) * k + choice) * group_size + pos
+    order = key.argsort()
+    segment = (group * e_count + expert)[order]
+    seg_counts = torch.bincount(segment, minlength=groups * e_count)
+    place = torch.empty_like(order)
+    place[order] = torch.arange(order.numel()) - (seg_counts.cumsum(0) - seg_counts)[segment]
+    keep = place < self.capacity(group_size)
+    dropped = (~keep).sum()
+    expert, token, choice, gate, group, pos = (v[keep] for v in (expert, token, choice, gate, group, pos))
+    order = (((expert * groups + group) * k + choice) * group_size + pos).argsort()
+    expert, token, gate = expert[order], token[order], gate[order]
+    counts = torch.bincount(expert, minlength=e_count)
+    w = self.experts
+    offs = counts.cumsum(0).to(torch.int32)
+    rows = torch.repeat_interleave(torch.arange(e_count), counts, output_size=token.numel())
+    h = torch._grouped_mm(flat[token], w.w1, offs=offs) + w.b1[rows]
+    y = torch._grouped_mm(F.gelu(h, approximate="tanh"), w.w2, offs=offs) + w.b2[rows]
+    out = self.drop(torch.zeros_like(flat).index_add_(0, token, y * gate[:, None]).view(b, t, c))
+    with torch.no_grad():  # the statistics, as _record kept them
+        routed = route.experts.reshape(-1) if route.all_active else route.experts[route.active]
+        f64 = torch.float64
+        load = torch.bincount(routed, minlength=e_count).to(f64)
+        extra = torch.stack([torch.tensor(float(routed.numel()), dtype=f64), dropped.to(f64),
+                             route.aux_loss.detach().to(f64) * groups, route.z_loss.detach().to(f64) * groups,
+                             torch.tensor(float(groups), dtype=f64)])
+        self.stats.append(torch.cat([load, extra]))
+    return moe_module._AuxLossGrad.apply(out, route.aux_loss + route.z_loss, self.aux_grad_scale)
 
 
 def cases():
@@ -93,6 +143,19 @@ def cases():
             mopt.zero_grad(set_to_none=False)
         return run
 
+    dcfg, dpm, dopt = _model(32, capacity_factor=1.25)
+
+    def dispatch_step(old: bool):
+        def run():
+            patch = mock.patch.object(moe_module.MoE, "forward", old_moe_forward) if old else contextlib.nullcontext()
+            with patch:
+                dpm.forward_backward(inputs, targets, lambda v: v)
+            dpm.clip_grads_(1.0)
+            dopt.step()
+            dopt.zero_grad(set_to_none=False)
+            dpm.take_moe_stats()
+        return run
+
     logits = torch.randn(BATCH, SEQ, 4096).to(torch.bfloat16)
     labels = torch.randint(0, 4096, (BATCH, SEQ))
 
@@ -108,6 +171,7 @@ def cases():
         "grad norm + clip": (lambda: loop_clip(params, 1.0), lambda: pm.clip_grads_(1.0)),
         "MoE step (32 experts)": (moe_step(False), moe_step(True)),
         "dense step": (dense_step, dense_step),
+        "MoE dispatch (32 experts, capacity 1.25)": (dispatch_step(True), dispatch_step(False)),
         "bf16 loss": (loss(10**9), loss(causal_lm.LOSS_CHUNK_TOKENS)),
     }
 

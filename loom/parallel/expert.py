@@ -75,8 +75,8 @@ def _make_forward(mesh: DeviceMesh):
         slot = torch.repeat_interleave(torch.arange(by_source.numel(), device=x.device), by_source)
         expert_of = slot % per_rank
         order = torch.argsort(expert_of * ep + slot // per_rank, stable=True)
-        y = expert_ffn(received[order], recv.sum(0).tolist(), _local(self.w1), _local(self.b1), _local(self.w2),
-                       _local(self.b2))
+        y = expert_ffn(received.index_select(0, order), recv.sum(0).tolist(), _local(self.w1), _local(self.b1),
+                       _local(self.w2), _local(self.b2))
         back = torch.empty_like(y).index_copy(0, order, y)
         return all_to_all_single_autograd(back, send_splits, recv_splits, group)
 

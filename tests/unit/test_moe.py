@@ -67,9 +67,13 @@ def test_sorted_dispatch_equals_token_by_token_routing(overrides):
     got = layer(x)  # in eval: no router noise, no random routing
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     route = layer.router(x.reshape(-1, 64), group_size=16)
-    _, _, _, counts, n_dropped = layer._dispatch(route, 3, 16)
+    d = layer._dispatch(route, 3, 16)
+    counts, n_dropped = d.counts, d.dropped
     assert int(n_dropped) == dropped
     assert int(counts.sum()) == int(route.active.sum()) - dropped
+    assert torch.equal(counts, torch.bincount(d.expert, minlength=layer.n_experts))
+    assert bool((d.expert[1:] >= d.expert[:-1]).all())  # sorted by expert, as the grouped GEMM reads them
+    assert torch.equal(d.load, torch.bincount(route.experts[route.active], minlength=layer.n_experts))
     if "model.moe.capacity_factor=0.5" in overrides:
         assert dropped > 0
 

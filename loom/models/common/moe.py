@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,17 @@ class Routing:
     aux_loss: torch.Tensor  # scalar, weighted
     z_loss: torch.Tensor  # scalar, weighted
     all_active: bool = True  # every choice routed (then no mask is applied: a mask costs a host sync)
+
+
+class Dispatch(NamedTuple):
+    """Where an MoE layer's kept (token, choice) assignments go, sorted by expert."""
+
+    token: torch.Tensor  # (M,) int64: the token of each kept assignment
+    gate: torch.Tensor  # (M,): its combine weight
+    expert: torch.Tensor  # (M,) int64: its expert (non-decreasing)
+    counts: torch.Tensor  # (E,) int64: kept assignments per expert
+    dropped: int  # assignments over capacity
+    load: torch.Tensor  # (E,) int64: routed assignments per expert, before the capacity cut
 
 
 class Router(nn.Module):
@@ -188,9 +200,9 @@ def _grouped_expert_ffn(x: torch.Tensor, counts: list[int] | torch.Tensor, w1: t
         rows = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts, output_size=x.size(0))
     h = torch._grouped_mm(x, w1.to(dtype), offs=offs)  # (M, H)
     if b1 is not None:
-        h = h + b1.to(dtype)[rows]
+        h = h + b1.to(dtype).index_select(0, rows)
     y = torch._grouped_mm(F.gelu(h, approximate="tanh"), w2.to(dtype), offs=offs)  # (M, C)
-    return y + b2.to(dtype)[rows] if b2 is not None else y
+    return y + b2.to(dtype).index_select(0, rows) if b2 is not None else y
 
 
 class Experts(nn.Module):
@@ -233,53 +245,59 @@ class MoE(nn.Module):
         b, t, c = x.shape
         flat = x.reshape(b * t, c)
         route = self.router(flat, group_size=t)
-        token, gate, expert, counts, dropped = self._dispatch(route, b, t)
-        y = self.experts(flat[token], counts)  # (M, C), sorted by expert
+        d = self._dispatch(route, b, t)
+        # index_select, not flat[token]: its backward is an index_add, where advanced indexing's is a
+        # sorting index_put
+        y = self.experts(flat.index_select(0, d.token), d.counts)  # (M, C), sorted by expert
         # summed in the stream's dtype: under autocast the grouped experts give bf16/fp16 rows
-        out = torch.zeros_like(flat).index_add_(0, token, (y * gate.to(y.dtype)[:, None]).to(flat.dtype))
+        out = torch.zeros_like(flat).index_add_(0, d.token, (y * d.gate.to(y.dtype)[:, None]).to(flat.dtype))
         out = self.drop(out.view(b, t, c))
         if self.training and _recording:
-            self._record(route, dropped, b)
+            self._record(route, d, b)
         if self.training and torch.is_grad_enabled():
             out = _AuxLossGrad.apply(out, route.aux_loss + route.z_loss, self.aux_grad_scale)
         return out
 
-    def _dispatch(self, route: Routing, groups: int, group_size: int):
-        """-> the kept assignments sorted by (expert, sequence, choice, position): token index,
-        gate and expert of each, tokens per expert (E,), and the number dropped for capacity."""
+    def _dispatch(self, route: Routing, groups: int, group_size: int) -> Dispatch:
+        """The kept assignments sorted by (expert, sequence, choice, position), in one sort: within a
+        (expert, sequence) run that order is the sequence's queue for the expert (first choices first,
+        then by position), so an assignment's place in its queue is its rank in the run, and those
+        placed at or past the capacity are dropped."""
         n, k = route.experts.shape
         e_count = self.n_experts
         expert = route.experts.reshape(-1)  # assignment a = token * k + choice
-        token = torch.arange(n, device=expert.device).repeat_interleave(k)
-        choice = torch.arange(k, device=expert.device).repeat(n)
+        a = torch.arange(n * k, device=expert.device)
         gate = route.gates.reshape(-1)
-        if not route.all_active:
-            active = route.active.reshape(-1)
-            expert, token, choice, gate = expert[active], token[active], choice[active], gate[active]
+        if not route.all_active:  # one selection (one host sync) for all three
+            a = route.active.reshape(-1).nonzero().squeeze(1)
+            expert, gate = expert.index_select(0, a), gate.index_select(0, a)
+        token, choice = a // k, a % k
         group, pos = token // group_size, token % group_size
-        # place in its (sequence, expert) queue: first choices first, then by position
-        key = ((group * e_count + expert) * k + choice) * group_size + pos
-        order = key.argsort()
-        segment = (group * e_count + expert)[order]
-        seg_counts = torch.bincount(segment, minlength=groups * e_count)
-        place = torch.empty_like(order)
-        place[order] = torch.arange(order.numel(), device=order.device) - (seg_counts.cumsum(0) - seg_counts)[segment]
-        keep = place < self.capacity(group_size)
-        dropped = (~keep).sum()
-        expert, token, choice, gate, group, pos = (v[keep] for v in (expert, token, choice, gate, group, pos))
-        order = (((expert * groups + group) * k + choice) * group_size + pos).argsort()
-        expert, token, gate = expert[order], token[order], gate[order]
-        return token, gate, expert, torch.bincount(expert, minlength=e_count), dropped
+        segment = expert * groups + group  # (expert, sequence) queue of each assignment
+        order = ((segment * k + choice) * group_size + pos).argsort()
+        seg_counts = torch.bincount(segment, minlength=e_count * groups)  # (E * G,)
+        cap = self.capacity(group_size)
+        if cap >= group_size:  # no queue can overflow: a token takes an expert at most once
+            kept = order
+            counts = seg_counts.view(e_count, groups).sum(1)
+            dropped = 0
+        else:
+            seg = segment[order]
+            place = torch.arange(order.numel(), device=order.device) - (seg_counts.cumsum(0) - seg_counts)[seg]
+            kept = order[place < cap]  # one host sync
+            counts = seg_counts.clamp(max=cap).view(e_count, groups).sum(1)
+            dropped = order.numel() - kept.numel()
+        return Dispatch(token.index_select(0, kept), gate.index_select(0, kept), expert.index_select(0, kept),
+                        counts, dropped, seg_counts.view(e_count, groups).sum(1))
 
     @torch.no_grad()
-    def _record(self, route: Routing, dropped: torch.Tensor, groups: int) -> None:
-        routed = route.experts.reshape(-1) if route.all_active else route.experts[route.active]
+    def _record(self, route: Routing, d: Dispatch, groups: int) -> None:
         f64 = torch.float64  # counts exact, losses as computed (float64 under fp64)
-        load = torch.bincount(routed, minlength=self.n_experts).to(f64)
-        extra = torch.stack([torch.tensor(float(routed.numel()), device=load.device, dtype=f64), dropped.to(f64),
-                             route.aux_loss.detach().to(f64) * groups, route.z_loss.detach().to(f64) * groups,
-                             torch.tensor(float(groups), device=load.device, dtype=f64)])
-        self.stats.append(torch.cat([load, extra]))
+        load = d.load.to(f64)
+        routed = float(d.token.numel() + d.dropped)  # assignments routed, kept or not
+        extra = torch.stack([route.aux_loss.detach().to(f64), route.z_loss.detach().to(f64)]) * groups
+        fixed = torch.tensor([routed, float(d.dropped)], dtype=f64, device=load.device)
+        self.stats.append(torch.cat([load, fixed, extra, fixed.new_full((1,), float(groups))]))
 
 
 class _AuxLossGrad(torch.autograd.Function):
