@@ -316,6 +316,11 @@ class SentencePieceTokenizer(Tokenizer):
     def pad_id(self) -> int | None:
         return int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else None
 
+    def special_tokens(self) -> dict[str, str]:
+        """The pieces of its end, padding and unknown ids, as ``transformers``' tokenizer config names them."""
+        ids = {"eos_token": self._sp.eos_id(), "pad_token": self._sp.pad_id(), "unk_token": self._sp.unk_id()}
+        return {k: self._sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
+
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))
 

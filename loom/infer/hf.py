@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
 from loom.data import load_tokenizer
-from loom.data.tokenizer import BpeTokenizer, HFTokenizer
+from loom.data.tokenizer import BpeTokenizer, HFTokenizer, SentencePieceTokenizer
 from loom.errors import RunError
 from loom.files import write_text_atomic
 from loom.models import build_model
@@ -216,7 +216,14 @@ def _read(ckpt: Path, names: list[str], shapes: dict, dtype: torch.dtype, lora) 
 
 def _write_tokenizer(tokenizer, out: Path, block_size: int) -> None:
     """tokenizer.json and, unless the imported directory brought its own, a tokenizer_config.json
-    that makes it a ``PreTrainedTokenizerFast`` with loom's end-of-document token."""
+    that makes it a ``PreTrainedTokenizerFast`` with loom's end-of-document token; a SentencePiece
+    model (T5's ``spiece.model`` alone) as it came, with a ``tokenizer_config.json`` naming ``T5Tokenizer``."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        tokenizer._write_model(out / SentencePieceTokenizer.model_file)
+        config = {"tokenizer_class": "T5Tokenizer", "model_max_length": block_size, "extra_ids": 0,
+                  **tokenizer.special_tokens()}
+        write_text_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        return
     if not isinstance(tokenizer, BpeTokenizer):
         log.warning("the run's %s tokenizer has no transformers equivalent: exported without tokenizer files",
                     tokenizer.kind)

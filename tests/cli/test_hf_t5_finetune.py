@@ -65,7 +65,7 @@ def test_an_imported_t5_fine_tunes_on_pairs_from_transformers_first_loss(files, 
     assert abs(losses[0] - out.loss.item()) <= 1e-5 * out.loss.item(), (losses[0], out.loss.item())
 
 
-def test_a_directory_with_only_spiece_model_is_a_sentencepiece_tokenizer(t5_dirs, tmp_path, loom_cli):
+def test_a_spiece_model_only_directory_is_a_sentencepiece_tokenizer_and_exports_as_one(t5_dirs, tmp_path, loom_cli):
     import sentencepiece as spm
 
     dirs, _, _ = t5_dirs
@@ -77,6 +77,13 @@ def test_a_directory_with_only_spiece_model_is_a_sentencepiece_tokenizer(t5_dirs
     code, _, err = loom_cli("import", str(dirs["spiece.model"]), "--out", str(tmp_path / "run"))
     assert code == 0, err
     assert (tmp_path / "run" / "tokenizer" / "spiece.model").is_file()
+    # exported, it is transformers' T5Tokenizer again: the same ids, </s> at the end
+    from transformers import AutoTokenizer
+
+    code, _, err = loom_cli("export", str(tmp_path / "run"), "--format", "hf", str(tmp_path / "hf"))
+    assert code == 0, err
+    assert (tmp_path / "hf" / "spiece.model").read_bytes() == (dirs["spiece.model"] / "spiece.model").read_bytes()
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")(text)["input_ids"] == sp.encode(text) + [EOS]
 
 
 def test_a_tokenizer_seq2seq_cannot_use_is_one_line(tmp_path, loom_cli, t5_dirs):
