@@ -228,9 +228,12 @@ class HFTokenizer(BpeTokenizer):
             hf = HFTok(models.BPE.from_file(str(dir / "vocab.json"), str(dir / "merges.txt")))
             hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             hf.decoder = decoders.ByteLevel()
+        elif (dir / "vocab.txt").is_file():  # a BERT's WordPiece vocabulary alone
+            hf = _bert_wordpiece(dir)
         else:
-            raise DataError(f"{str(dir)!r} holds no tokenizer.json (nor vocab.json + merges.txt, nor T5's "
-                            "spiece.model); loom reads fast (tokenizers-library) and SentencePiece tokenizers")
+            raise DataError(f"{str(dir)!r} holds no tokenizer.json (nor vocab.json + merges.txt, a BERT's "
+                            "vocab.txt or T5's spiece.model); loom reads fast (tokenizers-library) and "
+                            "SentencePiece tokenizers")
         extra = {f: (dir / f).read_text() for f in cls.EXTRA_FILES if (dir / f).is_file()}
         return cls(hf, _eos_token(dir, extra, hf), extra)
 
@@ -336,16 +339,45 @@ class SentencePieceTokenizer(Tokenizer):
 
 def pretrained_tokenizer(dir: str | Path) -> Tokenizer:
     """The tokenizer a Hugging Face model (or tokenizer) directory holds: its ``tokenizer.json`` (or
-    GPT-2's ``vocab.json`` + ``merges.txt``), else its ``spiece.model`` alone (T5's SentencePiece model).
+    GPT-2's ``vocab.json`` + ``merges.txt``, or a BERT's ``vocab.txt``), else its ``spiece.model``
+    alone (T5's SentencePiece model).
 
     Raises:
         DataError: the directory holds none of them (one line).
     """
     dir = Path(dir).expanduser()
-    has_fast = any((dir / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+    has_fast = any((dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt"))
     if not has_fast and (dir / SentencePieceTokenizer.model_file).is_file():
         return SentencePieceTokenizer.from_pretrained_dir(dir)
     return HFTokenizer.from_pretrained_dir(dir)
+
+
+def _bert_wordpiece(dir: Path) -> Any:
+    """A BERT directory's ``vocab.txt`` as the ``tokenizers`` WordPiece tokenizer ``transformers`` makes
+    of it (``BertTokenizerFast``): BERT's normalizer (lowercasing as ``tokenizer_config.json``'s
+    ``do_lower_case`` says, true by default), pre-tokenizer and ``##`` continuations, and
+    ``[CLS] A [SEP] (B [SEP])`` around the text."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+    config = dir / "tokenizer_config.json"
+    options = json.loads(config.read_text()) if config.is_file() else {}
+    special = {k: options.get(f"{k}_token", f"[{k.upper()}]") for k in ("unk", "cls", "sep")}
+    hf = HFTok(models.WordPiece.from_file(str(dir / "vocab.txt"), unk_token=special["unk"]))
+    hf.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=options.get("tokenize_chinese_chars", True),
+        strip_accents=options.get("strip_accents"), lowercase=options.get("do_lower_case", True))
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.decoder = decoders.WordPiece(prefix="##")
+    cls, sep = special["cls"], special["sep"]
+    missing = [t for t in (cls, sep) if hf.token_to_id(t) is None]
+    if missing:
+        raise DataError(f"{str(dir / 'vocab.txt')!r} lacks {', '.join(missing)}; a BERT vocabulary holds its "
+                        "[CLS] and [SEP] tokens")
+    hf.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, hf.token_to_id(cls)), (sep, hf.token_to_id(sep))])
+    return hf
 
 
 def _eos_token(dir: Path, extra: dict[str, str], hf: Any) -> str:
@@ -360,7 +392,10 @@ def _eos_token(dir: Path, extra: dict[str, str], hf: Any) -> str:
         eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
         if isinstance(eos_id, int) and hf.id_to_token(eos_id) is not None:
             return hf.id_to_token(eos_id)
-    return _named_token(extra, "sep_token") or EOS_TOKEN
+    sep = _named_token(extra, "sep_token")
+    if sep is None and hf.token_to_id(EOS_TOKEN) is None and hf.token_to_id(SEP) is not None:
+        sep = SEP  # a BERT vocabulary whose files name no tokens (vocab.txt alone)
+    return sep or EOS_TOKEN
 
 
 def _named_token(extra: dict[str, str], key: str) -> str | None:

@@ -17,7 +17,7 @@ from loom.data.tokenizer import HFTokenizer  # noqa: E402
 from loom.errors import ConfigError  # noqa: E402
 from loom.models import build_model  # noqa: E402
 from loom.models.hf import hf_model_settings  # noqa: E402
-from tests.hf_models import VOCAB, bert_dir, imported  # noqa: E402
+from tests.hf_models import VOCAB, bert_dir, bert_tokenizer, imported  # noqa: E402
 
 TOL = 1e-4
 
@@ -170,3 +170,23 @@ def test_classification_finetuning_of_an_imported_bert_keeps_its_encoder_and_sta
     assert first[0] == special["[CLS]"] and special["[SEP]"] in first.tolist()
     losses = [t.mean_over_replicas(t.train_step(s)[0]).item() for s in range(25)]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_a_bert_directory_with_only_vocab_txt_tokenizes_as_transformers(tmp_path):
+    """Older BERT directories hold ``vocab.txt`` and no ``tokenizer.json``: loom builds the WordPiece
+    tokenizer ``transformers`` builds of it (lowercasing unless ``do_lower_case`` is false)."""
+    from transformers import BertTokenizer
+
+    from loom.data.tokenizer import pretrained_tokenizer
+
+    vocab = bert_tokenizer().get_vocab()
+    (tmp_path / "vocab.txt").write_text("".join(f"{t}\n" for t in sorted(vocab, key=vocab.get)))
+    text = "def F(x): return OS.path  # \u00dcn\u00efcode"
+    encoded = {}
+    for lower in (True, False):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower}))
+        ours, theirs = pretrained_tokenizer(tmp_path), BertTokenizer.from_pretrained(tmp_path, do_lower_case=lower)
+        encoded[lower] = ours.encode(text)
+        assert encoded[lower] == theirs(text, add_special_tokens=False)["input_ids"]
+        assert ours.eos_token == "[SEP]" and ours.special_ids is not None
+    assert encoded[True] != encoded[False]  # the case option is read: the check can fail
