@@ -149,8 +149,9 @@ def _carried(bias: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
 
 
 def _passing(a: torch.Tensor, mask: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> State:
-    """The state a block hands on: with the stack's position bias (a copy, as every carried tensor;
-    contiguous, as a pipeline stage sends it) if any."""
+    """The state a block hands on: with the stack's position bias if any, made contiguous (a pipeline
+    stage sends it; the first attention's bias is a permuted view). The copy is per block: making the
+    bias contiguous once where it is computed would save it (untested, see the module's docstring)."""
     return (a, mask, b) if bias is None else (a, mask, b, bias.clone(memory_format=torch.contiguous_format))
 
 
