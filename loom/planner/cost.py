@@ -278,14 +278,15 @@ def _expert_flops(sh: Shape, i: int) -> float:
 
 def _contended_pipeline(cluster: Cluster, L: Plan, m: int, v: int, cpu_s: float, comm_s: float) -> float:
     """Seconds of a pipeline's m micro-batches on processes that share cores: the schedule in slots of one
-    stage-micro-batch (1/v of a rank's), m·v + pp − 1 of them; in slot j, k = min(j, pp, slots + 1 − j)
-    stages work, and with them k/pp of the node's processes, each slowed by max(1, busy / cores)."""
+    stage-micro-batch (1/v of a rank's), m·v + pp − 1 of them; in slot j, k = min(j, pp, m·v, slots + 1 − j)
+    stages work (no more than there are micro-batches: GPipe may run fewer than pp), and with them k/pp
+    of the node's processes, each slowed by max(1, busy / cores)."""
     acc = cluster.accelerator
     procs = min(L.world_size, acc.devices_per_node)
     slots = m * v + L.pp - 1
     total = 0.0
     for j in range(1, slots + 1):
-        busy = procs * min(j, L.pp, slots + 1 - j) / L.pp
+        busy = procs * min(j, L.pp, m * v, slots + 1 - j) / L.pp
         total += (cpu_s * max(1.0, busy / acc.cores_per_node) + comm_s) / v
     return total
 
