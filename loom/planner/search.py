@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 
 from loom.config import CHOICES, ConfigError, ModelConfig
 from loom.models import n_blocks, spec_of
-from loom.parallel.plan import Plan
+from loom.parallel.plan import Plan, check_schedule
 from loom.parallel.strategy import padded_vocab
 from loom.planner.cost import Estimate, estimate, padded_model, plan_for_batch
 from loom.planner.hardware import Cluster
@@ -192,3 +192,4 @@ def check_fixed(cfg: ModelConfig, plan: Plan, cluster: Cluster, global_batch: in
                           f"{padded_vocab(cfg.vocab_size, plan.tp)}, or leave it out: it is padded for you)")
     if plan.ep > 1 and (not cfg.moe.experts or cfg.moe.experts % plan.ep):
         raise ConfigError(f"--fix ep={plan.ep} must divide the model's experts ({cfg.moe.experts})")
+    check_schedule(plan, cfg)  # what `loom train` refuses: zero-bubble for T5's carried position bias

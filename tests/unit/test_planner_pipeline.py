@@ -59,3 +59,24 @@ def test_a_tie_on_time_prefers_1f1b_over_gpipe_whatever_the_order():
                           for s in ("gpipe", "1f1b"))
     assert gpipe.step_time_s == one_f_one_b.step_time_s and gpipe.fits and one_f_one_b.fits
     assert sorted([gpipe, one_f_one_b], key=rank_key)[0] is one_f_one_b
+
+
+def test_plan_fix_refuses_zero_bubble_for_t5_as_loom_train_does(loom_cli):
+    """T5's relative position bias crosses stages as an output of its table alone, whose gradient the
+    zero-bubble schedule's split backward drops: `loom train` refuses the pair, and so does `loom plan
+    --fix`, with the same line."""
+    from loom.config import ConfigError
+    from loom.parallel.plan import check_plan, resolve_plan
+
+    plan = ["plan", "t5-small", "--cluster", "8xa100-80g", "--global-batch", "64", "--seq", "512", "--fix"]
+    code, out, err = loom_cli(*plan, "dp=4,pp=2,schedule=zero-bubble")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    cfg = load_config(None, ["model=t5-small", "parallel.dp=4", "parallel.pp=2", "parallel.schedule=zero-bubble",
+                             "parallel.virtual_stages=2", "parallel.microbatches=16", "train.batch_size=64"])
+    with pytest.raises(ConfigError) as train_refusal:
+        check_plan(resolve_plan(cfg, 8), cfg, 8)
+    assert err.strip() == f"loom: error: {train_refusal.value}"
+    assert "T5's relative position bias" in err
+    # the schedules it can run, and zero-bubble for a model without the carried bias, are evaluated
+    assert loom_cli(*plan, "dp=4,pp=2,schedule=1f1b")[0] == 0
+    assert loom_cli(*plan, "dp=4,pp=2,schedule=zero-bubble", "model.positions=sinusoidal")[0] == 0
