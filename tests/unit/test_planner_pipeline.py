@@ -80,3 +80,20 @@ def test_plan_fix_refuses_zero_bubble_for_t5_as_loom_train_does(loom_cli):
     # the schedules it can run, and zero-bubble for a model without the carried bias, are evaluated
     assert loom_cli(*plan, "dp=4,pp=2,schedule=1f1b")[0] == 0
     assert loom_cli(*plan, "dp=4,pp=2,schedule=zero-bubble", "model.positions=sinusoidal")[0] == 0
+
+
+@pytest.mark.parametrize(("sp", "sent_bytes"), [(False, 2 * 2**20), (True, 2**20)])
+def test_a_stage_sends_what_each_tp_rank_holds_of_the_stream(sp, sent_bytes):
+    """Under tp=2 the residual stream between blocks is a plain tensor on every rank: the whole (b, s, h)
+    activation without sequence parallelism, half of the sequence with it; each tp rank sends its own
+    to its peer in the next stage. bf16, b=1, s=1024, h=1024: 2 MiB a send, 1 MiB under sp."""
+    from loom.planner.comm import link
+
+    cfg = load_config(None, ["model=gpt2-350m"]).model
+    cluster = parse_cluster("8xa100-80g")
+    plan = plan_for_batch(BATCH, 1, dp=2, tp=2, pp=2, sp=sp)
+    e = estimate(cfg, plan, cluster, BATCH, SEQ)
+    bw, lat = link(cluster, "send_recv", 2, plan.tp * plan.dp)
+    m = plan.microbatches  # 16: one send forward and one backward each
+    assert m == 16 and cfg.n_embd == 1024
+    assert e.time_s["pp_p2p"] == pytest.approx(m * 2 * (sent_bytes / bw + lat))
