@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass, fields
 
-from loom.config import Config, ConfigError
+from loom.config import Config, ConfigError, ModelConfig
 
 # One process per device; its coordinate on each axis. dp is split in two mesh dimensions so that
 # hybrid sharding (shard inside a group, replicate across groups) is the same code as plain ZeRO.
@@ -155,6 +155,18 @@ def resolve_plan(cfg: Config, world_size: int) -> Plan:
     return plan
 
 
+def check_schedule(plan: Plan, model: ModelConfig) -> None:
+    """Raise :class:`ConfigError` when ``model``'s family cannot run ``plan``'s pipeline schedule (the
+    family says why: zero-bubble and T5's carried position bias). ``loom train`` and ``loom plan --fix``
+    both ask here."""
+    from loom.models import spec_of
+
+    why = spec_of(model).no_zero_bubble(model) if plan.pp > 1 and plan.schedule == "zero-bubble" else ""
+    if why:
+        raise ConfigError(f"parallel.schedule=zero-bubble cannot train this model: {why}; "
+                          "use parallel.schedule=1f1b or interleaved")
+
+
 def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
     """Raise :class:`ConfigError` on the first reason ``plan`` cannot train ``cfg`` on
     ``world_size`` processes. Needs no process group and allocates nothing."""
@@ -175,9 +187,7 @@ def check_plan(plan: Plan, cfg: Config, world_size: int | None = None) -> None:
     if plan.sp and spec_of(cfg.model).no_sequence_parallel:
         raise ConfigError(f"parallel.sp=true is not supported for model.arch={cfg.model.arch}: "
                           f"{spec_of(cfg.model).no_sequence_parallel}; use parallel.tp={plan.tp} without sp")
-    if plan.pp > 1 and plan.schedule == "zero-bubble" and spec_of(cfg.model).no_zero_bubble(cfg.model):
-        raise ConfigError(f"parallel.schedule=zero-bubble cannot train this model: "
-                          f"{spec_of(cfg.model).no_zero_bubble(cfg.model)}; use parallel.schedule=1f1b or interleaved")
+    check_schedule(plan, cfg.model)
     if plan.sp and cfg.model.block_size % plan.tp:
         raise ConfigError(f"parallel.sp=true splits the sequence over parallel.tp={plan.tp} ranks, but "
                           f"model.block_size={cfg.model.block_size} is not divisible by it")

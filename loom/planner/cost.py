@@ -13,7 +13,8 @@ compute     FLOPs of the stage's layers (forward, backward = 2× forward, recomp
 tp          per layer and micro-batch, 2 all-reduces forward and 2 backward of the (b, s, h) activation
             (+2 when the forward is recomputed); reduce-scatter + all-gather under sp move the same bytes.
 pp          the bubble, (pp − 1) / v stage-micro-batch times for 1F1B / interleaved / GPipe with v
-            virtual stages (zero-bubble: a third of it), and the activation send/recv between stages.
+            virtual stages (zero-bubble: a third of it), and the activation send/recv between stages
+            (each tp rank sends the whole (b, s, h) activation, or its 1/tp slice under sp).
 dp / ZeRO   the gradient reduction (all-reduce; reduce-scatter + all-gather under ZeRO: the same bytes)
             over the data-parallel group, partly hidden behind the backward (``overlap``); ZeRO-3 adds
             a parameter all-gather per forward and per backward.
@@ -232,7 +233,7 @@ def estimate(cfg: ModelConfig, plan: Plan, cluster: Cluster, global_batch: int, 
     slowest = max(per_stage, key=lambda d: kappa * sum(d[k] for k in cpu_terms) + sum(d[k] for k in comm_terms))
     t_mb = kappa * sum(slowest[k] for k in cpu_terms) + sum(slowest[k] for k in comm_terms)
     # send forward, receive backward: every tensor a stage hands on (an encoder-decoder's: memory and target)
-    p2p = (2 * sh.stage_tensors * act / L.tp / pp_bw + 2 * pp_lat) * v if L.pp > 1 else 0.0
+    p2p = (2 * sh.stage_tensors * stage_send_bytes(act, L) / pp_bw + 2 * pp_lat) * v if L.pp > 1 else 0.0
     time = {k: slowest[k] * m * (kappa if k in cpu_terms else 1.0) for k in (*cpu_terms, *comm_terms)}
     if L.pp == 1:
         time["pp_bubble"] = 0.0
@@ -270,6 +271,15 @@ def estimate(cfg: ModelConfig, plan: Plan, cluster: Cluster, global_batch: int, 
         params_per_device=int(dense_dev + expert_dev))
 
 
+def stage_send_bytes(act: float, L: Plan) -> float:
+    """Bytes each device sends to the next pipeline stage per tensor handed on, of a (b, s, h) activation
+    of ``act`` bytes: the residual stream is a plain tensor (:mod:`loom.parallel.tensor`), this rank's
+    1/tp slice of the sequence under sequence parallelism, else the whole of it on every tp rank, and
+    each tp rank sends its own to its peer in the next stage (no scatter before the send and all-gather
+    after it, Megatron-LM's optimization)."""
+    return act / L.tp if L.sp else act
+
+
 def _expert_flops(sh: Shape, i: int) -> float:
     """Forward FLOPs per token of block ``i``'s experts: each token meets k of the E experts."""
     k = sh.moe_tokens_per_layer[i]
@@ -278,14 +288,15 @@ def _expert_flops(sh: Shape, i: int) -> float:
 
 def _contended_pipeline(cluster: Cluster, L: Plan, m: int, v: int, cpu_s: float, comm_s: float) -> float:
     """Seconds of a pipeline's m micro-batches on processes that share cores: the schedule in slots of one
-    stage-micro-batch (1/v of a rank's), m·v + pp − 1 of them; in slot j, k = min(j, pp, slots + 1 − j)
-    stages work, and with them k/pp of the node's processes, each slowed by max(1, busy / cores)."""
+    stage-micro-batch (1/v of a rank's), m·v + pp − 1 of them; in slot j, k = min(j, pp, m·v, slots + 1 − j)
+    stages work (no more than there are micro-batches: GPipe may run fewer than pp), and with them k/pp
+    of the node's processes, each slowed by max(1, busy / cores)."""
     acc = cluster.accelerator
     procs = min(L.world_size, acc.devices_per_node)
     slots = m * v + L.pp - 1
     total = 0.0
     for j in range(1, slots + 1):
-        busy = procs * min(j, L.pp, slots + 1 - j) / L.pp
+        busy = procs * min(j, L.pp, m * v, slots + 1 - j) / L.pp
         total += (cpu_s * max(1.0, busy / acc.cores_per_node) + comm_s) / v
     return total
 

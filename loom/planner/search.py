@@ -6,6 +6,18 @@ and of the heads and FFN width, so tensor parallelism stays on the fast links; p
 blocks; ep a divisor of the experts), ZeRO stage, recomputation, sequence parallelism, micro-batch
 size, pipeline schedule and virtual stages. A few thousand candidates for thousands of devices: the
 cost model is closed-form, so the whole search takes seconds.
+
+Pipeline schedules searched (:func:`schedules`): 1F1B, interleaved with 2–4 virtual stages, and GPipe.
+GPipe is predicted as fast as 1F1B (the same bubble) and holds every micro-batch's activations, not
+pp of them; it is searched because it is the one schedule the engine runs with fewer micro-batches
+than stages. Zero-bubble is not searched: the cost model prices it only roughly (ZB-H1's third of the
+bubble on top of two stages per rank; the interleaved schedule's activations), no measured run checks
+that price, and it would win every pipeline layout on it. ``--fix schedule=zero-bubble`` evaluates it.
+
+Ranking (:func:`rank_key`): layouts that fit first, then by predicted step time; at equal time the
+schedule earlier in :data:`SCHEDULE_PREFERENCE` (1F1B above GPipe, which ties with it on time and never
+holds less), and then the order of enumeration (the smaller ZeRO stage, micro-batch and recomputation
+first: the simpler layout, where the cost model sees no difference).
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ from dataclasses import dataclass, fields
 
 from loom.config import CHOICES, ConfigError, ModelConfig
 from loom.models import n_blocks, spec_of
-from loom.parallel.plan import Plan
+from loom.parallel.plan import Plan, check_schedule
 from loom.parallel.strategy import padded_vocab
 from loom.planner.cost import Estimate, estimate, padded_model, plan_for_batch
 from loom.planner.hardware import Cluster
@@ -23,6 +35,8 @@ from loom.planner.shape import model_shape
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 RECOMPUTE = CHOICES["parallel.recompute"]
 SCHEDULES = CHOICES["parallel.schedule"]
+# at equal predicted time, the schedule preferred: fewest micro-batches in flight first
+SCHEDULE_PREFERENCE = ("1f1b", "interleaved", "zero-bubble", "gpipe")
 
 
 def _divisors(n: int) -> list[int]:
@@ -33,6 +47,18 @@ def _divisors(n: int) -> list[int]:
 class Candidate:
     plan: Plan
     vocab_size: int = 0  # the vocabulary padded for tp (0: the model's own)
+
+
+def schedules(pp: int, microbatches: int, blocks: int) -> list[tuple[str, int]]:
+    """The (schedule, virtual stages) the engine runs for ``pp`` ranks, ``microbatches`` per step and
+    ``blocks`` blocks: 1F1B with at least pp micro-batches; interleaved with v = 2, 3, 4 where pp·v
+    divides the blocks and pp the micro-batches; GPipe always (the only one with fewer than pp)."""
+    if pp == 1:
+        return [("1f1b", 1)]
+    if microbatches < pp:
+        return [("gpipe", 1)]
+    out = [("1f1b", 1)] + [("interleaved", v) for v in (2, 3, 4) if not blocks % (pp * v) and not microbatches % pp]
+    return out + [("gpipe", 1)]
 
 
 def candidates(cfg: ModelConfig, cluster: Cluster, global_batch: int) -> list[Candidate]:
@@ -59,12 +85,9 @@ def candidates(cfg: ModelConfig, cluster: Cluster, global_batch: int) -> list[Ca
                     continue
                 for mb in MICRO_BATCHES:
                     per_replica = global_batch // replicas
-                    if per_replica % mb or (pp > 1 and per_replica // mb < pp):
+                    if per_replica % mb:
                         continue
-                    schedules = [("1f1b", 1)] if pp == 1 else [("1f1b", 1)] + [("interleaved", v) for v in (2, 3, 4)]
-                    for schedule, v in schedules:
-                        if v > 1 and (blocks % (pp * v) or (per_replica // mb) % pp):
-                            continue
+                    for schedule, v in schedules(pp, per_replica // mb, blocks):
                         for zero in ((0, 1, 2, 3) if replicas > 1 else (0,)):
                             for recompute in RECOMPUTE:
                                 plan = plan_for_batch(global_batch, mb, dp=dp, tp=tp, pp=pp, ep=ep,
@@ -87,7 +110,14 @@ def search(cfg: ModelConfig, cluster: Cluster, global_batch: int, seq: int) -> l
             shapes[c.vocab_size] = model_shape(padded_model(cfg, c.vocab_size), seq)
         estimates.append(estimate(cfg, c.plan, cluster, global_batch, seq, shape=shapes[c.vocab_size],
                                   vocab_size=c.vocab_size))
-    return sorted(estimates, key=lambda e: (not e.fits, e.step_time_s))
+    return sorted(estimates, key=rank_key)
+
+
+def rank_key(e: Estimate) -> tuple:
+    """The search's order (a stable sort keeps the enumeration's order beyond it): fitting first, fastest
+    first, and at equal time the schedule earlier in :data:`SCHEDULE_PREFERENCE` (1F1B before GPipe,
+    which ties with it on time and holds at least as many micro-batches' activations)."""
+    return (not e.fits, e.step_time_s, SCHEDULE_PREFERENCE.index(e.plan.schedule))
 
 
 FIX_KEYS = ("dp", "tp", "pp", "ep", "sp", "zero", "recompute", "schedule", "virtual_stages", "micro_batch",
@@ -162,3 +192,4 @@ def check_fixed(cfg: ModelConfig, plan: Plan, cluster: Cluster, global_batch: in
                           f"{padded_vocab(cfg.vocab_size, plan.tp)}, or leave it out: it is padded for you)")
     if plan.ep > 1 and (not cfg.moe.experts or cfg.moe.experts % plan.ep):
         raise ConfigError(f"--fix ep={plan.ep} must divide the model's experts ({cfg.moe.experts})")
+    check_schedule(plan, cfg)  # what `loom train` refuses: zero-bubble for T5's carried position bias
