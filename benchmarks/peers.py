@@ -45,12 +45,12 @@ litgpt is a peer of the Llama family only: its ``GPT`` has no learned absolute p
 
 Every step: forward on (batch, seq) random tokens, mean next-token cross-entropy in fp32, backward,
 ``clip_grad_norm_(1.0)``, AdamW (torch's fused kernel, as loom's; weight decay on matrices) and
-``zero_grad``. Precisions: fp32, and bf16 autocast over fp32 weights. ``--compile``: loom compiles its
-model's module as its step would (``torch.compile`` of the parallelized model), the peers
-``torch.compile`` their whole model. The implementations run in interleaved rounds (round r times every
-implementation in turn), so a slow stretch of a shared machine hits all of them alike; the table
-reports each one's median tokens/s over rounds with the min–max spread, and loom's ratio to the
-fastest peer. Writes JSON (``--out``), one row per family, shape, precision and eager/compiled.
+``zero_grad``. Precisions: fp32, and bf16 autocast over fp32 weights. ``--compile``: loom compiles as
+``train.compile=true`` does (each block, inductor), the peers ``torch.compile`` their whole model. The
+implementations run in interleaved rounds (round r times every implementation in turn), so a slow
+stretch of a shared machine hits all of them alike; the table reports each one's median tokens/s over
+rounds with the min–max spread, and loom's ratio to the fastest peer. Writes JSON (``--out``), one row
+per family, shape, precision and eager/compiled.
 """
 
 from __future__ import annotations
@@ -192,9 +192,7 @@ def loom_step(family: str, shape, precision: str, compile_: bool):
                              "model.dropout=0.0", f"train.precision={precision}", "train.weight_decay=0.1",
                              "train.beta2=0.95"])
     pm = parallelize(build_model(cfg.model), Plan(), None, spec=spec_of(cfg.model), loss_fn=lm_loss,
-                     device=torch.device("cpu"), seed=0)
-    if compile_:
-        pm.modules[0] = torch.compile(pm.modules[0])
+                     device=torch.device("cpu"), seed=0, compile="inductor" if compile_ else None)
     (opt,) = build_optimizers(pm, cfg.train)
 
     def step(x, y):

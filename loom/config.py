@@ -80,6 +80,10 @@ class TrainConfig:
     run_dir: Optional[str] = None  # None: runs/<time>-<preset>
     progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | none
     tensorboard: bool = True  # also write the logged metrics as TensorBoard event files in RUN/tensorboard/
+    # torch.compile each block (torchtitan's granularity; docs/parallelism.md "Compiling"): the same
+    # losses, faster steps after the first ones, which pay for the compilation
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: trace without generating code)
     # start from these weights: a loom run directory (docs/encoders.md) or a Hugging Face model directory
     # (docs/huggingface.md)
     init_from: Optional[str] = None
@@ -393,6 +397,13 @@ def _validate_train(t: TrainConfig) -> None:
         _check("train.label_smoothing", t.label_smoothing, 0.0, 1.0, high_open=True)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device={t.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
+    if t.compile:
+        from torch._dynamo import list_backends  # only when asked: importing dynamo takes a second
+
+        if t.compile_backend not in list_backends(exclude_tags=()):  # debugging backends (aot_eager) too
+            usual = ["aot_eager", *list_backends()]
+            raise ConfigError(f"train.compile_backend={t.compile_backend!r} is not a torch.compile backend; "
+                              f"choose e.g. one of: {', '.join(usual)}" + _did_you_mean(t.compile_backend, usual))
 
 
 def _validate_finetuning(cfg: Config) -> None:

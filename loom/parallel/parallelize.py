@@ -1,7 +1,7 @@
 """The one place that applies a :class:`Plan` to a model, in a fixed order (as torchtitan does):
 
-    pipeline split -> tensor/sequence parallel -> expert parallel -> recomputation -> data parallel / ZeRO
-    -> allocate on the device -> initialize each parameter (or its shard) from the seed
+    pipeline split -> tensor/sequence parallel -> expert parallel -> recomputation -> compilation
+    -> data parallel / ZeRO -> allocate on the device -> initialize each parameter (or its shard) from the seed
 
 The model arrives on the meta device, written for one device, with its family's spec (what its
 modules are: :class:`~loom.models.spec.ModelSpec`) and the task's loss; what comes back is a
@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from loom.models import ModelSpec
 from loom.models.common import STAT_FIELDS, at_least_fp32, moe_layers
+from loom.parallel.compile import apply_compile
 from loom.parallel.data import apply_data_parallel, apply_replicate, set_gradient_sync
 from loom.parallel.expert import apply_expert_parallel, expert_grad_factor
 from loom.parallel.mesh import dense_data_mesh, expert_data_mesh, is_distributed
@@ -241,13 +242,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh | None, *, spec: ModelSpec, loss_fn: LossFn,
                 device: torch.device, seed: int, mixed_precision: torch.dtype | None = None,
-                materialize: bool = True) -> ParallelModel:
+                materialize: bool = True, compile: str | None = None) -> ParallelModel:
     """Apply ``plan`` to the meta-device ``model`` (of the family ``spec``) on ``mesh`` and initialize
     it from ``seed``. ``loss_fn(outputs, targets)``: the task's mean loss. ``mixed_precision``: the
     dtype the forward computes in under autocast (bf16, fp16), which data parallelism then gathers
     parameters in; None: the parameters' own. ``materialize=False`` stops before allocating: the
     parameters stay on the meta device (sharded as the plan says), for counting what each rank would
-    hold (:mod:`loom.planner.verify`)."""
+    hold (:mod:`loom.planner.verify`). ``compile``: a ``torch.compile`` backend to compile each
+    block with (:mod:`loom.parallel.compile`); None: eager."""
     split, sharding = spec.pipeline_split(model.cfg), spec.sharding
     pm = ParallelModel(plan=plan, mesh=mesh, device=device, loss_fn=loss_fn, modules=[model],
                        moe_names=tuple(name for name, _ in moe_layers(model)))
@@ -257,6 +259,8 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh | None, *, spec: 
         strategies = resolve_strategies(model, sharding.table, dict(plan.strategies), plan.tp, plan.dp)
     if mesh is None or plan.world_size == 1:
         apply_recompute(getattr(model, split.blocks), plan.recompute, plan.recompute_every)
+        if compile:
+            apply_compile(getattr(model, split.blocks), compile)
         if materialize:
             _materialize(pm.modules, device, seed, tie=model.tie_weights)
         return pm
@@ -286,6 +290,8 @@ def parallelize(model: nn.Module, plan: Plan, mesh: DeviceMesh | None, *, spec: 
 
     for m in pm.modules:
         apply_recompute(getattr(m, split.blocks), plan.recompute, plan.recompute_every)
+        if compile:
+            apply_compile(getattr(m, split.blocks), compile)
 
     if plan.data_parallel > 1 and not plan.replicated_dp:
         # the zero-bubble schedule splits each backward in two; FSDP must keep the parameters

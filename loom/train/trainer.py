@@ -152,7 +152,8 @@ class Trainer:
         model = prepare_for_finetuning(build_model(cfg.model), t)  # LoRA adapters, frozen parameters
         self.model: ParallelModel = parallelize(
             model.to(param_dtype(t.precision)), plan, mesh, spec=spec, loss_fn=self.task.loss,
-            device=self.device, seed=t.seed, mixed_precision=compute_dtype(t.precision))
+            device=self.device, seed=t.seed, mixed_precision=compute_dtype(t.precision),
+            compile=t.compile_backend if t.compile else None)
         self.step = TrainingStep(self.model, self.task, plan, t, self.replica, self.device)
         self.interval = Interval()
         self.start_step = self._resume() if resume else 0

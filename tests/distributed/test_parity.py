@@ -80,6 +80,18 @@ SMOKE_LAYOUTS = {
     "ep2": ("switch", ["parallel.ep=2"]),
 }
 SMOKE_TOLERANCE = {"fp32": dict(loss_rtol=2e-6, matrix_rtol=1e-4), "bf16": dict(loss_rtol=1e-3, matrix_rtol=0.1)}
+# Blocks compiled by torch.compile (train.compile) under each kind of layout: FSDP gathering around
+# compiled blocks, DTensor operators and selective recomputation inside them, a compiled pipeline stage.
+# The aot_eager backend traces the same graphs (dynamo, AOTAutograd's joint forward/backward) without
+# generating code, so the comparison stays float64-exact and cheap; inductor's own code is checked once,
+# in one process (tests/unit/test_compile.py).
+COMPILE = ["train.compile=true", "train.compile_backend=aot_eager"]
+COMPILED = {
+    "dp2_zero3_compiled": ["parallel.dp=2", "parallel.zero=3", *COMPILE],
+    "tp2_sp_recompute_selective_compiled": ["parallel.tp=2", "parallel.sp=true", "parallel.recompute=selective",
+                                            *COMPILE],
+    "pp2_1f1b_compiled": ["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=2", *COMPILE],
+}
 # Two layouts broken on purpose (tests/distributed/parity.py: SABOTAGE): the check must fail on each.
 BROKEN = {
     "tp2_bias_on_every_rank": ["parallel.tp=2", "sabotage:bias_on_every_rank"],
@@ -97,7 +109,7 @@ def _cases(world: int) -> list[tuple[str, list[str]]]:
     cases = [(m, layout) for m in MODELS for layout in LAYOUTS[world].values()]
     cases += [(m, layout) for m, by_world in MORE_MODELS.items() for layout in by_world.get(world, {}).values()]
     if world == 2:  # the same processes also run the precision checks and the broken layouts
-        cases += _smoke_cases() + [("gpt", layout) for layout in BROKEN.values()]
+        cases += _smoke_cases() + [("gpt", layout) for layout in [*COMPILED.values(), *BROKEN.values()]]
     return cases
 
 
@@ -128,7 +140,7 @@ def _results_of(model: str, layout: list[str], world: int, job: dict | None = No
     """(the layout's result, the one-process reference with the layout's other settings, e.g.
     train.grad_accum or train.precision); two and four ranks' results come from the session's job of
     that world size (``job``), eight ranks' from a start of their own."""
-    ref = _reference(model, *(o for o in layout if not o.startswith(("parallel.", "sabotage:"))))
+    ref = _reference(model, *(o for o in layout if not o.startswith(("parallel.", "sabotage:", "train.compile"))))
     ranks = _eight_ranks() if world == 8 else job["test_parity"]
     return merge_ranks(list(ranks), (model, *layout)), ref
 
@@ -171,6 +183,11 @@ def test_production_precision_layout_matches_single_process(name, precision, two
     if precision == "bf16" and model == "switch":
         tolerance["matrix_rtol"] = None  # routing near ties follows the rounding: the losses are compared
     assert_matches_roughly(got, ref, **tolerance)
+
+
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_compiled_layout_matches_eager_single_process(name, two_rank_job):
+    _check("gpt", COMPILED[name], 2, two_rank_job)
 
 
 @pytest.mark.parametrize("name", list(BROKEN))
