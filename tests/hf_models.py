@@ -157,6 +157,23 @@ def t5_spiece(path: Path, texts: list[str], vocab_size: int = 120) -> None:
     (Path(path) / "spiece.model").write_bytes(model.getvalue())
 
 
+def llama_spm(path: Path, texts: list[str], vocab_size: int = 300) -> None:
+    """A SentencePiece BPE model trained on ``texts`` with Llama's layout and options (``<unk>`` 0, ``<s>`` 1,
+    ``</s>`` 2, no padding piece; byte fallback, digits split, text kept as it is) written as
+    ``path/tokenizer.model``, as the original Llama and Llama-2 directories hold it."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, split_digits=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
+                                   num_threads=1)
+    (Path(path) / "tokenizer.model").write_bytes(model.getvalue())
+
+
 def t5_dir(path: Path, texts: list[str], seed: int = 0, v1_1: bool = False, own_head: bool = True, n_layer: int = 2,
            decoder_layers: int = 3, n_embd: int = 32, n_head: int = 4):
     """A random ``T5ForConditionalGeneration`` and its tokenizer saved into ``path``; returns the model

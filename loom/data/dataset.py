@@ -123,7 +123,8 @@ def cache_key(
 
 
 def tokenizer_fingerprint(dir: str | Path) -> str:
-    """Return the sha1 hex digest of the model file of the tokenizer saved in ``dir``.
+    """Return the sha1 hex digest of the model file of the tokenizer saved in ``dir`` (and, for a Llama's
+    ``tokenizer.model``, of its ``add_bos_token``/``add_eos_token``).
 
     Two tokenizer folders with the same fingerprint encode text identically.
 
@@ -139,7 +140,10 @@ def tokenizer_fingerprint(dir: str | Path) -> str:
     except (OSError, ValueError, KeyError, TypeError) as e:
         detail = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{str(dir)!r} is not a tokenizer folder ({detail})") from None
-    return hashlib.sha1(model).hexdigest()
+    digest = hashlib.sha1(model)
+    if "add_bos_token" in meta:  # a Llama's tokenizer.model: what it adds around each text is part of its encoding
+        digest.update(json.dumps([meta["add_bos_token"], meta.get("add_eos_token")]).encode())
+    return digest.hexdigest()
 
 
 def _load_given_tokenizer(dir: Path) -> tuple[Tokenizer, str]:
@@ -222,10 +226,12 @@ def _encode_corpus(
     with path.open("wb") as f:
         for chunk in _chunks(docs, _ENCODE_CHUNK_DOCS):
             flat: list[int] = []
+            ended = getattr(tokenizer, "add_eos", False)  # a Llama tokenizer.model's add_eos_token: eos is there
             for ids in tokenizer.encode_batch(chunk):
                 flat.extend(ids)
-                flat.append(tokenizer.eos_id)
-                lengths.append(len(ids) + 1)
+                if not ended:
+                    flat.append(tokenizer.eos_id)
+                lengths.append(len(ids) + (not ended))
             np.asarray(flat, dtype=dtype).tofile(f)
     return np.asarray(lengths, dtype=np.int64)
 

@@ -26,8 +26,10 @@ Two kinds are supported:
 ``hf`` and ``sentencepiece``
     A tokenizer that came with a model (``train.init_from``, ``data.tokenizer=DIR``):
     the directory's ``tokenizer.json`` read by ``tokenizers`` (:class:`HFTokenizer`),
-    or, where it holds only T5's ``spiece.model``, that SentencePiece model read by
-    ``sentencepiece`` (:class:`SentencePieceTokenizer`). They are loaded, not trained.
+    or, where it holds only T5's ``spiece.model`` or a Llama's ``tokenizer.model``, that
+    SentencePiece model read by ``sentencepiece`` (:class:`SentencePieceTokenizer`,
+    :class:`LlamaSentencePieceTokenizer`, which starts each text with ``<s>`` as ``transformers``'
+    ``LlamaTokenizer`` does). They are loaded, not trained.
 
 All reserve the special token ``<|endoftext|>`` (:data:`EOS_TOKEN`), which is
 appended after every document when a corpus is tokenized. Literal occurrences
@@ -100,7 +102,8 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
-        """Return the token ids of ``text`` (no special tokens added)."""
+        """Return the token ids of ``text`` (no special tokens added, but by a Llama's SentencePiece
+        model: ``<s>`` first, as ``transformers``' ``LlamaTokenizer``)."""
 
     @abstractmethod
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -232,8 +235,8 @@ class HFTokenizer(BpeTokenizer):
             hf = _bert_wordpiece(dir)
         else:
             raise DataError(f"{str(dir)!r} holds no tokenizer.json (nor vocab.json + merges.txt, a BERT's "
-                            "vocab.txt or T5's spiece.model); loom reads fast (tokenizers-library) and "
-                            "SentencePiece tokenizers")
+                            "vocab.txt, T5's spiece.model or a Llama's tokenizer.model); loom reads fast "
+                            "(tokenizers-library) and SentencePiece tokenizers")
         extra = {f: (dir / f).read_text() for f in cls.EXTRA_FILES if (dir / f).is_file()}
         return cls(hf, _eos_token(dir, extra, hf), extra)
 
@@ -300,9 +303,9 @@ class SentencePieceTokenizer(Tokenizer):
         return cls._checked(Path(path))
 
     @classmethod
-    def _checked(cls, path: Path) -> SentencePieceTokenizer:
+    def _checked(cls, path: Path, **flags: bool) -> Any:
         try:
-            return cls(path.read_bytes())
+            return cls(path.read_bytes(), **flags)
         except (RuntimeError, OSError) as e:  # not a SentencePiece model
             detail = " ".join(str(e).split()) or type(e).__name__
             raise DataError(f"{str(path)!r} is not a SentencePiece model ({detail})") from None
@@ -337,10 +340,70 @@ class SentencePieceTokenizer(Tokenizer):
         path.write_bytes(self._proto)
 
 
+class LlamaSentencePieceTokenizer(SentencePieceTokenizer):
+    """A Llama's SentencePiece BPE model as the original Llama and Llama-2 releases (and many
+    fine-tunes) bring it alone (``tokenizer.model``, no ``tokenizer.json``), with ``transformers``'
+    ``LlamaTokenizer`` conventions: ``<s>`` starts every encoded text (``add_bos_token``, true unless
+    ``tokenizer_config.json`` says otherwise), ``</s>`` ends it only where ``add_eos_token`` says so,
+    and ``</s>`` ends a document; no padding piece. Unknown characters become bytes where the model
+    was trained with byte fallback (sentencepiece reads that from the model)."""
+
+    model_file = "tokenizer.model"
+
+    def __init__(self, model_proto: bytes, add_bos: bool = True, add_eos: bool = False) -> None:
+        super().__init__(model_proto)
+        if add_bos and self._sp.bos_id() < 0:
+            raise DataError("the SentencePiece model has no beginning-of-sequence piece (bos_id), which "
+                            "add_bos_token asks for")
+        self.add_bos, self.add_eos = bool(add_bos), bool(add_eos)
+
+    @classmethod
+    def from_pretrained_dir(cls, dir: Path) -> LlamaSentencePieceTokenizer:
+        """``dir/tokenizer.model``, with ``add_bos_token``/``add_eos_token`` from the directory's
+        ``tokenizer_config.json`` when it names them (``transformers``' defaults, true and false, if not)."""
+        config_path = Path(dir) / "tokenizer_config.json"
+        try:
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise DataError(f"{str(config_path)!r} is not JSON ({e})") from None
+        for key in ("add_bos_token", "add_eos_token"):
+            if not isinstance(config.get(key, False), bool):
+                raise DataError(f"{str(config_path)!r}: {key} must be true or false, got {config[key]!r}")
+        flags = {"add_bos": config.get("add_bos_token", True), "add_eos": config.get("add_eos_token", False)}
+        return cls._checked(Path(dir) / cls.model_file, **flags)
+
+    @classmethod
+    def load(cls, path: Path) -> LlamaSentencePieceTokenizer:
+        meta = json.loads((Path(path).parent / META_FILE).read_text())
+        return cls._checked(Path(path), add_bos=meta.get("add_bos_token", True),
+                            add_eos=meta.get("add_eos_token", False))
+
+    @property
+    def bos_id(self) -> int:
+        """The id of ``<s>``, which starts every encoded text where ``add_bos`` is true."""
+        return int(self._sp.bos_id())
+
+    def special_tokens(self) -> dict[str, str]:
+        ids = {"bos_token": self._sp.bos_id(), "eos_token": self._sp.eos_id(), "unk_token": self._sp.unk_id()}
+        return {k: self._sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text, add_bos=self.add_bos, add_eos=self.add_eos))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._sp.encode(list(texts), add_bos=self.add_bos, add_eos=self.add_eos)]
+
+    def save(self, dir: Path) -> None:
+        super().save(dir)
+        meta = {"kind": self.kind, "model_file": self.model_file, "add_bos_token": self.add_bos,
+                "add_eos_token": self.add_eos}
+        (Path(dir) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def pretrained_tokenizer(dir: str | Path) -> Tokenizer:
     """The tokenizer a Hugging Face model (or tokenizer) directory holds: its ``tokenizer.json`` (or
     GPT-2's ``vocab.json`` + ``merges.txt``, or a BERT's ``vocab.txt``), else its ``spiece.model``
-    alone (T5's SentencePiece model).
+    alone (T5's SentencePiece model) or its ``tokenizer.model`` alone (a Llama's).
 
     Raises:
         DataError: the directory holds none of them (one line).
@@ -349,6 +412,8 @@ def pretrained_tokenizer(dir: str | Path) -> Tokenizer:
     has_fast = any((dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt"))
     if not has_fast and (dir / SentencePieceTokenizer.model_file).is_file():
         return SentencePieceTokenizer.from_pretrained_dir(dir)
+    if not has_fast and (dir / LlamaSentencePieceTokenizer.model_file).is_file():
+        return LlamaSentencePieceTokenizer.from_pretrained_dir(dir)
     return HFTokenizer.from_pretrained_dir(dir)
 
 
@@ -672,7 +737,10 @@ def load_tokenizer(dir: Path) -> Tokenizer:
         raise DataError(f"no tokenizer in {str(dir)!r} (missing {META_FILE})")
     meta = json.loads(meta_path.read_text())
     if meta["kind"] in (HFTokenizer.kind, SentencePieceTokenizer.kind):  # loaded, never trained
-        loaded = HFTokenizer if meta["kind"] == HFTokenizer.kind else SentencePieceTokenizer
+        loaded: type[HFTokenizer | SentencePieceTokenizer] = HFTokenizer
+        if meta["kind"] == SentencePieceTokenizer.kind:  # T5's spiece.model or a Llama's tokenizer.model
+            llama = meta["model_file"] == LlamaSentencePieceTokenizer.model_file
+            loaded = LlamaSentencePieceTokenizer if llama else SentencePieceTokenizer
         return loaded.load(Path(dir) / meta["model_file"])
     cls = _tokenizer_class(meta["kind"])
     return cls.load(Path(dir) / meta["model_file"])

@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
 from loom.data import load_tokenizer
-from loom.data.tokenizer import BpeTokenizer, HFTokenizer, SentencePieceTokenizer
+from loom.data.tokenizer import BpeTokenizer, HFTokenizer, LlamaSentencePieceTokenizer, SentencePieceTokenizer
 from loom.errors import RunError
 from loom.files import write_text_atomic
 from loom.models import build_model
@@ -172,7 +172,8 @@ def _write_metadata(tmp: Path, config: dict, dtype: torch.dtype, tokenizer, bloc
     """config.json, the tokenizer files and ``loom_export.json`` (the run and the step)."""
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if tokenizer is not None:
-        config.update({"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id})
+        bos = tokenizer.bos_id if isinstance(tokenizer, LlamaSentencePieceTokenizer) else tokenizer.eos_id
+        config.update({"bos_token_id": bos, "eos_token_id": tokenizer.eos_id})
     write_text_atomic(tmp / "config.json", json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         _write_tokenizer(tokenizer, tmp, block_size)
@@ -217,7 +218,14 @@ def _read(ckpt: Path, names: list[str], shapes: dict, dtype: torch.dtype, lora) 
 def _write_tokenizer(tokenizer, out: Path, block_size: int) -> None:
     """tokenizer.json and, unless the imported directory brought its own, a tokenizer_config.json
     that makes it a ``PreTrainedTokenizerFast`` with loom's end-of-document token; a SentencePiece
-    model (T5's ``spiece.model`` alone) as it came, with a ``tokenizer_config.json`` naming ``T5Tokenizer``."""
+    model (T5's ``spiece.model`` alone) as it came, with a ``tokenizer_config.json`` naming ``T5Tokenizer``
+    (a Llama's ``tokenizer.model``: ``LlamaTokenizer``, with its ``add_bos_token``/``add_eos_token``)."""
+    if isinstance(tokenizer, LlamaSentencePieceTokenizer):
+        tokenizer._write_model(out / LlamaSentencePieceTokenizer.model_file)
+        config = {"tokenizer_class": "LlamaTokenizer", "model_max_length": block_size,
+                  "add_bos_token": tokenizer.add_bos, "add_eos_token": tokenizer.add_eos, **tokenizer.special_tokens()}
+        write_text_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        return
     if isinstance(tokenizer, SentencePieceTokenizer):
         tokenizer._write_model(out / SentencePieceTokenizer.model_file)
         config = {"tokenizer_class": "T5Tokenizer", "model_max_length": block_size, "extra_ids": 0,

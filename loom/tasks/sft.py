@@ -74,7 +74,7 @@ class SFT(Task):
                               "records")
         tok = data.tokenizer
         records = read_records(source)
-        pairs = [(tok.encode(p), tok.encode(r) + [tok.eos_id]) for p, r in records]
+        pairs = [_pair_ids(tok, p, r) for p, r in records]
         every = max(2, round(1 / data.meta.get("val_fraction", 0.01)))
         held = [i % every == every - 1 for i in range(len(pairs))]
         if not any(held) and len(pairs) >= 2:
@@ -121,3 +121,13 @@ class SFT(Task):
 
     def metrics(self, loss_sum: float, units: int) -> dict:
         return lm_metrics(loss_sum, units)
+
+
+def _pair_ids(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """The ids of a prompt and of its response, which continues it and ends the document. A tokenizer that
+    starts every text with ``<s>`` and ends it with ``</s>`` where ``add_eos_token`` says so (a Llama's
+    ``tokenizer.model``) starts the record once and ends it once: ``<s> prompt response </s>``."""
+    p, r = tok.encode(prompt), tok.encode(response)
+    if getattr(tok, "add_bos", False):
+        r = r[1:]
+    return (p[:-1], r) if getattr(tok, "add_eos", False) else (p, r + [tok.eos_id])
