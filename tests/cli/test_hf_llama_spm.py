@@ -127,3 +127,19 @@ def test_sft_starts_a_record_once_and_ends_it_once(add_eos, llama, tmp_path):
     (prompt, response), row = records[0], task.train_x[0].tolist()
     ids = [BOS] + sp.encode(prompt) + sp.encode(response) + [EOS]
     assert row[: len(ids)] == ids and row[len(ids):] == [EOS] * (32 - len(ids))  # </s> pads
+
+
+@pytest.mark.parametrize("spoil, fragment", [
+    ("model", "is not a SentencePiece model"),
+    ("config", "add_bos_token must be true or false, got 'yes'"),
+])
+def test_a_bad_tokenizer_model_or_flag_is_one_line(spoil, fragment, llama, tmp_path, loom_cli):
+    path = tmp_path / "llama"
+    shutil.copytree(llama, path)
+    if spoil == "model":
+        (path / "tokenizer.model").write_bytes(b"not a model")
+    else:
+        (path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": "yes"}))
+    code, _, err = loom_cli("import", str(path), "--out", str(tmp_path / "run"))
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
