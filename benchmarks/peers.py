@@ -47,10 +47,12 @@ Every step: forward on (batch, seq) random tokens, mean next-token cross-entropy
 ``clip_grad_norm_(1.0)``, AdamW (torch's fused kernel, as loom's; weight decay on matrices) and
 ``zero_grad``. Precisions: fp32, and bf16 autocast over fp32 weights. ``--compile``: loom compiles as
 ``train.compile=true`` does (each block, inductor), the peers ``torch.compile`` their whole model. The
-implementations run in interleaved rounds (round r times every implementation in turn), so a slow
-stretch of a shared machine hits all of them alike; the table reports each one's median tokens/s over
-rounds with the min–max spread, and loom's ratio to the fastest peer. Writes JSON (``--out``), one row
-per family, shape, precision and eager/compiled.
+implementations run interleaved step by step (each round times step 1 of every implementation, then
+step 2, ...), so a slow stretch of a shared machine hits all of them alike; the table reports each
+one's median tokens/s over rounds with the min–max spread, loom's ratio to the fastest peer's median,
+and the median (min–max) over rounds of loom's ratio to that round's fastest peer, the figure the
+machine's drift cancels out of. Writes JSON (``--out``), one row per family, shape, precision and
+eager/compiled.
 """
 
 from __future__ import annotations
@@ -203,6 +205,7 @@ def loom_step(family: str, shape, precision: str, compile_: bool):
         opt.zero_grad(set_to_none=True)
 
     step.params = sum(p.numel() for p in pm.parameters())
+    step.model = pm
     return step
 
 
@@ -330,23 +333,30 @@ def main() -> None:
                             steps[i](x, y)
                     per_round: dict[str, list[float]] = {i: [] for i in impls}
                     for _ in range(args.rounds):
-                        for i in impls:
-                            times = []
-                            for _ in range(args.steps):
+                        times: dict[str, list[float]] = {i: [] for i in impls}
+                        for _ in range(args.steps):  # step by step in turn: a slow second hits all alike
+                            for i in impls:
                                 t0 = time.perf_counter()
                                 steps[i](x, y)
-                                times.append(time.perf_counter() - t0)
-                            per_round[i].append(batch * seq / statistics.median(times))
+                                times[i].append(time.perf_counter() - t0)
+                        for i in impls:
+                            per_round[i].append(batch * seq / statistics.median(times[i]))
                     tps = {i: statistics.median(v) for i, v in per_round.items()}
                     peers = {i: v for i, v in tps.items() if i != "loom"}
                     best = max(peers, key=peers.get) if peers else None
                     ratio = tps["loom"] / peers[best] if best and "loom" in tps else None
+                    # loom against the fastest peer of the same round: the machine's drift cancels out
+                    by_round = ([per_round["loom"][r] / max(per_round[i][r] for i in peers) for r in range(args.rounds)]
+                                if peers and "loom" in tps else [])
                     row = {"family": family, "shape": shape_name, "precision": precision, "compiled": compiled,
                            "tokens_per_s": tps, "rounds_tokens_per_s": per_round, "params": params,
-                           "best_peer": best, "loom_vs_best_peer": ratio}
+                           "best_peer": best, "loom_vs_best_peer": ratio,
+                           "loom_vs_best_peer_by_round": by_round,
+                           "loom_vs_best_peer_round_median": statistics.median(by_round) if by_round else None}
                     rows.append(row)
                     spread = "  ".join(f"{i} {tps[i]:,.0f} ({min(v):,.0f}–{max(v):,.0f})" for i, v in per_round.items())
-                    shown = f"  loom/{best} {ratio:.2f}" if ratio is not None else ""
+                    shown = (f"  loom/{best} {ratio:.2f}; by round {statistics.median(by_round):.2f} "
+                             f"({min(by_round):.2f}–{max(by_round):.2f})" if ratio is not None else "")
                     print(f"{family:5} {shape_name:5} {precision:4} {'compiled' if compiled else 'eager':8} "
                           f"tokens/s: {spread}{shown}", flush=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
