@@ -147,14 +147,12 @@ def _weight_difference(old: ModelConfig, new: ModelConfig) -> str:
         b = _weight_shapes(new)
     except Exception as e:  # a setting the run's other settings do not fit (n_head not dividing n_embd)
         return f"the model cannot be built: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    for name in sorted(a.keys() | b.keys()):
-        if name not in b:
-            return f"this model has no {name}"
+    for name in b:  # in the model's order: the embedding before the blocks before the head
         if name not in a:
             return f"the run has no {name}"
         if a[name] != b[name]:
             return f"{name} is {a[name]} there, {b[name]} here"
-    return ""
+    return next((f"this model has no {name}" for name in a if name not in b), "")
 
 
 def _weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
