@@ -94,7 +94,7 @@ def test_settings_that_keep_the_runs_weights_apply(small_run):
     (["model.n_embd=64"], "model.n_embd=64 (the run's 32) would change the run's weights ("),
     (["model.n_layer=2", "model.n_head=4"], "model.n_layer=2 (the run's 1) would change the run's weights (the "
                                             "run has no layers.1."),
-    (["model.vocab_size=600"], "model.vocab_size=600 (the run's 512) would change the run's weights (lm_head"),
+    (["model.vocab_size=600"], "model.vocab_size=600 (the run's 512) would change the run's weights (tok_emb"),
     (["model.bias=false"], "model.bias=false (the run's true) would change the run's weights (this model has no"),
     (["model=gpt-mini"], "model=gpt-mini (n_layer=4, n_head=4, n_embd=192, block_size=256, vocab_size=4096; the "
                          "run has n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=512) would change the"),
