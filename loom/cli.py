@@ -187,15 +187,18 @@ def cmd_train(args) -> int:
     else:
         from loom.models.hf import is_hf_dir
         from loom.train.hf import hf_init_config
+        from loom.train.init_from import is_run_dir, run_init_config
 
-        # a Hugging Face model directory named on the command line is read before the overrides are checked,
-        # so that they may name what only its model has (train.task=seq2seq for a T5)
+        # a Hugging Face model directory or loom run named on the command line is read before the overrides are
+        # checked, so that they may name what only its model has (train.task=seq2seq for a T5)
         init = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.init_from=")), None)
         if init is not None and is_hf_dir(init):
             cfg = hf_init_config(init, overrides, args.config, settings)
+        elif init is not None and is_run_dir(init):
+            cfg = run_init_config(init, overrides, args.config, settings)
         else:
             cfg = load_config(args.config, overrides, settings)
-            if cfg.train.init_from:  # a Hugging Face model directory: the model is the one its weights are for
+            if cfg.train.init_from:  # a model directory or a run: the model is the one its weights are for
                 cfg = _init_from_config(cfg, overrides, args.config, settings)
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be at least 1")
@@ -214,12 +217,13 @@ def cmd_train(args) -> int:
 def _init_from_config(cfg, overrides: list[str], config_file: str | None, settings: dict | None):
     from loom.models.hf import is_hf_dir
     from loom.train.hf import hf_init_config
+    from loom.train.init_from import is_run_dir, run_init_config
 
     path = cfg.train.init_from
     if is_hf_dir(path):
         return hf_init_config(path, overrides, config_file, settings)
-    if (Path(path).expanduser() / "config.yaml").is_file():  # a loom run: its weights load by name and shape
-        return cfg
+    if is_run_dir(path):  # a loom run: its model, its weights loaded by name and shape
+        return run_init_config(path, overrides, config_file, settings)
     raise ConfigError(f"train.init_from={path} is neither a loom run directory (config.yaml, checkpoints/) nor a "
                       "Hugging Face model directory (config.json with a model_type, weights, tokenizer files)")
 

@@ -139,10 +139,12 @@ def test_predict_refuses_the_wrong_run_or_input_in_one_line(run, args, fragment,
     assert len(lines) == 1 and lines[0].startswith("loom: error:") and fragment in lines[0], err
 
 
-@pytest.mark.parametrize("kinds", [("horizontal", "vertical"), ("checker", "horizontal", "vertical")])
-def test_a_vit_run_fine_tunes_on_a_folder_of_images(kinds, image_run, tmp_path, loom_cli):
+@pytest.mark.parametrize("kinds, model", [(("horizontal", "vertical"), ["model=vit-tiny", "model.n_classes=0"]),
+                                          (("checker", "horizontal", "vertical"), [])])
+def test_a_vit_run_fine_tunes_on_a_folder_of_images(kinds, model, image_run, tmp_path, loom_cli):
     """``train.init_from=VIT_RUN data.path=FOLDER``: with the run's class count every weight comes over;
-    with another count the body does and the classifier starts as a fresh run's would."""
+    with another count the body does and the classifier starts as a fresh run's would. The model is the
+    run's, named (``model=vit-tiny``) or not: the class count is the folder's."""
     import torch
 
     from loom.config import load_config
@@ -156,8 +158,8 @@ def test_a_vit_run_fine_tunes_on_a_folder_of_images(kinds, image_run, tmp_path, 
             _stripes(folder / kind / f"{i}.png", kind == "vertical", seed=500 + i, checker=kind == "checker")
     run = tmp_path / "run"
     # a learning rate too small to move a weight: what the run holds after its step is what it started from
-    code, _, err = loom_cli("train", "model=vit-tiny", "model.n_classes=0", f"data.path={folder}",
-                            f"train.init_from={image_run}", f"train.run_dir={run}", "train.steps=1",
+    code, _, err = loom_cli("train", *model, f"data.path={folder}", f"train.init_from={image_run}",
+                            f"train.run_dir={run}", "train.steps=1",
                             "train.warmup_steps=0", "train.lr=1e-12", "train.min_lr=0", "train.batch_size=8",
                             "train.eval_batches=1", "train.progress=none", "train.tensorboard=false")
     assert code == 0, err
@@ -172,13 +174,15 @@ def test_a_vit_run_fine_tunes_on_a_folder_of_images(kinds, image_run, tmp_path, 
 
 
 def test_fine_tuning_a_vit_run_of_another_width_is_one_line(image_run, image_folder, tmp_path, loom_cli):
-    """Only a class head may change shape: any other weight of another shape names itself."""
+    """Only a class head may change shape: a setting that changes any other weight's names itself, before
+    a run starts."""
     code, _, err = loom_cli("train", "model=vit-tiny", "model.n_classes=0", "model.n_embd=32",
                             f"data.path={image_folder}", f"train.init_from={image_run}",
                             f"train.run_dir={tmp_path / 'run'}", "train.progress=none")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert re.search(r"train.init_from: (?!cls_head)\S+ is \(\d+, 64\) in .* but \(\d+, 32\) here; keep the "
-                     r"model's shape", err), err
+    assert re.search(r"train.init_from=\S+: model.n_embd=32 \(the run's 64\) would change the run's weights "
+                     r"\((?!cls_head)\S+ is \([\d, ]*64[\d, ]*\) there, \([\d, ]*32[\d, ]*\) here\)", err), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_missing_image_folder_is_one_line_before_a_run_starts(tmp_path, loom_cli):

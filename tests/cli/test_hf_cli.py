@@ -98,8 +98,8 @@ def test_an_imported_run_is_a_run_that_init_from_starts_from(gpt2, tmp_path, loo
     assert loom_cli("import", str(path), "--out", str(imported))[0] == 0
     code, _, err = loom_cli("train", "--resume", str(imported))
     assert code == 2 and "holds imported weights, not a training run to resume" in err, err
-    code, _, err = loom_cli("train", "--config", str(imported / "config.yaml"), f"train.init_from={imported}",
-                            f"data.path={data}", f"train.run_dir={tuned}", "train.steps=1", "train.batch_size=2",
+    code, _, err = loom_cli("train", f"train.init_from={imported}", f"data.path={data}",  # its model: no model.*
+                            f"train.run_dir={tuned}", "train.steps=1", "train.batch_size=2",
                             "train.eval_every=1", "train.eval_batches=1", "train.progress=none")
     assert code == 0, err
     assert "weights loaded, 0 new (-), 0 dropped (-)" in (tuned / "train.log").read_text()

@@ -8,10 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from loom.config import ConfigError
+from loom.config import ConfigError, config_to_yaml
+from loom.parallel.plan import resolve_plan
 from loom.tasks import build_task
 from loom.tasks.classification import classification_metrics, read_labelled
-from tests.distributed.parity import process_of_this_rank, tiny_labelled_data, train_and_save, trainer
+from loom.train.init_from import run_init_config
+from loom.train.rundir import load_run_config
+from loom.train.trainer import Trainer
+from tests.distributed.parity import (
+    COMMON,
+    config,
+    process_of_this_rank,
+    tiny_data,
+    tiny_labelled_data,
+    train_and_save,
+    trainer,
+)
 
 
 def test_init_from_moves_the_encoder_and_leaves_the_new_head_fresh(tmp_path):
@@ -41,6 +53,59 @@ def test_init_from_moves_the_encoder_and_leaves_the_new_head_fresh(tmp_path):
 def test_init_from_without_a_checkpoint_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="holds no complete checkpoint"):
         trainer("bert-cls", [f"train.init_from={tmp_path}"], process_of_this_rank())
+
+
+# a gpt-tiny of another shape than its preset's (two blocks of width 64): one block of width 32, two heads
+SMALL = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.dropout=0.0"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A run of the SMALL model trained 2 steps: its checkpoint and its config.yaml."""
+    run = tmp_path_factory.mktemp("small") / "run"
+    train_and_save("gpt", SMALL, str(run), steps=2)
+    (run / "config.yaml").write_text(config_to_yaml(config("gpt", SMALL)))
+    return run
+
+
+def test_a_run_started_from_a_loom_run_has_its_model_and_its_weights(small_run):
+    """``train.init_from=RUN`` with no model.* settings: the run's model (not gpt-tiny's preset shape),
+    and its first loss is the one the run's weights give on that batch."""
+    cfg = run_init_config(small_run, COMMON)
+    assert cfg.model == load_run_config(small_run).model and cfg.model.n_layer == 1 and cfg.model.n_embd == 32
+    t = Trainer(cfg, resolve_plan(cfg, 1), None, tiny_data(), process=process_of_this_rank(),
+                device=torch.device("cpu"))
+    old = trainer("gpt", SMALL, process_of_this_rank(), small_run, resume=True)  # the run's own weights
+    fresh = trainer("gpt", SMALL, process_of_this_rank())
+    assert t.start_step == 0 and old.start_step == 2
+    first = [x.mean_over_replicas(x.train_step(0)[0]).item() for x in (t, old, fresh)]
+    assert first[0] == first[1] and first[0] != first[2], first
+
+
+def test_settings_that_keep_the_runs_weights_apply(small_run):
+    cfg = run_init_config(small_run, [*COMMON, "model=gpt-tiny", "model.dropout=0.1", "model.rope_theta=500"])
+    saved = load_run_config(small_run).model
+    assert cfg.model.dropout == 0.1 and cfg.model.preset == saved.preset
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.vocab_size) == (saved.n_layer, saved.n_embd,
+                                                                          saved.vocab_size)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["model.n_embd=64"], "model.n_embd=64 (the run's 32) would change the run's weights ("),
+    (["model.n_layer=2", "model.n_head=4"], "model.n_layer=2 (the run's 1) would change the run's weights (the "
+                                            "run has no layers.1."),
+    (["model.vocab_size=600"], "model.vocab_size=600 (the run's 512) would change the run's weights (tok_emb"),
+    (["model.bias=false"], "model.bias=false (the run's true) would change the run's weights (this model has no"),
+    (["model=gpt-mini"], "model=gpt-mini (n_layer=4, n_head=4, n_embd=192, block_size=256, vocab_size=4096; the "
+                         "run has n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=512) would change the"),
+    (["model=bert-mini"], "is a model.arch=gpt run (model=gpt-tiny); model=bert-mini is a bert: leave model= out"),
+])
+def test_a_setting_that_changes_the_runs_weights_is_one_line_before_launch(args, fragment, small_run, tmp_path,
+                                                                         loom_cli):
+    code, _, err = loom_cli("train", *args, f"train.init_from={small_run}", f"train.run_dir={tmp_path / 'run'}")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"loom: error: train.init_from={small_run}") and fragment in err, err
+    assert "model.n_head" not in err and not (tmp_path / "run").exists()  # the head count keeps every shape
 
 
 def test_classification_batches_and_metrics():
