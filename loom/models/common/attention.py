@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from loom.models.common.dropout import shard_rng
 from loom.models.common.positions import RELATIVE_BUCKETS, apply_rotary, relative_bias_inputs, rotary_angles
@@ -59,38 +58,6 @@ class KVCache:
         return self.layers[0].length
 
 
-class _SideBySide(torch.autograd.Function):
-    """``x`` times three weight matrices side by side (plus their biases), as one matrix multiply,
-    returning the three products. Backward keeps what three ``F.linear`` would keep (the input and
-    references to the weights), not the concatenated weight: that copy lives only while a multiply
-    runs, so a fused projection costs no memory (under ZeRO-3 the gathered weights are still freed
-    after forward). Under autocast the multiplies run in the autocast dtype both ways, as ``F.linear``'s
-    do; each gradient comes back in its input's dtype."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, *params: torch.Tensor):
-        weights, biases = params[:3], params[3:]
-        y = F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
-        ctx.dtype, ctx.x_dtype, ctx.has_bias = y.dtype, x.dtype, bool(biases)
-        ctx.save_for_backward(x.to(y.dtype), *weights)
-        return y.split([w.size(0) for w in weights], dim=-1)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        x, *weights = ctx.saved_tensors
-        grad_y = torch.cat(grads, dim=-1).to(ctx.dtype)  # (..., 3C)
-        weight = torch.cat(weights).to(ctx.dtype)
-        grad_x = (grad_y @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        sizes = [w.size(0) for w in weights]
-        flat_grad, flat_x = grad_y.reshape(-1, grad_y.size(-1)), x.reshape(-1, x.size(-1))
-        out: list[torch.Tensor | None] = [grad_x, None, None, None]
-        if any(ctx.needs_input_grad[1:4]):  # not for frozen weights
-            out[1:] = [g.to(w.dtype) for g, w in zip((flat_grad.t() @ flat_x).split(sizes), weights)]
-        if ctx.has_bias:
-            out += [g.to(w.dtype) for g, w in zip(flat_grad.sum(0).split(sizes), weights)]
-        return tuple(out)
-
-
 class Attention(nn.Module):
     """Multi-head (or grouped-query) scaled dot-product attention (Vaswani et al. 2017), causal,
     through SDPA. ``rotary``: rotate queries and keys by their positions (RoFormer). ``relative``: add
@@ -119,24 +86,6 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, heads, T, hs)
 
-    def project(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B, nh, T, hs), keys and values (B, n_kv, T, hs). Self-attention on whole weights
-        multiplies once by the three projections side by side (as GPT-2's fused ``c_attn``: one larger
-        matrix multiply is faster than three, and an autocast casts the input once); the parameters stay
-        three, so names, checkpoints, tensor-parallel strategies and LoRA adapters are unchanged. A
-        tensor-parallel shard (a DTensor) or an adapted projection takes the three multiplies."""
-        if x_q is x_kv and self._fusable():
-            projections = (self.q_proj, self.k_proj, self.v_proj)
-            biases = [m.bias for m in projections] if self.q_proj.bias is not None else []
-            q, k, v = _SideBySide.apply(x_q, *(m.weight for m in projections), *biases)
-            return self._heads(q), self._heads(k), self._heads(v)
-        return self._heads(self.q_proj(x_q)), self._heads(self.k_proj(x_kv)), self._heads(self.v_proj(x_kv))
-
-    def _fusable(self) -> bool:
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        return (all(type(m) is nn.Linear and not isinstance(m.weight, DTensor) for m in projections)
-                and len({m.bias is None for m in projections}) == 1)
-
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """Queries from ``x_q`` (B, T, C), keys and values from ``x_kv`` (B, T, C).
 
@@ -144,7 +93,8 @@ class Attention(nn.Module):
         positions already in ``cache``.
         """
         b, t, _ = x_q.shape
-        q, k, v = self.project(x_q, x_kv)  # (B, nh, T, hs), (B, n_kv, T, hs) twice
+        q = self._heads(self.q_proj(x_q))  # (B, nh, T, hs)
+        k, v = self._heads(self.k_proj(x_kv)), self._heads(self.v_proj(x_kv))  # (B, n_kv, T, hs)
         past = cache.length if cache is not None else 0
         if self.rotary:
             cos, sin = rotary_angles(torch.arange(past, past + t, device=q.device), self.head_dim,

@@ -26,7 +26,7 @@ class BidirectionalAttention(Attention):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         """``x`` (B, T, C); ``mask`` (B, T), True at real tokens (None: no padding)."""
         b, t, _ = x.shape
-        q, k, v = self.project(x, x)
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         keys = mask[:, None, None, :] if mask is not None else None  # (B, 1, 1, T): broadcast over heads, queries
         dropout = self.attn_dropout if self.training else 0.0
         with shard_rng(self.rng_stream if dropout else None, q.device):
