@@ -82,7 +82,8 @@ class _Attending(Attention):
             kpos = torch.arange(s, device=allowed.device)
             dtype = self.rel_bias.weight.dtype
             buckets = relative_bias_inputs(qpos, kpos, bidirectional=bidirectional, dtype=dtype)  # (T, S, nb)
-            bias = self.rel_bias(buckets).permute(2, 0, 1)  # (nh, T, S)
+            # (nh, T, S), contiguous once here: every later block and pipeline stage passes it on as is
+            bias = self.rel_bias(buckets).permute(2, 0, 1).contiguous()
         return (allowed, None) if bias is None else (bias.masked_fill(~allowed, float("-inf")), bias)
 
 
@@ -149,10 +150,9 @@ def _carried(bias: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
 
 
 def _passing(a: torch.Tensor, mask: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> State:
-    """The state a block hands on: with the stack's position bias if any, made contiguous (a pipeline
-    stage sends it; the first attention's bias is a permuted view). The copy is per block: making the
-    bias contiguous once where it is computed would save it (untested, see the module's docstring)."""
-    return (a, mask, b) if bias is None else (a, mask, b, bias.clone(memory_format=torch.contiguous_format))
+    """The state a block hands on: with the stack's position bias if any (contiguous from where the
+    stack's first attention computes it, as a pipeline stage must send it; no copy per block)."""
+    return (a, mask, b) if bias is None else (a, mask, b, bias)
 
 
 class OutputNorm(nn.Module):
