@@ -52,6 +52,8 @@ TWO_RANKS = {
     # 3 + 3 blocks: stage 0 holds the encoder and the decoder's first block, whose position bias (from the
     # decoder's one relative-bias table) stage 1 receives in the state; the table's gradient comes back
     ("t5", "pp2_bias_across_stages"): ["model.n_layer=3", "model.decoder_layers=3", *PP2],
+    # each stack's one bias table gathered and resharded by FSDP; the bias it makes carried block to block
+    ("t5", "dp2_zero3"): ["parallel.dp=2", "parallel.zero=3"],
     ("encdec-switch", "ep2"): ["parallel.ep=2"],
     # the loss normalized by each rank's own count of target tokens: must fail
     ("encdec", "dp2_local_normalization"): ["parallel.dp=2", "sabotage:local_target_normalization"],
