@@ -16,9 +16,12 @@ slow stretches hit both), and reports the medians, the spread over rounds and th
                       was (two sorts, a boolean selection per vector, gathers whose backward is a
                       sorting ``index_put``, a second ``bincount`` for the statistics) against one
                       sort, one selection and ``index_select`` gathers;
-``bf16 loss``         cross-entropy forward + backward of bf16 logits (batch 8 × 256 tokens × 4096):
-                      the whole fp32 copy (before) against fp32 pieces of 1024 tokens whose gradient
-                      is made in the forward.
+``fp32 loss``         cross-entropy forward + backward of fp32 logits (batch 8 × 256 tokens × 4096):
+                      torch's loss of the whole batch (before) against lm_loss's cache-sized pieces
+                      whose gradient is made in the forward, in place (after);
+``fp32 loss (124m)``  the same at GPT-2 small's shape (4 × 1024 tokens × 50304);
+``bf16 loss``         the same of bf16 logits (gpt-mini's shape): the whole fp32 copy (before) against
+                      the pieces.
 
 Writes JSON (``--out``).
 """
@@ -156,23 +159,25 @@ def cases():
             dpm.take_moe_stats()
         return run
 
-    logits = torch.randn(BATCH, SEQ, 4096).to(torch.bfloat16)
-    labels = torch.randint(0, 4096, (BATCH, SEQ))
+    def loss(shape: tuple[int, int, int], dtype: torch.dtype, piece_bytes: int):
+        logits = torch.randn(shape).to(dtype)
+        labels = torch.randint(0, shape[-1], shape[:2])
 
-    def loss(chunk: int):
         def run():
             x = logits.detach().requires_grad_()
-            with mock.patch.object(causal_lm, "LOSS_CHUNK_TOKENS", chunk), \
-                    mock.patch.object(causal_lm, "LOSS_WHOLE_FP32_MAX_BYTES", 0):
+            with mock.patch.object(causal_lm, "LOSS_CPU_PIECE_BYTES", piece_bytes):
                 causal_lm.lm_loss(x, labels).backward()
         return run
 
+    mini, small, whole, pieces = (BATCH, SEQ, 4096), (4, 1024, 50304), 2**40, causal_lm.LOSS_CPU_PIECE_BYTES
     return {
         "grad norm + clip": (lambda: loop_clip(params, 1.0), lambda: pm.clip_grads_(1.0)),
         "MoE step (32 experts)": (moe_step(False), moe_step(True)),
         "dense step": (dense_step, dense_step),
         "MoE dispatch (32 experts, capacity 1.25)": (dispatch_step(True), dispatch_step(False)),
-        "bf16 loss": (loss(10**9), loss(causal_lm.LOSS_CHUNK_TOKENS)),
+        "fp32 loss": (loss(mini, torch.float32, whole), loss(mini, torch.float32, pieces)),
+        "fp32 loss (124m)": (loss(small, torch.float32, whole), loss(small, torch.float32, pieces)),
+        "bf16 loss": (loss(mini, torch.bfloat16, whole), loss(mini, torch.bfloat16, pieces)),
     }
 
 

@@ -20,10 +20,12 @@ from loom.errors import ConfigError
 from loom.models.common.numerics import at_least_fp32
 from loom.tasks.base import Batch, Task
 
-# tokens per piece of a bf16/fp16 loss: each piece's fp32 copy of its logits lives only while it is computed
+# bytes of fp32 logits per piece of the loss on a CPU: a piece stays in cache while its log-sum-exp,
+# softmax and gradient are made in place (benchmarks/hot_path.py: fp32 and bf16 loss rows)
+LOSS_CPU_PIECE_BYTES = 4 * 2**20
+# elsewhere (accelerators, where each piece costs kernel launches): bf16/fp16 logits whose fp32 copy would
+# exceed LOSS_WHOLE_FP32_MAX_BYTES are taken LOSS_CHUNK_TOKENS at a time; fp32 takes torch's fused loss
 LOSS_CHUNK_TOKENS = 1024
-# ... used where the whole fp32 copy would be larger than this: below it torch's fused loss is faster
-# (benchmarks/hot_path.py measured the pieces 1.5× slower at 8 × 256 tokens × 4096 on a CPU)
 LOSS_WHOLE_FP32_MAX_BYTES = 256 * 2**20
 
 
@@ -31,44 +33,70 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in at least fp32 (float64 stays float64); logits (B, T, V),
     targets (B, T).
 
-    Logits in bf16/fp16 (mixed precision) whose fp32 copy would exceed :data:`LOSS_WHOLE_FP32_MAX_BYTES`
-    are not copied to fp32 whole: :class:`_PiecewiseCrossEntropy` takes :data:`LOSS_CHUNK_TOKENS` tokens
-    at a time in fp32 and computes each piece's gradient with its loss, so backward keeps a gradient in
-    the logits' own dtype instead of an fp32 log-softmax. Distributed (vocabulary-parallel) logits take
-    torch's loss as they are."""
+    Computed piece by piece by :class:`_PiecewiseCrossEntropy` where that is faster or smaller than
+    torch's loss: on a CPU always (pieces of :data:`LOSS_CPU_PIECE_BYTES`, which stay in cache), elsewhere
+    for bf16/fp16 logits whose fp32 copy would exceed :data:`LOSS_WHOLE_FP32_MAX_BYTES`. Distributed
+    (vocabulary-parallel) logits take torch's loss as they are."""
     rows, flat = logits.flatten(0, 1), targets.flatten()  # (B·T, V), (B·T,)
-    if at_least_fp32(rows) is rows or type(rows) is not torch.Tensor or rows.size(0) <= LOSS_CHUNK_TOKENS \
-            or rows.numel() * 4 <= LOSS_WHOLE_FP32_MAX_BYTES:
+    piece = _piece_rows(rows) if type(rows) is torch.Tensor else None
+    if piece is None or rows.size(0) <= piece:
         return F.cross_entropy(at_least_fp32(rows), flat)
-    return _PiecewiseCrossEntropy.apply(rows, flat, LOSS_CHUNK_TOKENS)
+    return _PiecewiseCrossEntropy.apply(rows, flat, piece)
+
+
+def _piece_rows(rows: torch.Tensor) -> int | None:
+    """Rows of (N, V) logits per piece of the loss, or None for torch's loss of the whole."""
+    if rows.device.type == "cpu":
+        return max(1, LOSS_CPU_PIECE_BYTES // (rows.size(1) * 4))
+    if at_least_fp32(rows) is rows or rows.numel() * 4 <= LOSS_WHOLE_FP32_MAX_BYTES:
+        return None
+    return LOSS_CHUNK_TOKENS
 
 
 class _PiecewiseCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of low-precision logits (N, V), computed in fp32 piece by piece; the gradient
-    (softmax − one-hot) / count is made in the forward, piece by piece, and kept in the logits' dtype
-    (the fused cross-entropy of Liger-Kernel and others, in plain PyTorch). Targets of -100 are ignored,
-    as by ``F.cross_entropy``."""
+    """Mean cross-entropy of logits (N, V), computed in at least fp32 ``piece`` rows at a time; the
+    gradient (softmax − one-hot) / count is made in the forward, piece by piece, in place of the piece's
+    working copy, and kept in the logits' own dtype (the fused cross-entropy of Liger-Kernel and others,
+    in plain PyTorch). Nothing the size of the logits is made beyond that gradient: no log-softmax, no
+    fp32 copy of bf16 logits, no second gradient in backward (it scales the kept one in place, so this
+    loss can be back-propagated once). Targets of -100 are ignored, as by ``F.cross_entropy``."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, piece: int) -> torch.Tensor:
+        wide = torch.promote_types(logits.dtype, torch.float32)
         valid = targets != -100
-        count = valid.sum().clamp_min(1).float()
-        grad = torch.empty_like(logits)
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for i in range(0, logits.size(0), chunk):
-            x, t, keep = logits[i:i + chunk].float(), targets[i:i + chunk].clamp_min(0), valid[i:i + chunk]
-            lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (n, 1)
-            total += ((lse.squeeze(1) - x.gather(1, t[:, None]).squeeze(1)) * keep).sum()
-            p = x.sub_(lse).exp_()  # softmax, in place of the fp32 copy
-            p.scatter_add_(1, t[:, None], -torch.ones_like(p[:, :1]))
-            grad[i:i + chunk] = p.mul_((keep / count)[:, None])
-        ctx.save_for_backward(grad)
-        return total / count
+        count = valid.sum().clamp_min(1).to(wide)
+        scale = valid.to(wide) / count  # each row's weight in the mean
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        scratch = None if logits.dtype == wide else logits.new_empty((min(piece, logits.size(0)), logits.size(1)),
+                                                                      dtype=wide)
+        total = torch.zeros((), dtype=wide, device=logits.device)
+        for i in range(0, logits.size(0), piece):
+            x = logits[i:i + piece]
+            n, t = x.size(0), targets[i:i + piece].clamp_min(0)[:, None]
+            work = scratch[:n] if scratch is not None else grad[i:i + n] if grad is not None else x
+            if work is not x:
+                work.copy_(x)
+            lse = torch.logsumexp(work, dim=-1, keepdim=True)  # (n, 1)
+            total += ((lse - work.gather(1, t)).squeeze(1) * scale[i:i + n]).sum()
+            if grad is None:
+                continue
+            work.sub_(lse).exp_().scatter_add_(1, t, torch.full_like(lse, -1.0)).mul_(scale[i:i + n, None])
+            if scratch is not None:
+                grad[i:i + n].copy_(work)
+        ctx.spent = False
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return total
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        if ctx.spent:
+            raise RuntimeError("loom's cross-entropy keeps one gradient and scales it in place: it cannot be "
+                               "back-propagated twice (retain_graph=True)")
+        ctx.spent = True
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None
+        return grad.mul_(grad_output.to(grad.dtype)), None, None
 
 
 def lm_metrics(loss_sum: float, tokens: int) -> dict:
