@@ -338,7 +338,7 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens is None:
         args.max_new_tokens = 200
     device = next(model.parameters()).device
-    ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
+    ids = tok.start_ids + tok.encode(args.prompt) if args.prompt else tok.start_ids or [tok.eos_id]
     room = cfg.model.block_size - args.max_new_tokens
     if room < 1:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens} leaves no room for a prompt in "

@@ -55,7 +55,7 @@ __all__ = [
 _LOG = logging.getLogger("loom.data")
 
 #: Bump when the cache layout or tokenization changes, to invalidate old entries.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents framed by the tokenizer (a Llama tokenizer.json's <s>)
 #: Validation gets at least this many tokens (two 1024-token windows) when possible.
 MIN_VAL_TOKENS = 2 * 1024 + 1
 _ENCODE_CHUNK_DOCS = 256
@@ -123,8 +123,8 @@ def cache_key(
 
 
 def tokenizer_fingerprint(dir: str | Path) -> str:
-    """Return the sha1 hex digest of the model file of the tokenizer saved in ``dir`` (and, for a Llama's
-    ``tokenizer.model``, of its ``add_bos_token``/``add_eos_token``).
+    """Return the sha1 hex digest of the model file of the tokenizer saved in ``dir`` (and of the ids it
+    starts each document with, where it starts them with any: ``document_start``).
 
     Two tokenizer folders with the same fingerprint encode text identically.
 
@@ -141,8 +141,8 @@ def tokenizer_fingerprint(dir: str | Path) -> str:
         detail = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{str(dir)!r} is not a tokenizer folder ({detail})") from None
     digest = hashlib.sha1(model)
-    if "add_bos_token" in meta:  # a Llama's tokenizer.model: what it adds around each text is part of its encoding
-        digest.update(json.dumps([meta["add_bos_token"], meta.get("add_eos_token")]).encode())
+    if meta.get("document_start"):  # what frames each text is part of how a corpus is encoded
+        digest.update(json.dumps(meta["document_start"]).encode())
     return digest.hexdigest()
 
 
@@ -226,12 +226,10 @@ def _encode_corpus(
     with path.open("wb") as f:
         for chunk in _chunks(docs, _ENCODE_CHUNK_DOCS):
             flat: list[int] = []
-            ended = getattr(tokenizer, "add_eos", False)  # a Llama tokenizer.model's add_eos_token: eos is there
             for ids in tokenizer.encode_batch(chunk):
-                flat.extend(ids)
-                if not ended:
-                    flat.append(tokenizer.eos_id)
-                lengths.append(len(ids) + (not ended))
+                doc = tokenizer.document(ids)
+                flat.extend(doc)
+                lengths.append(len(doc))
             np.asarray(flat, dtype=dtype).tofile(f)
     return np.asarray(lengths, dtype=np.int64)
 

@@ -102,8 +102,7 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
-        """Return the token ids of ``text`` (no special tokens added, but by a Llama's SentencePiece
-        model: ``<s>`` first, as ``transformers``' ``LlamaTokenizer``)."""
+        """Return the token ids of ``text``, no special tokens added (:meth:`document` adds them)."""
 
     @abstractmethod
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -117,12 +116,28 @@ class Tokenizer(ABC):
     def _write_model(self, path: Path) -> None:
         """Write the model file to ``path``."""
 
+    @property
+    def start_ids(self) -> list[int]:
+        """The ids that start every document and prompt: none, but where the tokenizer's own conventions
+        begin each text with a token (a Llama's ``<s>``, where its ``add_bos_token`` says so)."""
+        return []
+
+    def document(self, ids: list[int]) -> list[int]:
+        """A text's ids, as :meth:`encode` gives them, framed as a document of a corpus or a record:
+        :attr:`start_ids`, the ids, eos."""
+        return [*self.start_ids, *ids, self.eos_id]
+
+    def _meta(self) -> dict[str, Any]:
+        """What :meth:`save` writes beside the model file (what ``load`` reads back)."""
+        return {"kind": self.kind, "model_file": self.model_file, "eos_token": EOS_TOKEN}
+
     def save(self, dir: Path) -> None:
-        """Save the tokenizer as files in ``dir`` (created if needed)."""
+        """Save the tokenizer as files in ``dir`` (created if needed). Its :attr:`start_ids`, part of how
+        it encodes a corpus, are written down (``document_start``) for the data cache's fingerprint."""
         dir = Path(dir)
         dir.mkdir(parents=True, exist_ok=True)
         self._write_model(dir / self.model_file)
-        meta = {"kind": self.kind, "model_file": self.model_file, "eos_token": EOS_TOKEN}
+        meta = self._meta() | ({"document_start": self.start_ids} if self.start_ids else {})
         (dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     def __repr__(self) -> str:
@@ -217,6 +232,13 @@ class HFTokenizer(BpeTokenizer):
         self._eos_id = hf.token_to_id(eos_token)
         if self._eos_id is None:
             raise DataError(f"the tokenizer has no token {eos_token!r} (its end-of-sequence token)")
+        self._start = _bos_start(self.extra, hf)
+
+    @property
+    def start_ids(self) -> list[int]:
+        """``[bos]`` where ``transformers`` starts each text with the directory's ``bos_token`` (a Llama's
+        or Mistral's ``tokenizer.json``: its post-processor, or ``add_bos_token``); else none."""
+        return list(self._start)
 
     @classmethod
     def from_pretrained_dir(cls, dir: Path) -> HFTokenizer:
@@ -268,12 +290,13 @@ class HFTokenizer(BpeTokenizer):
         extra = {f: (dir / f).read_text() for f in cls.EXTRA_FILES if (dir / f).is_file()}
         return cls(HFTok.from_file(str(path)), meta["eos_token"], extra)
 
+    def _meta(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model_file": self.model_file, "eos_token": self.eos_token}
+
     def save(self, dir: Path) -> None:
         super().save(dir)
         for name, text in self.extra.items():
             (Path(dir) / name).write_text(text)
-        meta = {"kind": self.kind, "model_file": self.model_file, "eos_token": self.eos_token}
-        (Path(dir) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -343,9 +366,10 @@ class SentencePieceTokenizer(Tokenizer):
 class LlamaSentencePieceTokenizer(SentencePieceTokenizer):
     """A Llama's SentencePiece BPE model as the original Llama and Llama-2 releases (and many
     fine-tunes) bring it alone (``tokenizer.model``, no ``tokenizer.json``), with ``transformers``'
-    ``LlamaTokenizer`` conventions: ``<s>`` starts every encoded text (``add_bos_token``, true unless
-    ``tokenizer_config.json`` says otherwise), ``</s>`` ends it only where ``add_eos_token`` says so,
-    and ``</s>`` ends a document; no padding piece. Unknown characters become bytes where the model
+    ``LlamaTokenizer`` conventions: ``<s>`` starts every document and prompt (:attr:`start_ids`:
+    ``add_bos_token``, true unless ``tokenizer_config.json`` says otherwise) and ``</s>`` ends a
+    document (once: ``add_eos_token`` is kept for the export, a corpus document ends with ``</s>``
+    either way); no padding piece. Unknown characters become bytes where the model
     was trained with byte fallback (sentencepiece reads that from the model)."""
 
     model_file = "tokenizer.model"
@@ -380,24 +404,20 @@ class LlamaSentencePieceTokenizer(SentencePieceTokenizer):
 
     @property
     def bos_id(self) -> int:
-        """The id of ``<s>``, which starts every encoded text where ``add_bos`` is true."""
+        """The id of ``<s>``, which starts every document where ``add_bos`` is true."""
         return int(self._sp.bos_id())
+
+    @property
+    def start_ids(self) -> list[int]:
+        return [self.bos_id] if self.add_bos else []
 
     def special_tokens(self) -> dict[str, str]:
         ids = {"bos_token": self._sp.bos_id(), "eos_token": self._sp.eos_id(), "unk_token": self._sp.unk_id()}
         return {k: self._sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._sp.encode(text, add_bos=self.add_bos, add_eos=self.add_eos))
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [list(ids) for ids in self._sp.encode(list(texts), add_bos=self.add_bos, add_eos=self.add_eos)]
-
-    def save(self, dir: Path) -> None:
-        super().save(dir)
-        meta = {"kind": self.kind, "model_file": self.model_file, "add_bos_token": self.add_bos,
+    def _meta(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model_file": self.model_file, "add_bos_token": self.add_bos,
                 "add_eos_token": self.add_eos}
-        (Path(dir) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def pretrained_tokenizer(dir: str | Path) -> Tokenizer:
@@ -461,6 +481,27 @@ def _eos_token(dir: Path, extra: dict[str, str], hf: Any) -> str:
     if sep is None and hf.token_to_id(EOS_TOKEN) is None and hf.token_to_id(SEP) is not None:
         sep = SEP  # a BERT vocabulary whose files name no tokens (vocab.txt alone)
     return sep or EOS_TOKEN
+
+
+def _bos_start(extra: dict[str, str], hf: Any) -> tuple[int, ...]:
+    """``(bos,)`` where ``transformers`` starts every text of this tokenizer with its ``bos_token`` (as it
+    does a Llama's or Mistral's): tokenizer_config.json's ``add_bos_token`` where it sets it, else
+    where the tokenizer's post-processor puts that token first (an encoder's [CLS], not a ``bos_token``,
+    is not a start: the masked-LM task frames its own pairs). Else ``()``."""
+    config = json.loads(extra.get("tokenizer_config.json") or "{}")
+    if config.get("add_bos_token") is False:
+        return ()
+    bos = _named_token(extra, "bos_token")
+    found = hf.token_to_id(bos) if bos else None
+    if config.get("add_bos_token") is True:
+        if found is None:
+            raise DataError(f"tokenizer_config.json sets add_bos_token but names no bos_token the vocabulary "
+                            f"holds (got {bos!r})")
+        return (int(found),)
+    if found is None:
+        return ()
+    plain, framed = (hf.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+    return (int(found),) if framed[:1] == [found] and framed[1:1 + len(plain)] == plain else ()
 
 
 def _named_token(extra: dict[str, str], key: str) -> str | None:

@@ -124,10 +124,9 @@ class SFT(Task):
 
 
 def _pair_ids(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """The ids of a prompt and of its response, which continues it and ends the document. A tokenizer that
-    starts every text with ``<s>`` and ends it with ``</s>`` where ``add_eos_token`` says so (a Llama's
-    ``tokenizer.model``) starts the record once and ends it once: ``<s> prompt response </s>``."""
+    """The ids of a prompt and of its response, which continues it and ends the document: the record is
+    one document (``tok.document``: a Llama's ``<s> prompt response </s>``)."""
     p, r = tok.encode(prompt), tok.encode(response)
-    if getattr(tok, "add_bos", False):
-        r = r[1:]
-    return (p[:-1], r) if getattr(tok, "add_eos", False) else (p, r + [tok.eos_id])
+    record = tok.document(p + r)
+    cut = len(record) - len(r) - 1  # the response and the end that follows it
+    return record[:cut], record[cut:]

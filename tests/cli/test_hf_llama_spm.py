@@ -1,7 +1,7 @@
 """A Llama directory whose tokenizer is only ``tokenizer.model`` (a SentencePiece BPE model, as the
 original Llama and Llama-2 releases ship it, no ``tokenizer.json``): loom reads it with ``transformers``'
-``LlamaTokenizer`` conventions (``<s>`` first, ``add_bos_token``/``add_eos_token`` from
-``tokenizer_config.json``, byte fallback), imports and trains from the directory, and exports the model
+``LlamaTokenizer`` conventions (``<s>`` starting each document and prompt, ``add_bos_token``/``add_eos_token``
+from ``tokenizer_config.json``, byte fallback), imports and trains from the directory, and exports the model
 file back with a ``tokenizer_config.json`` that ``transformers`` reads as a ``LlamaTokenizer``."""
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def _transformers_ids(path, texts):
 
 @pytest.mark.parametrize("flags", [None, {"add_bos_token": True}, {"add_bos_token": False, "add_eos_token": True}])
 def test_ids_are_llama_tokenizers(flags, llama, tmp_path):
-    """loom's ids are transformers' LlamaTokenizer's for the directory (with tokenizer_config.json's flags;
-    without one, <s> first and no </s>, LlamaTokenizer's defaults), and sentencepiece's own pieces between."""
+    """loom's ids are sentencepiece's own pieces, started by <s> (``start_ids``) as transformers'
+    LlamaTokenizer starts a text for the directory (tokenizer_config.json's flags; without one, <s> first and
+    no </s>, LlamaTokenizer's defaults); a corpus document ends with </s> once, whatever add_eos_token says."""
     path = tmp_path / "tok"
     path.mkdir()
     shutil.copy(llama / "tokenizer.model", path / "tokenizer.model")
@@ -68,18 +69,19 @@ def test_ids_are_llama_tokenizers(flags, llama, tmp_path):
     bos, eos = (flags or {}).get("add_bos_token", True), (flags or {}).get("add_eos_token", False)
     sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
     ids = [tok.encode(t) for t in STRINGS]
-    assert ids == tok.encode_batch(STRINGS)
-    assert ids == [[BOS] * bos + sp.encode(t) + [EOS] * eos for t in STRINGS]
+    assert ids == tok.encode_batch(STRINGS) == [sp.encode(t) for t in STRINGS]
+    assert tok.start_ids == [BOS] * bos
+    assert [tok.document(i) for i in ids] == [[BOS] * bos + i + [EOS] for i in ids]
     assert [tok.decode(i) for i in ids] == STRINGS
     with_bytes = ids[STRINGS.index("héllo wörld ✓ 日本語")]
     assert UNK not in with_bytes and sum(map(sp.IsByte, with_bytes)) >= len("é✓日本語".encode()) - 1
     if flags is None:  # transformers 5 reads tokenizer.model alone without <s>; transformers 4's slow one with it
         (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer",
                                                                 "add_bos_token": True}))
-    assert _transformers_ids(path, STRINGS) == ids
+    assert _transformers_ids(path, STRINGS) == [tok.start_ids + i + [EOS] * eos for i in ids]
     # a text that starts with a space: sentencepiece's (and Meta's Llama's) three ▁ for "  x"; transformers
     # 5's conversion of tokenizer.model (tokenizers' Metaspace) does not add the dummy prefix before a space
-    assert tok.encode("  x") == [BOS] * bos + sp.encode("  x") + [EOS] * eos
+    assert tok.encode("  x") == sp.encode("  x")
 
 
 def test_a_tokenizer_model_directory_imports_trains_and_exports_its_tokenizer(llama, tmp_path, loom_cli):
@@ -104,8 +106,9 @@ def test_a_tokenizer_model_directory_imports_trains_and_exports_its_tokenizer(ll
     assert (out / "tokenizer.model").read_bytes() == (llama / "tokenizer.model").read_bytes()
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (BOS, EOS)
-    assert _transformers_ids(out, STRINGS) == [prepared.tokenizer.encode(t) for t in STRINGS]
-    assert pretrained_tokenizer(out).encode(STRINGS[0])[0] == BOS  # and loom reads the export back alike
+    assert _transformers_ids(out, STRINGS) == [prepared.tokenizer.start_ids + prepared.tokenizer.encode(t)
+                                               for t in STRINGS]
+    assert pretrained_tokenizer(out).start_ids == [BOS]  # and loom reads the export back alike
 
 
 @pytest.mark.parametrize("add_eos", [False, True])

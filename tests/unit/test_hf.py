@@ -143,6 +143,43 @@ def test_the_directory_tokenizer_encodes_as_transformers_does(gpt2):
     assert ours.eos_id == theirs.eos_token_id and ours.decode(ours.encode(text)) == text
 
 
+def _starting_tokenizer(path, gpt2, config: dict) -> None:
+    """gpt2's tokenizer.json with a ``<s>`` its post-processor puts before every text (as a Llama's
+    tokenizer.json does), and ``config`` as its tokenizer_config.json."""
+    from tokenizers import Tokenizer, processors
+
+    hf = Tokenizer.from_file(str(gpt2[0] / "tokenizer.json"))
+    hf.add_special_tokens(["<s>"])
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", hf.token_to_id("<s>"))])
+    path.mkdir()
+    hf.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                            "eos_token": "<|endoftext|>", **config}))
+
+
+@pytest.mark.parametrize("config, starts", [({"bos_token": "<s>"}, True), ({}, False),
+                                            ({"bos_token": "<s>", "add_bos_token": False}, False)])
+def test_a_directory_tokenizer_starts_each_text_as_transformers_does(config, starts, tmp_path, gpt2):
+    """A tokenizer.json whose post-processor starts every text with the directory's bos_token (a Llama's,
+    Mistral's): loom starts each document and prompt with it (``start_ids``), as transformers starts each
+    text; not where it is no named bos_token, nor where tokenizer_config.json's add_bos_token is false."""
+    from transformers import AutoTokenizer
+
+    _starting_tokenizer(tmp_path / "tok", gpt2, config)
+    ours = HFTokenizer.from_pretrained_dir(tmp_path / "tok")
+    theirs, bos = AutoTokenizer.from_pretrained(tmp_path / "tok"), ours._hf.token_to_id("<s>")
+    text = "def g(y):\n    return y\n"
+    assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
+    assert ours.start_ids == ([bos] if starts else [])
+    assert ours.document(ours.encode(text)) == [bos] * starts + ours.encode(text) + [ours.eos_id]
+    if config.get("add_bos_token") is not False:  # transformers 5 follows the post-processor, not the config
+        assert theirs(text)["input_ids"] == [bos] + ours.encode(text)
+    ours.save(tmp_path / "saved")  # the data cache's fingerprint sees the start
+    meta = json.loads((tmp_path / "saved" / "tokenizer_meta.json").read_text())
+    assert meta.get("document_start") == (ours.start_ids or None)
+    assert HFTokenizer.load(tmp_path / "saved" / "tokenizer.json").start_ids == ours.start_ids
+
+
 def test_an_option_loom_lacks_is_one_clear_error(tmp_path, gpt2):
     path, _ = gpt2
     config = json.loads((path / "config.json").read_text())
