@@ -5,6 +5,7 @@
     python benchmarks/peers.py --family gpt2,llama               # the Llama family as well
     python benchmarks/peers.py --compile                         # torch.compile'd models as well
     python benchmarks/peers.py --family llama --impls loom,hf    # some implementations only
+    python benchmarks/peers.py --shapes 124m --precisions bf16 --batch 1 --rounds 2 --steps 1   # fewer rows
 
 Two families (``--family``), each in three implementations (``--impls`` filters):
 
@@ -291,6 +292,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before the first round (compile: 2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="rows per step instead of each shape's own (bf16 at 124m on a CPU without bf16 units)")
     p.add_argument("--out", default="benchmarks/out/peers.json")
     args = p.parse_args()
     families = _names(args.family, FAMILIES, "family", p)
@@ -312,7 +315,7 @@ def main() -> None:
             continue
         for shape_name in shapes:
             shape = SHAPES[shape_name]
-            batch, seq, vocab = shape[5], shape[3], shape[4]
+            batch, seq, vocab = args.batch or shape[5], shape[3], shape[4]
             counted = False
             for precision in precisions:
                 for compiled in ([False, True] if args.compile else [False]):
@@ -349,6 +352,7 @@ def main() -> None:
                     by_round = ([per_round["loom"][r] / max(per_round[i][r] for i in peers) for r in range(args.rounds)]
                                 if peers and "loom" in tps else [])
                     row = {"family": family, "shape": shape_name, "precision": precision, "compiled": compiled,
+                           "batch": batch, "seq": seq,
                            "tokens_per_s": tps, "rounds_tokens_per_s": per_round, "params": params,
                            "best_peer": best, "loom_vs_best_peer": ratio,
                            "loom_vs_best_peer_by_round": by_round,

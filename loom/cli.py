@@ -185,21 +185,14 @@ def cmd_train(args) -> int:
         check_resumable(Path(args.resume))
         cfg = load_resume_config(Path(args.resume), overrides, settings)
     else:
-        from loom.models.hf import is_hf_dir
-        from loom.train.hf import hf_init_config
-        from loom.train.init_from import is_run_dir, run_init_config
-
         # a Hugging Face model directory or loom run named on the command line is read before the overrides are
         # checked, so that they may name what only its model has (train.task=seq2seq for a T5)
         init = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.init_from=")), None)
-        if init is not None and is_hf_dir(init):
-            cfg = hf_init_config(init, overrides, args.config, settings)
-        elif init is not None and is_run_dir(init):
-            cfg = run_init_config(init, overrides, args.config, settings)
-        else:
+        if not init:
             cfg = load_config(args.config, overrides, settings)
-            if cfg.train.init_from:  # a model directory or a run: the model is the one its weights are for
-                cfg = _init_from_config(cfg, overrides, args.config, settings)
+            init = cfg.train.init_from  # or named in the config file
+        if init:  # a model directory or a run: the model is the one its weights are for
+            cfg = _init_from_config(init, overrides, args.config, settings)
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be at least 1")
     if args.max_restarts < 0:
@@ -214,12 +207,13 @@ def cmd_train(args) -> int:
     return _run_train(cfg, plan, args.resume)
 
 
-def _init_from_config(cfg, overrides: list[str], config_file: str | None, settings: dict | None):
+def _init_from_config(path: str, overrides: list[str], config_file: str | None, settings: dict | None):
+    """The job's config when it starts from ``path``'s weights: a Hugging Face model directory's model or a
+    loom run's, with the config file and overrides on top."""
     from loom.models.hf import is_hf_dir
     from loom.train.hf import hf_init_config
     from loom.train.init_from import is_run_dir, run_init_config
 
-    path = cfg.train.init_from
     if is_hf_dir(path):
         return hf_init_config(path, overrides, config_file, settings)
     if is_run_dir(path):  # a loom run: its model, its weights loaded by name and shape

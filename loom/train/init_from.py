@@ -127,7 +127,7 @@ def _check_preset(path: str | Path, saved: ModelConfig, name: str) -> None:
 def _check_same_weights(path: str | Path, saved: ModelConfig, model: ModelConfig) -> None:
     """One line naming the settings of ``model`` that give other weights than the run's ``saved``."""
     base = dataclasses.replace(saved, preset=model.preset, n_classes=model.n_classes)  # a class head may change
-    changed = [k for k in _flat_keys(base) if _get(base, k) != _get(model, k)]
+    changed = [k for k in _flat(dataclasses.asdict(base)) if _get(base, k) != _get(model, k)]
     if not changed:
         return
     diff = _weight_difference(base, model)
@@ -145,7 +145,7 @@ def _weight_difference(old: ModelConfig, new: ModelConfig) -> str:
     a = _weight_shapes(old)
     try:
         b = _weight_shapes(new)
-    except Exception as e:  # a setting the run's other settings do not fit (n_head not dividing n_embd)
+    except (ConfigError, ValueError, RuntimeError) as e:  # a setting the run's other settings do not fit
         return f"the model cannot be built: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     for name in b:  # in the model's order: the embedding before the blocks before the head
         if name not in a:
@@ -159,22 +159,14 @@ def _weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
 
 
-def _flat_keys(cfg) -> list[str]:
-    """``cfg``'s settings as dotted keys (``n_layer``, ``moe.experts``)."""
-    keys = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        keys += [f"{f.name}.{k}" for k in _flat_keys(value)] if dataclasses.is_dataclass(value) else [f.name]
-    return keys
-
-
 def _show(value) -> str:
     """A setting as it is written on the command line (``false``, not ``False``)."""
     return str(value).lower() if isinstance(value, bool) or value is None else str(value)
 
 
 def _flat(settings: dict, prefix: str = "") -> dict:
-    """A preset's settings as dotted keys (``moe: {experts: 8}`` -> ``moe.experts``)."""
+    """Settings (a preset's, a model config's ``asdict``) as dotted keys (``moe: {experts: 8}`` ->
+    ``moe.experts``)."""
     out: dict = {}
     for k, v in settings.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
