@@ -36,6 +36,27 @@ def compute_dtype(precision: str) -> torch.dtype | None:
     return DTYPES[precision] if precision in AUTOCAST else None
 
 
+def warn_slow_cpu_bf16(device: torch.device, precision: str) -> bool:
+    """Say once, as a warning, that ``train.precision=bf16`` will train slower than fp32 on a CPU whose
+    instructions oneDNN cannot run bf16 matrix multiplies with (an AVX2-only CPU: no AVX-512, no AMX),
+    where they are emulated (measured ~15× slower than fp32 on an AVX2 EPYC, benchmarks/RESULTS.md);
+    whether it was said."""
+    if device.type != "cpu" or precision != "bf16" or _cpu_runs_bf16():
+        return False
+    log.warning("train.precision=bf16 on a CPU without bf16 instructions (%s; no AVX-512/AMX): its bf16 matrix "
+                "multiplies are emulated and run many times slower than fp32 ones here; train.precision=fp32 "
+                "trains faster on this machine", torch.backends.cpu.get_cpu_capability())
+    return True
+
+
+def _cpu_runs_bf16() -> bool:
+    """Whether oneDNN runs bf16 matrix multiplies natively on this CPU (True where torch cannot tell)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def autocast(device: torch.device, precision: str):
     """The forward-pass context for ``precision``: a no-op for fp32 and fp64."""
     if precision not in AUTOCAST:

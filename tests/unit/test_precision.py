@@ -69,3 +69,20 @@ def test_fp64_keeps_float64_and_casts_only_upwards():
         assert at_least_fp32(torch.ones(2, dtype=dtype)).dtype == want
     with autocast(torch.device("cpu"), "fp64"):
         assert (torch.ones(2, 2, dtype=torch.float64) @ torch.ones(2, 2, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("device, precision, runs_bf16, said", [
+    ("cpu", "bf16", False, True),  # an AVX2-only CPU: emulated bf16, slower than fp32
+    ("cpu", "bf16", True, False),  # AVX-512 / AMX
+    ("cpu", "fp32", False, False),
+    ("meta", "bf16", False, False),  # not a CPU
+])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_said_once(device, precision, runs_bf16, said, monkeypatch, caplog):
+    from loom.train import precision as precision_module
+
+    assert isinstance(precision_module._cpu_runs_bf16(), bool)  # this machine's own answer, whatever it is
+    monkeypatch.setattr(precision_module, "_cpu_runs_bf16", lambda: runs_bf16)
+    with caplog.at_level(logging.WARNING, logger="loom.train"):
+        assert precision_module.warn_slow_cpu_bf16(torch.device(device), precision) is said
+    warned = [r.getMessage() for r in caplog.records if "without bf16 instructions" in r.getMessage()]
+    assert len(warned) == int(said)
