@@ -19,6 +19,7 @@ import contextlib
 import logging
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 log = logging.getLogger("loom.train")
 
@@ -36,32 +37,97 @@ def compute_dtype(precision: str) -> torch.dtype | None:
     return DTYPES[precision] if precision in AUTOCAST else None
 
 
-def warn_slow_cpu_bf16(device: torch.device, precision: str) -> bool:
-    """Say once, as a warning, that ``train.precision=bf16`` will train slower than fp32 on a CPU whose
-    instructions oneDNN cannot run bf16 matrix multiplies with (an AVX2-only CPU: no AVX-512, no AMX),
-    where they are emulated (measured ~15× slower than fp32 on an AVX2 EPYC, benchmarks/RESULTS.md);
-    whether it was said."""
-    if device.type != "cpu" or precision != "bf16" or _cpu_runs_bf16():
-        return False
-    log.warning("train.precision=bf16 on a CPU without bf16 instructions (%s; no AVX-512/AMX): its bf16 matrix "
-                "multiplies are emulated and run many times slower than fp32 ones here; train.precision=fp32 "
-                "trains faster on this machine", torch.backends.cpu.get_cpu_capability())
-    return True
-
-
-def _cpu_runs_bf16() -> bool:
-    """Whether oneDNN runs bf16 matrix multiplies natively on this CPU (True where torch cannot tell)."""
+def _cpu_runs_natively(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs ``dtype`` (bf16, fp16) matrix multiplies with this CPU's own instructions
+    (AVX-512 BF16/FP16, AMX); True where torch cannot tell."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(getattr(torch.ops.mkldnn, probe)())
     except (AttributeError, RuntimeError):
         return True
 
 
+_aten = torch.ops.aten
+# products whose every output has the operands' dtype
+_PRODUCTS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
+if hasattr(_aten, "_grouped_mm"):
+    _PRODUCTS.add(_aten._grouped_mm.default)
+# the out= forms compiled code calls (inductor's extern kernels) -> their functional forms
+_OUT_FORMS = {_aten.mm.out: _aten.mm.default, _aten.addmm.out: _aten.addmm.default,
+              _aten.bmm.out: _aten.bmm.default, _aten.baddbmm.out: _aten.baddbmm.default}
+# attention: output number -> whether it has the operands' dtype (the log-sum-exp stays fp32)
+_ATTENTION = {
+    _aten._scaled_dot_product_flash_attention_for_cpu.default: (True, False),
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (True, True, True),
+}
+
+
+class Fp32Products(TorchDispatchMode):
+    """Matrix products (and CPU attention) of ``dtype`` operands computed by fp32 kernels, their
+    results rounded back to ``dtype``: for a CPU whose instructions cannot multiply bf16/fp16 (AVX2
+    only), where torch's own kernels for them are emulated and measured ~15-45x slower than fp32 ones.
+
+    The numbers are those of a native low-precision kernel: a product of two bf16 (fp16) numbers is
+    exact in fp32, native kernels accumulate in fp32 as well, and the result is rounded once to the
+    operands' dtype; only the order of the fp32 sums differs (differences of one unit in the last
+    place, in ~1e-4 of the elements). What autocast keeps for the backward (activations in bf16) is
+    unchanged: the mode sits below autograd and sees the forward's and the backward's products alike.
+    Every other operation runs as it would without the mode."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True  # compiled code still runs under the mode: its matrix products (extern kernels) come here
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _OUT_FORMS and kwargs["out"].dtype == self.dtype:
+            kwargs = dict(kwargs)
+            out = kwargs.pop("out")
+            return out.copy_(self.__torch_dispatch__(_OUT_FORMS[func], types, args, kwargs))
+        low = func in _PRODUCTS or func in _ATTENTION
+        if not low or not any(isinstance(a, torch.Tensor) and a.dtype == self.dtype for a in args):
+            return func(*args, **kwargs)
+        out = func(*[self._up(a) for a in args], **{k: self._up(v) for k, v in kwargs.items()})
+        if func in _PRODUCTS:
+            return out.to(self.dtype)
+        return tuple(o.to(self.dtype) if low_dtype else o for o, low_dtype in zip(out, _ATTENTION[func]))
+
+    def _up(self, a):
+        return a.float() if isinstance(a, torch.Tensor) and a.dtype == self.dtype else a
+
+
+def _emulates(device: torch.device, precision: str) -> bool:
+    """Whether ``precision``'s matrix multiplies would be emulated on ``device`` (a CPU without the
+    instructions for them): there loom runs them as :class:`Fp32Products`."""
+    return device.type == "cpu" and precision in AUTOCAST and not _cpu_runs_natively(DTYPES[precision])
+
+
+def note_cpu_precision(device: torch.device, precision: str) -> bool:
+    """Say once, in the log, that ``train.precision`` bf16/fp16 runs its matrix products with fp32
+    kernels on this CPU (no AVX-512 BF16/FP16 or AMX: torch's own low-precision kernels are emulated
+    there); whether it was said."""
+    if not _emulates(device, precision):
+        return False
+    log.info("train.precision=%s on a CPU without %s instructions (%s): matrix products run as fp32 kernels on "
+             "%s operands, results rounded to %s (the numbers of a native kernel, far faster than torch's "
+             "emulated one)", precision, precision, torch.backends.cpu.get_cpu_capability(), precision, precision)
+    return True
+
+
 def autocast(device: torch.device, precision: str):
-    """The forward-pass context for ``precision``: a no-op for fp32 and fp64."""
+    """The forward-and-backward context for ``precision``: a no-op for fp32 and fp64; for bf16/fp16
+    torch's autocast, with :class:`Fp32Products` where the CPU would emulate the low-precision products."""
     if precision not in AUTOCAST:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=device.type, dtype=DTYPES[precision]))
+    if _emulates(device, precision):
+        stack.enter_context(Fp32Products(DTYPES[precision]))
+    return stack
 
 
 class LossScaler:

@@ -51,7 +51,7 @@ from loom.train.hf import load_hf_weights, starts_from_hf
 from loom.train.init_from import init_from_run
 from loom.train.metrics import MetricsFile, TensorBoardWriter, peak_flops, raise_cpu_peak
 from loom.train.optim import lr_at
-from loom.train.precision import autocast, compute_dtype, param_dtype, warn_slow_cpu_bf16
+from loom.train.precision import autocast, compute_dtype, note_cpu_precision, param_dtype
 from loom.train.step import TrainingStep, mean_over_replicas
 from loom.train.stop import StopAgreement
 
@@ -140,7 +140,7 @@ class Trainer:
         if self.device.type == "cuda" and t.precision == "fp32":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls, the fp32 peak in the MFU table
         if self.process.is_coordinator:
-            warn_slow_cpu_bf16(self.device, t.precision)
+            note_cpu_precision(self.device, t.precision)
         self.peak = self._peak_flops()
         mesh = build_mesh(plan, self.device.type) if self.process.world_size > 1 else None
         self.coord = coordinates(mesh) if mesh is not None else None

@@ -180,6 +180,14 @@ def test_a_directory_tokenizer_starts_each_text_as_transformers_does(config, sta
     assert HFTokenizer.load(tmp_path / "saved" / "tokenizer.json").start_ids == ours.start_ids
 
 
+def test_add_bos_token_without_a_bos_token_in_the_vocabulary_is_one_clear_error(tmp_path, gpt2):
+    from loom.data.corpus import DataError
+
+    _starting_tokenizer(tmp_path / "tok", gpt2, {"bos_token": "<none>", "add_bos_token": True})
+    with pytest.raises(DataError, match="sets add_bos_token but names no bos_token the vocabulary holds"):
+        HFTokenizer.from_pretrained_dir(tmp_path / "tok")
+
+
 def test_an_option_loom_lacks_is_one_clear_error(tmp_path, gpt2):
     path, _ = gpt2
     config = json.loads((path / "config.json").read_text())

@@ -71,18 +71,33 @@ def test_fp64_keeps_float64_and_casts_only_upwards():
         assert (torch.ones(2, 2, dtype=torch.float64) @ torch.ones(2, 2, dtype=torch.float64)).dtype == torch.float64
 
 
-@pytest.mark.parametrize("device, precision, runs_bf16, said", [
-    ("cpu", "bf16", False, True),  # an AVX2-only CPU: emulated bf16, slower than fp32
-    ("cpu", "bf16", True, False),  # AVX-512 / AMX
+@pytest.mark.parametrize("device, precision, native, said", [
+    ("cpu", "bf16", False, True),  # an AVX2-only CPU: torch's bf16 kernels would be emulated
+    ("cpu", "fp16", False, True),
+    ("cpu", "bf16", True, False),  # AVX-512 BF16 / AMX
     ("cpu", "fp32", False, False),
     ("meta", "bf16", False, False),  # not a CPU
 ])
-def test_bf16_on_a_cpu_without_bf16_instructions_is_said_once(device, precision, runs_bf16, said, monkeypatch, caplog):
+def test_low_precision_on_a_cpu_without_its_instructions_is_said_once(device, precision, native, said, monkeypatch,
+                                                                     caplog):
     from loom.train import precision as precision_module
 
-    assert isinstance(precision_module._cpu_runs_bf16(), bool)  # this machine's own answer, whatever it is
-    monkeypatch.setattr(precision_module, "_cpu_runs_bf16", lambda: runs_bf16)
-    with caplog.at_level(logging.WARNING, logger="loom.train"):
-        assert precision_module.warn_slow_cpu_bf16(torch.device(device), precision) is said
-    warned = [r.getMessage() for r in caplog.records if "without bf16 instructions" in r.getMessage()]
-    assert len(warned) == int(said)
+    for dtype in (torch.bfloat16, torch.float16):  # this machine's own answers, whatever they are
+        assert isinstance(precision_module._cpu_runs_natively(dtype), bool)
+    monkeypatch.setattr(precision_module, "_cpu_runs_natively", lambda dtype: native)
+    with caplog.at_level(logging.INFO, logger="loom.train"):
+        assert precision_module.note_cpu_precision(torch.device(device), precision) is said
+    noted = [r.getMessage() for r in caplog.records if "run as fp32 kernels" in r.getMessage()]
+    assert len(noted) == int(said)
+
+
+@pytest.mark.parametrize("precision, said", [("bf16", True), ("fp32", False)])
+def test_the_trainer_says_it_at_the_start_of_a_bf16_run(precision, said, monkeypatch, caplog):
+    """The note reaches a run: building a bf16 trainer on a CPU that (patched) lacks bf16 instructions."""
+    from loom.train import precision as precision_module
+    from tests.distributed.parity import process_of_this_rank, trainer
+
+    monkeypatch.setattr(precision_module, "_cpu_runs_natively", lambda dtype: False)
+    with caplog.at_level(logging.INFO, logger="loom.train"):
+        trainer("gpt", [f"train.precision={precision}"], process_of_this_rank())
+    assert any("run as fp32 kernels" in r.getMessage() for r in caplog.records) is said
