@@ -122,9 +122,10 @@ def cache_key(
     return hashlib.sha1(json.dumps(settings).encode()).hexdigest()
 
 
-def tokenizer_fingerprint(dir: str | Path) -> str:
+def tokenizer_fingerprint(dir: str | Path, start_ids: list[int] | None = None) -> str:
     """Return the sha1 hex digest of the model file of the tokenizer saved in ``dir`` (and of the ids it
-    starts each document with, where it starts them with any: ``document_start``).
+    starts each document with, where it starts them with any: ``start_ids`` of the loaded tokenizer,
+    else the folder's ``document_start``, which :meth:`Tokenizer.save` writes).
 
     Two tokenizer folders with the same fingerprint encode text identically.
 
@@ -141,8 +142,9 @@ def tokenizer_fingerprint(dir: str | Path) -> str:
         detail = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{str(dir)!r} is not a tokenizer folder ({detail})") from None
     digest = hashlib.sha1(model)
-    if meta.get("document_start"):  # what frames each text is part of how a corpus is encoded
-        digest.update(json.dumps(meta["document_start"]).encode())
+    start = meta.get("document_start") if start_ids is None else start_ids
+    if start:  # what frames each text is part of how a corpus is encoded
+        digest.update(json.dumps(list(start)).encode())
     return digest.hexdigest()
 
 
@@ -152,7 +154,7 @@ def _load_given_tokenizer(dir: Path) -> tuple[Tokenizer, str]:
     Raises:
         DataError: ``dir`` is missing or holds no loadable tokenizer (one line).
     """
-    fingerprint = tokenizer_fingerprint(dir)
+    tokenizer_fingerprint(dir)  # a folder that is no tokenizer's: one line saying so
     try:
         tokenizer = load_tokenizer(dir)
     except DataError as e:
@@ -160,7 +162,9 @@ def _load_given_tokenizer(dir: Path) -> tuple[Tokenizer, str]:
     except Exception as e:  # a corrupt model file: the libraries raise various errors
         detail = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"cannot load the tokenizer in {str(dir)!r}: {detail}") from None
-    return tokenizer, fingerprint
+    # from what the loaded tokenizer does: a folder saved before document_start was written down (a
+    # Llama tokenizer.model's add_bos_token alone in its meta) still tells its framing apart
+    return tokenizer, tokenizer_fingerprint(dir, tokenizer.start_ids)
 
 
 def _entry_fingerprint(dir: Path) -> str:

@@ -146,3 +146,22 @@ def test_a_bad_tokenizer_model_or_flag_is_one_line(spoil, fragment, llama, tmp_p
     code, _, err = loom_cli("import", str(path), "--out", str(tmp_path / "run"))
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+def test_folders_differing_in_add_bos_token_alone_have_different_fingerprints(llama, tmp_path):
+    """Also a folder saved before ``document_start`` was written down: its fingerprint comes from what the
+    loaded tokenizer does, so two such folders never share a data cache entry."""
+    from loom.data.dataset import _load_given_tokenizer, tokenizer_fingerprint
+    from loom.data.tokenizer import META_FILE as TOKENIZER_META_FILE
+
+    proto = (llama / "tokenizer.model").read_bytes()
+    prints = {}
+    for add_bos in (True, False):
+        saved = tmp_path / f"bos-{add_bos}"
+        LlamaSentencePieceTokenizer(proto, add_bos=add_bos).save(saved)
+        assert _load_given_tokenizer(saved)[1] == tokenizer_fingerprint(saved)
+        meta = json.loads((saved / TOKENIZER_META_FILE).read_text())
+        meta.pop("document_start", None)  # as the stop before this one saved it
+        (saved / TOKENIZER_META_FILE).write_text(json.dumps(meta))
+        prints[add_bos] = _load_given_tokenizer(saved)[1]
+    assert prints[True] != prints[False]
