@@ -11,7 +11,8 @@ through FSDP's shard group of one instead of DDP holds a second copy of the weig
 comparison catches (:func:`test_zero0_through_fsdp_is_caught`).
 
 Offload is not measured here: on a CPU the host is the device, so FSDP's ``CPUOffloadPolicy`` moves
-nothing (a CUDA run would count device bytes apart from host bytes)."""
+nothing (a CUDA run would count device bytes apart from host bytes); tests/unit/test_offload_wiring.py
+shows the policy reaching every FSDP group, and fails an offload that does not."""
 
 from __future__ import annotations
 
