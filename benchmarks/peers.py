@@ -4,6 +4,7 @@
     python benchmarks/peers.py --shapes mini,30m --rounds 5      # more shapes, more rounds
     python benchmarks/peers.py --family gpt2,llama               # the Llama family as well
     python benchmarks/peers.py --compile                         # torch.compile'd models as well
+    python benchmarks/peers.py --compiled-only                   # torch.compile'd models alone
     python benchmarks/peers.py --family llama --impls loom,hf    # some implementations only
     python benchmarks/peers.py --shapes 124m --precisions bf16 --batch 1 --rounds 2 --steps 1   # fewer rows
 
@@ -46,7 +47,9 @@ litgpt is a peer of the Llama family only: its ``GPT`` has no learned absolute p
 
 Every step: forward on (batch, seq) random tokens, mean next-token cross-entropy in fp32, backward,
 ``clip_grad_norm_(1.0)``, AdamW (torch's fused kernel, as loom's; weight decay on matrices) and
-``zero_grad``. Precisions: fp32, and bf16 autocast over fp32 weights. ``--compile``: loom compiles as
+``zero_grad``. Precisions: fp32, and bf16 autocast over fp32 weights (on a CPU without bf16
+instructions loom's autocast computes its products with fp32 kernels on the bf16 operands, the peers'
+run torch's emulated bf16 kernels: docs/training.md, "Mixed precision"). ``--compile``: loom compiles as
 ``train.compile=true`` does (each block, inductor), the peers ``torch.compile`` their whole model. The
 implementations run interleaved step by step (each round times step 1 of every implementation, then
 step 2, ...), so a slow stretch of a shared machine hits all of them alike; the table reports each
@@ -288,6 +291,7 @@ def main() -> None:
     p.add_argument("--impls", default=None,
                    help="comma-separated filter (default: all: gpt2 loom,hf,nanogpt; llama loom,hf,litgpt)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    p.add_argument("--compiled-only", action="store_true", help="time the torch.compile'd models alone")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before the first round (compile: 2)")
@@ -308,6 +312,7 @@ def main() -> None:
             p.exit(2, f"peers.py: error: {LITGPT_MISSING}\n")
     if args.threads:
         torch.set_num_threads(args.threads)
+    modes = [True] if args.compiled_only else [False, True] if args.compile else [False]
     rows = []
     for family in families:
         impls = [i for i in FAMILIES[family] if i in wanted]
@@ -318,7 +323,7 @@ def main() -> None:
             batch, seq, vocab = args.batch or shape[5], shape[3], shape[4]
             counted = False
             for precision in precisions:
-                for compiled in ([False, True] if args.compile else [False]):
+                for compiled in modes:
                     steps = {i: build(family, i, shape, precision, compiled) for i in impls}
                     params = {i: steps[i].params for i in impls}
                     if not counted:
