@@ -11,11 +11,17 @@ different summation orders of two layouts leave rounding noise of ~1e-7 per oper
 first step turns into full-size updates for elements whose gradient is ~0; in float64 that noise is
 ~1e-16 and stays far below Adam's epsilon, so two correct layouts agree to ~1e-13 while a real
 layout error still shows at full size (docs/testing.md).
+
+On a CPU without bf16/fp16 instructions (AVX2 only) torch's low-precision matrix kernels are emulated,
+many times slower than fp32 ones; there the autocast context also computes the matrix products and
+the attention with fp32 kernels on the low-precision operands (:class:`Fp32Products`), which gives a
+native kernel's numbers at close to fp32's speed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -37,6 +43,7 @@ def compute_dtype(precision: str) -> torch.dtype | None:
     return DTYPES[precision] if precision in AUTOCAST else None
 
 
+@functools.cache
 def _cpu_runs_natively(dtype: torch.dtype) -> bool:
     """Whether oneDNN runs ``dtype`` (bf16, fp16) matrix multiplies with this CPU's own instructions
     (AVX-512 BF16/FP16, AMX); True where torch cannot tell."""
@@ -123,11 +130,14 @@ def autocast(device: torch.device, precision: str):
     torch's autocast, with :class:`Fp32Products` where the CPU would emulate the low-precision products."""
     if precision not in AUTOCAST:
         return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device_type=device.type, dtype=DTYPES[precision]))
-    if _emulates(device, precision):
-        stack.enter_context(Fp32Products(DTYPES[precision]))
-    return stack
+    return _autocast(device, precision, _emulates(device, precision))
+
+
+@contextlib.contextmanager
+def _autocast(device: torch.device, precision: str, fp32_products: bool):
+    with torch.autocast(device_type=device.type, dtype=DTYPES[precision]):
+        with Fp32Products(DTYPES[precision]) if fp32_products else contextlib.nullcontext():
+            yield
 
 
 class LossScaler:
