@@ -175,6 +175,19 @@ def test_a_bf16_run_trains_as_with_torch_s_own_kernels(model, monkeypatch):
     assert_matches_roughly(runs[False], runs[True], loss_rtol=1e-3, matrix_rtol=0.1)
 
 
+def test_recomputation_recomputes_the_same_products(monkeypatch):
+    """Recomputation runs the forward again inside the backward, under the same mode: a bf16 run with
+    selective or full recompute gives bit for bit the losses and weights of one without (a backward run
+    outside the mode would recompute with torch's own kernels, which round otherwise)."""
+    from tests.distributed.parity import train_single
+
+    monkeypatch.setattr(precision_module, "_cpu_runs_natively", lambda dtype: False)
+    plain = train_single("gpt", ["train.precision=bf16"])
+    for recompute in ("selective", "full"):
+        got = train_single("gpt", ["train.precision=bf16", f"parallel.recompute={recompute}"])
+        assert got["losses"] == plain["losses"], recompute
+        assert all(torch.equal(got["params"][k], v) for k, v in plain["params"].items()), recompute
+
 @pytest.mark.slow
 def test_compiled_bf16_training_keeps_fp32_products(monkeypatch):
     """Inductor's code calls its matrix products as out= kernels (``extern_kernels.mm``): the mode takes
