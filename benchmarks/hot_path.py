@@ -21,7 +21,11 @@ slow stretches hit both), and reports the medians, the spread over rounds and th
                       whose gradient is made in the forward, in place (after);
 ``fp32 loss (124m)``  the same at GPT-2 small's shape (4 × 1024 tokens × 50304);
 ``bf16 loss``         the same of bf16 logits (gpt-mini's shape): the whole fp32 copy (before) against
-                      the pieces.
+                      the pieces;
+``bf16 products``     forward + backward of gpt-mini's MLP up-projection (8 × 256 tokens, 192 -> 768)
+                      under bf16 autocast: torch's own bf16 kernels (before) against loom's autocast,
+                      which on a CPU without bf16 instructions computes the products with fp32 kernels
+                      (``Fp32Products``; on a CPU with them the two rows run the same kernels).
 
 Writes JSON (``--out``).
 """
@@ -46,6 +50,7 @@ from loom.models.common import moe as moe_module
 from loom.parallel.parallelize import parallelize
 from loom.parallel.plan import Plan
 from loom.tasks import causal_lm, lm_loss
+from loom.train import precision
 from loom.train.step import build_optimizers
 
 SEQ, BATCH = 256, 8
@@ -169,6 +174,19 @@ def cases():
                 causal_lm.lm_loss(x, labels).backward()
         return run
 
+    def products(torch_kernels: bool):
+        gen = torch.Generator().manual_seed(0)
+        d = cfg.model.n_embd
+        x = torch.randn(BATCH * SEQ, d, generator=gen, requires_grad=True)
+        w = torch.randn(4 * d, d, generator=gen, requires_grad=True)
+        native = precision._cpu_runs_natively(torch.bfloat16)
+
+        def run():
+            with mock.patch.object(precision, "_cpu_runs_natively", lambda dtype: torch_kernels or native):
+                with precision.autocast(torch.device("cpu"), "bf16"):
+                    F.linear(x, w).float().sum().backward()
+        return run
+
     mini, small, whole, pieces = (BATCH, SEQ, 4096), (4, 1024, 50304), 2**40, causal_lm.LOSS_CPU_PIECE_BYTES
     return {
         "grad norm + clip": (lambda: loop_clip(params, 1.0), lambda: pm.clip_grads_(1.0)),
@@ -178,6 +196,7 @@ def cases():
         "fp32 loss": (loss(mini, torch.float32, whole), loss(mini, torch.float32, pieces)),
         "fp32 loss (124m)": (loss(small, torch.float32, whole), loss(small, torch.float32, pieces)),
         "bf16 loss": (loss(mini, torch.bfloat16, whole), loss(mini, torch.bfloat16, pieces)),
+        "bf16 products": (products(True), products(False)),
     }
 
 

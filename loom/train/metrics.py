@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from loom.data.dataset import cache_root
 from loom.files import read_jsonl, write_text_atomic
-from loom.train.precision import autocast, param_dtype
+from loom.train.precision import autocast, param_dtype, runs_fp32_products
 
 # Dense peak FLOP/s from vendor datasheets, by a substring of torch.cuda.get_device_name().
 # Order matters: the first match wins ("H100 PCIe" before "H100").
@@ -73,6 +73,8 @@ def raise_cpu_peak(precision: str, flops: float) -> None:
 
 def _peak_cache(precision: str) -> tuple[Path, str]:
     key = f"{platform.machine()}|{cpu_model()}|threads={torch.get_num_threads()}|{precision}"
+    if runs_fp32_products(torch.device("cpu"), precision):  # not the rate of torch's emulated kernels,
+        key += "|fp32 products"  # which an older loom measured and cached for this key
     return cache_root(None) / "peak_flops.json", key
 
 

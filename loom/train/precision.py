@@ -107,7 +107,7 @@ class Fp32Products(TorchDispatchMode):
         return a.float() if isinstance(a, torch.Tensor) and a.dtype == self.dtype else a
 
 
-def _emulates(device: torch.device, precision: str) -> bool:
+def runs_fp32_products(device: torch.device, precision: str) -> bool:
     """Whether ``precision``'s matrix multiplies would be emulated on ``device`` (a CPU without the
     instructions for them): there loom runs them as :class:`Fp32Products`."""
     return device.type == "cpu" and precision in AUTOCAST and not _cpu_runs_natively(DTYPES[precision])
@@ -117,7 +117,7 @@ def note_cpu_precision(device: torch.device, precision: str) -> bool:
     """Say once, in the log, that ``train.precision`` bf16/fp16 runs its matrix products with fp32
     kernels on this CPU (no AVX-512 BF16/FP16 or AMX: torch's own low-precision kernels are emulated
     there); whether it was said."""
-    if not _emulates(device, precision):
+    if not runs_fp32_products(device, precision):
         return False
     log.info("train.precision=%s on a CPU without %s instructions (%s): matrix products run as fp32 kernels on "
              "%s operands, results rounded to %s (the numbers of a native kernel, far faster than torch's "
@@ -130,7 +130,7 @@ def autocast(device: torch.device, precision: str):
     torch's autocast, with :class:`Fp32Products` where the CPU would emulate the low-precision products."""
     if precision not in AUTOCAST:
         return contextlib.nullcontext()
-    return _autocast(device, precision, _emulates(device, precision))
+    return _autocast(device, precision, runs_fp32_products(device, precision))
 
 
 @contextlib.contextmanager

@@ -29,6 +29,20 @@ def test_a_rate_training_reached_raises_the_cached_peak(tmp_path, monkeypatch):
     assert metrics.peak_flops(torch.device("cpu"), "fp32") == 3e9
 
 
+def test_a_bf16_peak_cached_from_torch_s_emulated_kernels_is_not_reused(tmp_path, monkeypatch):
+    """On a CPU without bf16 instructions loom's bf16 products run as fp32 kernels: a peak an older loom
+    measured there with torch's emulated kernels (~1/40 of it) would put MFU far above 100%."""
+    from loom.train import precision
+
+    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda device, precision: 1e9)
+    monkeypatch.setattr(precision, "_cpu_runs_natively", lambda dtype: True)  # the key torch's kernels had
+    for _ in range(3):
+        metrics.peak_flops(torch.device("cpu"), "bf16")
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda device, precision: 4e10)
+    monkeypatch.setattr(precision, "_cpu_runs_natively", lambda dtype: False)
+    assert metrics.peak_flops(torch.device("cpu"), "bf16") == 4e10  # measured afresh
+
 def test_matmul_probe_measures_a_plausible_rate():
     rate = metrics.measure_matmul_flops(torch.device("cpu"), "fp32", n=256, seconds=0.05)
     assert 1e8 < rate < 1e14
